@@ -1,0 +1,1 @@
+"""Per-layer Triton kernels generated from learned tile bitmaps (installed as patchc.codegen)."""

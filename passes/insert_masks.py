@@ -1,0 +1,121 @@
+"""Insert trainable hybrid-mask nodes: weight -> MaskNode(weight) -> linear.
+
+Each masked linear's weight `get_attr` gets a `call_module` successor that returns W * M(logits) in
+the weight's own layout; only the matmul's use of the weight is rewired, so the parameter itself
+stays frozen and unchanged byte for byte. Only the mask logits require grad.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from patchc import mask as hm
+
+from .find_linears import LinearPlan, LinearSite
+
+MASK_ROOT = "patch_masks"
+
+
+@dataclass
+class MaskState:
+    """Shared by every MaskNode of a model; the trainer updates it each step.
+
+    mode: soft   Gumbel-softmax sample (training)
+          mean   no noise: the deterministic relaxation
+          hard   the extracted hard masks (set_hard)
+          off    the dense model (a free teacher for distillation)
+    """
+    mode: str = "soft"
+    tau: float = 4.0
+    scale_tile: float = 25.0
+    scale_24: float = 100.0
+    generator: torch.Generator | None = None
+
+
+class MaskNode(torch.nn.Module):
+    """Hybrid mask of one linear: tile logits [R, C] and, in joint mode, 2:4 pattern logits [out, in/4, 6]."""
+
+    def __init__(self, site: LinearSite, tile: int, state: MaskState, tile_logits: torch.Tensor,
+                 pattern: torch.Tensor, pattern_logits: torch.Tensor | None = None):
+        super().__init__()
+        self.name, self.tile, self.transposed, self.state = site.name, tile, site.transposed, state
+        self.out_features, self.in_features = site.out_features, site.in_features
+        self.tile_logits = torch.nn.Parameter(tile_logits.float().clone())  # [R, C]
+        self.joint = pattern_logits is not None
+        if self.joint:
+            self.pattern_logits = torch.nn.Parameter(pattern_logits.float().clone())  # [out, in/4, 6]
+        # The fixed one-shot 2:4 mask (PATCH-Tile), kept as bool [out, in].
+        self.register_buffer("mask24", hm.pattern_to_mask(pattern.to(torch.uint8)), persistent=False)
+        self.register_buffer("hard_bitmap", torch.zeros_like(self.tile_logits, dtype=torch.bool), persistent=False)
+        self.register_buffer("hard_pattern", pattern.to(torch.uint8).clone(), persistent=False)
+        self.last_gate: torch.Tensor | None = None      # mean dense-tile probability of the last forward
+        self.last_norm: torch.Tensor | None = None      # ||W * M||_F of the last forward
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def soft_masks(self, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state
+        gate = hm.soft_dense_tile(self.tile_logits, st.scale_tile, st.tau, st.generator, noise)  # [R, C]
+        if self.joint:
+            m24 = hm.soft_mask24(self.pattern_logits, st.scale_24, st.tau, st.generator, noise)  # [out, in]
+        else:
+            m24 = self.mask24
+        return gate, m24
+
+    def hard_pattern_now(self) -> torch.Tensor:
+        """The 2:4 pattern the node would extract now: argmax logits (joint) or the fixed one."""
+        if self.joint:
+            return self.pattern_logits.detach().argmax(-1).to(torch.uint8)
+        return self.hard_pattern
+
+    def set_hard(self, bitmap: torch.Tensor, pattern: torch.Tensor) -> None:
+        self.hard_bitmap.copy_(bitmap.to(self.hard_bitmap.device, torch.bool))
+        self.hard_pattern.copy_(pattern.to(self.hard_pattern.device, torch.uint8))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mode = self.state.mode
+        if mode == "off":
+            return weight
+        w = weight.t() if self.transposed else weight  # [out, in]
+        if mode == "hard":
+            masked = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
+            self.last_gate, self.last_norm = None, None
+        else:
+            gate, m24 = self.soft_masks(noise=(mode == "soft"))
+            masked = w * hm.hybrid_mask(gate, m24, self.tile).to(w.dtype)
+            self.last_gate = gate.mean()
+            self.last_norm = masked.float().norm()
+        return masked.t() if self.transposed else masked
+
+
+def insert_masks(gm: torch.fx.GraphModule, plan: LinearPlan, nodes: dict[str, MaskNode]) -> torch.fx.GraphModule:
+    """Rewire every masked linear of `plan` to read MaskNode(weight); `nodes` maps FQN -> MaskNode."""
+    root = torch.nn.Module()
+    gm.add_module(MASK_ROOT, root)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for i, site in enumerate(plan.masked):
+        if site.name not in nodes:
+            raise KeyError(f"no MaskNode for masked linear {site.name}")
+        key = f"m{i}"
+        root.add_module(key, nodes[site.name])
+        attr, user = by_name[site.weight_node], by_name[site.node]
+        with gm.graph.inserting_after(attr):
+            masked = gm.graph.call_module(f"{MASK_ROOT}.{key}", (attr,))
+        # Rewire only the path from this parameter to this matmul (directly or through its transpose).
+        if attr in user.all_input_nodes:
+            user.replace_input_with(attr, masked)
+        else:
+            for t in user.all_input_nodes:
+                if attr in t.all_input_nodes:
+                    t.replace_input_with(attr, masked)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def mask_nodes(gm: torch.nn.Module) -> list[MaskNode]:
+    """The MaskNodes of a rewritten graph, in insertion (graph) order."""
+    return [m for m in gm.modules() if isinstance(m, MaskNode)]

@@ -1,0 +1,10 @@
+"""patchc: learnable tile-level hybrid (dense / 2:4) sparsity for LLMs, as a compiler.
+
+    import patchc
+    res = patchc.prune("smollm2-135m", ["data.txt"], "out/", patchc.PruneConfig(sparsity=0.35, mode="joint"))
+"""
+from patchc.models import load_model
+from patchc.train import PruneConfig, PruneResult, TrainingDiverged, prune
+
+__version__ = "0.1.0"
+__all__ = ["PruneConfig", "PruneResult", "TrainingDiverged", "load_model", "prune", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from patchc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""The `patchc` command line: prune, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _dtype_for(device: str, name: str):
+    from patchc.models import parse_dtype
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return parse_dtype(name)
+
+
+def _floats(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START,END (two numbers), got {text!r}") from None
+    return a, b
+
+
+def add_prune(sub) -> None:
+    from patchc.train import METHODS, PruneConfig
+
+    d = PruneConfig()
+    p = sub.add_parser("prune", help="learn hybrid dense/2:4 tile masks on frozen weights",
+                       description="Learn which tiles of every linear stay dense and which become 2:4, "
+                                   "then extract them at an exact global sparsity.")
+    p.add_argument("model", help="tiny:<arch>, smollm2-135m, a .gguf file, a HF folder or a hub id")
+    p.add_argument("--sparsity", type=float, default=None, help="global target in [0, 0.5] (0.5 = all 2:4)")
+    p.add_argument("--mode", choices=["tile", "joint"], default=d.mode,
+                   help="tile: fixed one-shot 2:4 pattern; joint: 2:4 pattern learned too (default joint)")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="patch: learn (default); hybrid: one-shot tile choice, no training; "
+                        "magnitude/wanda/sparsegpt: one-shot 2:4 everywhere (sparsity 0.5)")
+    p.add_argument("--prior", dest="oneshot", choices=["magnitude", "wanda", "sparsegpt"], default=d.oneshot,
+                   help="one-shot method giving the 2:4 pattern (fixed in tile mode, the prior in joint mode)")
+    p.add_argument("--data", nargs="+", required=True, help="text/jsonl files or folders of them")
+    p.add_argument("--out", required=True, help="output folder (prune.json, masks.safetensors, log, checkpoint)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--sparse-reg", type=float, default=d.sparse_reg, help="weight of |density - target|")
+    p.add_argument("--weight-reg", type=float, default=d.weight_reg, help="weight of the kept-weight-norm term")
+    p.add_argument("--distill", type=float, default=d.distill, help="weight of KL(dense || masked) (0 = off)")
+    p.add_argument("--tau", type=_floats, default=d.tau, help="Gumbel temperature START,END")
+    p.add_argument("--scale-tile", type=_floats, default=d.scale_tile, help="tile logit scale START,END")
+    p.add_argument("--scale-24", type=_floats, default=d.scale_24, help="2:4 logit scale START,END")
+    p.add_argument("--prior-strength", type=float, default=d.prior_strength)
+    p.add_argument("--tile-size", type=int, default=d.tile_size, help="0 = auto (largest of 128/64/32/16 that fits)")
+    p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="sequences for one-shot statistics")
+    p.add_argument("--include", nargs="*", default=[], help="regexes: mask only matching weight names")
+    p.add_argument("--exclude", nargs="*", default=[], help="regexes: keep matching weights dense")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--eval-ppl", default=None, help="text file: report PPL of the one-shot start and the result")
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_prune)
+
+
+def run_prune(a) -> int:
+    from patchc.train import PruneConfig, prune
+
+    sparsity = a.sparsity
+    if sparsity is None:
+        if a.method in ("magnitude", "wanda", "sparsegpt"):
+            sparsity = 0.5
+        else:
+            raise SystemExit("patchc prune: --sparsity is required (a global target in [0, 0.5], e.g. 0.35)")
+    cfg = PruneConfig(sparsity=sparsity, mode=a.mode, method=a.method, oneshot=a.oneshot, tile_size=a.tile_size,
+                      steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+                      warmup=a.warmup, sparse_reg=a.sparse_reg, weight_reg=a.weight_reg, distill=a.distill,
+                      tau=tuple(a.tau), scale_tile=tuple(a.scale_tile), scale_24=tuple(a.scale_24),
+                      prior_strength=a.prior_strength, calib_samples=a.calib_samples, seed=a.seed,
+                      include=tuple(a.include), exclude=tuple(a.exclude))
+    device = _device(a.device)
+    res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
+                overwrite=a.overwrite, eval_ppl=a.eval_ppl, eval_seq_len=a.eval_seq_len,
+                eval_windows=a.eval_windows, save_every=a.save_every, progress=not a.quiet)
+    s = res.report["sparsity"]
+    print(f"sparsity {s['achieved']:.4f} (target {s['target']}, one tile = {s['one_tile']:.4f}); "
+          f"{len(res.report['layers'])} layers masked, {len(res.report['skipped'])} kept dense -> {res.out_dir}")
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model spec or a prune folder (hard masks applied)")
+    p.add_argument("model", help="model spec (see prune) or a `patchc prune` output folder")
+    p.add_argument("--ppl", required=True, help="text file, evaluated as-is in non-overlapping windows")
+    p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(a) -> int:
+    from patchc.evaluate import hf_logits_fn, perplexity_of_file
+    from patchc.io import write_json
+    from patchc.models import load_model
+    from patchc.prune_dir import apply_hard_masks_, read_prune_dir
+
+    device = _device(a.device)
+    dtype = _dtype_for(device, a.dtype)
+    masks = None
+    if (Path(a.model) / "prune.json").is_file():
+        masks = read_prune_dir(a.model)
+        spec, seed = masks.report["model"], masks.report["config"].get("seed", 0)
+    else:
+        spec, seed = a.model, 0
+    loaded = load_model(spec, device=device, dtype=dtype, seed=seed)
+    if masks is not None:
+        apply_hard_masks_(loaded.model, masks)
+    r = perplexity_of_file(hf_logits_fn(loaded.model), loaded.tokenizer, a.ppl, seq_len=a.seq_len,
+                           batch_size=a.batch_size, max_windows=a.max_windows, device=device)
+    r["model"] = a.model
+    print(f"PPL {r['ppl']:.4f}  ({r['windows']} windows of {r['seq_len']} tokens, {Path(a.ppl).name})")
+    if a.json:
+        write_json(a.json, r)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="patchc", description="learnable tile-level hybrid sparsity for LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_prune(sub)
+    add_eval(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        print(f"patchc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Hybrid-mask math: the one source of truth for training, extraction, lowering, kernels and tests.
+
+A linear weight W [out, in] is cut into T x T tiles. Tile (r, c) is either dense (bitmap 1) or 2:4
+sparse (bitmap 0): in every group of 4 consecutive input-dim weights, 2 are kept. The 2:4 choice of a
+group is one of the 6 legal patterns below, stored as a pattern index (uint8 in 0..5).
+
+    M = M_tile + (1 - M_tile) * M_24          (M_tile expanded from the bitmap to [out, in])
+
+Sparsity of a layer = 0.5 * (sparse tiles / all tiles). Everything here works on the [out, in]
+orientation; callers transpose Conv1D-style [in, out] weights first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The six legal 2:4 patterns over a group of 4 consecutive input weights (1 = kept).
+PATTERNS = torch.tensor(
+    [[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
+    dtype=torch.bool,
+)  # [6, 4]
+NUM_PATTERNS = 6
+
+
+def check_tileable(out_features: int, in_features: int, tile: int) -> str | None:
+    """None when a [out, in] weight can be tiled by `tile`, else the reason it cannot."""
+    if tile <= 0 or tile % 4:
+        return f"tile size {tile} must be a positive multiple of 4"
+    if out_features % tile or in_features % tile:
+        return f"shape [{out_features}, {in_features}] is not divisible by tile size {tile}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2:4 patterns
+# ---------------------------------------------------------------------------------------------
+def pattern_to_mask(pattern: torch.Tensor) -> torch.Tensor:
+    """[out, in/4] uint8 pattern index -> [out, in] bool keep-mask."""
+    if pattern.dtype != torch.uint8:
+        raise TypeError(f"pattern must be uint8, got {pattern.dtype}")
+    if pattern.numel() and int(pattern.max()) >= NUM_PATTERNS:
+        raise ValueError(f"pattern index {int(pattern.max())} out of range 0..5")
+    table = PATTERNS.to(pattern.device)
+    return table[pattern.long()].reshape(pattern.shape[0], pattern.shape[1] * 4)
+
+
+def mask_to_pattern(mask: torch.Tensor) -> torch.Tensor:
+    """[out, in] bool keep-mask with exactly 2 of every 4 kept -> [out, in/4] uint8 pattern index."""
+    out_f, in_f = mask.shape
+    if in_f % 4:
+        raise ValueError(f"in_features {in_f} is not a multiple of 4")
+    groups = mask.reshape(out_f, in_f // 4, 4).to(torch.uint8)
+    if not bool((groups.sum(-1) == 2).all()):
+        raise ValueError("mask is not 2:4: some group of 4 does not keep exactly 2")
+    code = groups[..., 0] * 8 + groups[..., 1] * 4 + groups[..., 2] * 2 + groups[..., 3]  # 4-bit code
+    lut = torch.full((16,), 255, dtype=torch.uint8, device=mask.device)
+    for i, p in enumerate(PATTERNS.tolist()):
+        lut[p[0] * 8 + p[1] * 4 + p[2] * 2 + p[3]] = i
+    return lut[code.long()]
+
+
+def topk24_pattern(score: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 highest-scoring weights of every group of 4: [out, in] scores -> [out, in/4] uint8.
+
+    The pattern with the largest kept score is the top-2 of the group; ties go to the lower index.
+    """
+    out_f, in_f = score.shape
+    groups = score.float().reshape(out_f, in_f // 4, 4)
+    per_pattern = groups @ PATTERNS.to(score.device, torch.float32).T  # [out, in/4, 4] @ [4, 6]
+    return per_pattern.argmax(-1).to(torch.uint8)
+
+
+def pattern_overlap(pattern: torch.Tensor) -> torch.Tensor:
+    """How many kept weights each of the 6 patterns shares with `pattern`: [out, in/4] -> [out, in/4, 6]."""
+    table = PATTERNS.to(pattern.device, torch.float32)  # [6, 4]
+    chosen = table[pattern.long()]  # [out, in/4, 4]
+    return chosen @ table.T
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------
+def tile_view(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """[out, in] -> [R, T, C, T] view (R = out/T, C = in/T) so that per-tile values broadcast."""
+    out_f, in_f = x.shape
+    return x.reshape(out_f // tile, tile, in_f // tile, tile)
+
+
+def expand_tiles(per_tile: torch.Tensor, tile: int) -> torch.Tensor:
+    """[R, C] -> [R*T, C*T] by repeating every tile value over its T x T block."""
+    return per_tile.repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+
+
+def hybrid_mask(dense_tile: torch.Tensor, mask24: torch.Tensor, tile: int) -> torch.Tensor:
+    """M = M_tile + (1 - M_tile) * M_24 for soft (float) or hard (bool) inputs -> [out, in]."""
+    if dense_tile.dtype == torch.bool:
+        m = tile_view(mask24.bool(), tile) | dense_tile[:, None, :, None]
+        return m.reshape(mask24.shape)
+    g = dense_tile.to(mask24.dtype if mask24.is_floating_point() else torch.float32)[:, None, :, None]
+    m24 = tile_view(mask24.to(g.dtype), tile)
+    return (g + (1 - g) * m24).reshape(mask24.shape)
+
+
+def apply_hybrid(weight: torch.Tensor, dense_tile: torch.Tensor, mask24: torch.Tensor, tile: int) -> torch.Tensor:
+    """W * M in W's dtype (the masked weight a linear layer multiplies with)."""
+    return weight * hybrid_mask(dense_tile, mask24, tile).to(weight.dtype)
+
+
+def layer_sparsity(bitmap: torch.Tensor) -> float:
+    """Share of zero weights of a hybrid layer: 0.5 * sparse tiles / tiles."""
+    n = bitmap.numel()
+    return 0.5 * (n - int(bitmap.bool().sum())) / n if n else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable relaxations (Gumbel-softmax), as in PATCH / MaskLLM
+# ---------------------------------------------------------------------------------------------
+def gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
+
+
+def soft_dense_tile(
+    logits: torch.Tensor, scale: float, tau: float, generator: torch.Generator | None = None, noise: bool = True
+) -> torch.Tensor:
+    """Probability that a tile is dense: class 1 of gumbel_softmax([0, l] * scale, tau).
+
+    A two-class Gumbel-softmax is a sigmoid of the logit gap plus the difference of two Gumbels.
+    """
+    z = logits.float() * scale
+    if noise:
+        z = z + gumbel_like(z, generator) - gumbel_like(z, generator)
+    return torch.sigmoid(z / tau)
+
+
+def soft_mask24(
+    logits: torch.Tensor, scale: float, tau: float, generator: torch.Generator | None = None, noise: bool = True
+) -> torch.Tensor:
+    """Soft 2:4 mask from pattern logits [out, in/4, 6] -> [out, in] (each group sums to exactly 2)."""
+    z = logits.float() * scale
+    if noise:
+        z = z + gumbel_like(z, generator)
+    probs = F.softmax(z / tau, dim=-1)  # [out, in/4, 6]
+    m = probs @ PATTERNS.to(logits.device, torch.float32)  # [out, in/4, 6] @ [6, 4]
+    return m.reshape(logits.shape[0], logits.shape[1] * 4)
+
+
+def linear_schedule(start: float, end: float, step: int, total: int) -> float:
+    """Value at `step` of a linear ramp from start (step 0) to end (step total-1)."""
+    if total <= 1:
+        return end
+    return start + (end - start) * min(max(step, 0), total - 1) / (total - 1)
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact global budget
+# ---------------------------------------------------------------------------------------------
+def sparse_tile_budget(total_tiles: int, sparsity: float) -> int:
+    """Number of 2:4 tiles that gives `sparsity` over equally-sized tiles (0.5 * sparse / total)."""
+    check_sparsity(sparsity)
+    return min(total_tiles, max(0, round(2.0 * sparsity * total_tiles)))
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0.0 <= sparsity <= 0.5):
+        raise ValueError(
+            f"sparsity {sparsity!r} is outside [0, 0.5]: hybrid dense/2:4 layers reach at most 50% "
+            "(every tile 2:4); pass e.g. --sparsity 0.35"
+        )
+
+
+def select_dense_tiles(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Global top-k: keep the highest-scoring tiles dense so the global sparsity is exact.
+
+    scores: one [R, C] tensor per layer (all tiles the same size). Ties are broken by position
+    (earlier layer, then row-major tile index, stays dense first) so the result is deterministic.
+    Returns one bool bitmap [R, C] per layer.
+    """
+    flat = torch.cat([s.detach().float().flatten().cpu() for s in scores]) if scores else torch.zeros(0)
+    n_sparse = sparse_tile_budget(flat.numel(), sparsity)
+    n_dense = flat.numel() - n_sparse
+    order = torch.sort(-flat, stable=True).indices  # descending score, stable on position
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:n_dense]] = True
+    out, start = [], 0
+    for s in scores:
+        out.append(keep[start : start + s.numel()].reshape(s.shape).to(s.device))
+        start += s.numel()
+    return out

@@ -1,0 +1,84 @@
+"""Read a `patchc prune` output folder back, validated, and apply its hard masks to a model."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from patchc import mask as hm
+from patchc.io import read_safetensors, read_safetensors_metadata
+from patchc.oneshot import weight_2d
+
+
+class PruneDirError(ValueError):
+    """A prune folder that is missing files or does not match the model it names."""
+
+
+@dataclass
+class PrunedMasks:
+    dir: Path
+    report: dict                                   # prune.json
+    tile: int
+    bitmaps: dict[str, torch.Tensor]               # FQN -> [R, C] bool
+    patterns: dict[str, torch.Tensor]              # FQN -> [out, in/4] uint8
+
+
+def read_prune_dir(path: str | Path) -> PrunedMasks:
+    d = Path(path)
+    for f in ("prune.json", "masks.safetensors"):
+        if not (d / f).is_file():
+            raise PruneDirError(f"{d / f} is missing: {d} is not a finished `patchc prune` output")
+    try:
+        report = json.loads((d / "prune.json").read_text())
+    except json.JSONDecodeError as e:
+        raise PruneDirError(f"{d / 'prune.json'} is not valid JSON ({e.msg})") from e
+    if report.get("version") != 1:
+        raise PruneDirError(f"{d / 'prune.json'}: unknown version {report.get('version')!r} (this patchc reads 1)")
+    meta = read_safetensors_metadata(d / "masks.safetensors")
+    if meta.get("format") != "patchc-masks-1":
+        raise PruneDirError(f"{d / 'masks.safetensors'}: unknown format {meta.get('format')!r}")
+    tile = int(report["tile"])
+    tensors = read_safetensors(d / "masks.safetensors")
+    bitmaps, patterns = {}, {}
+    for layer in report["layers"]:
+        name, (out_f, in_f) = layer["name"], layer["shape"]
+        b, p = tensors.get(f"{name}/bitmap"), tensors.get(f"{name}/pattern")
+        if b is None or p is None:
+            raise PruneDirError(f"masks.safetensors has no bitmap/pattern for {name}")
+        if tuple(b.shape) != (out_f // tile, in_f // tile) or tuple(p.shape) != (out_f, in_f // 4):
+            raise PruneDirError(f"{name}: mask shapes {tuple(b.shape)}, {tuple(p.shape)} do not match layer shape "
+                                f"{[out_f, in_f]} with tile {tile}")
+        bitmaps[name], patterns[name] = b.bool(), p
+    return PrunedMasks(dir=d, report=report, tile=tile, bitmaps=bitmaps, patterns=patterns)
+
+
+@torch.no_grad()
+def apply_hard_masks_(model: torch.nn.Module, masks: PrunedMasks) -> None:
+    """Zero the pruned weights of `model` in place (W <- W * M)."""
+    transposed = _transposed_layers(model, masks)
+    for name, bitmap in masks.bitmaps.items():
+        w = weight_2d(model, name, transposed[name])
+        out_f, in_f = w.shape
+        if (out_f // masks.tile, in_f // masks.tile) != tuple(bitmap.shape) or out_f % masks.tile or in_f % masks.tile:
+            raise PruneDirError(f"{name}: model weight {list(w.shape)} does not match the masks (tile {masks.tile}, "
+                                f"bitmap {list(bitmap.shape)}): wrong model for this prune folder?")
+        m = hm.hybrid_mask(bitmap.to(w.device), hm.pattern_to_mask(masks.patterns[name].to(w.device)), masks.tile)
+        w.mul_(m.to(w.dtype))
+
+
+def _transposed_layers(model: torch.nn.Module, masks: PrunedMasks) -> dict[str, bool]:
+    """Conv1D-style layers store their weight [in, out] (prune.json records which)."""
+    out = {}
+    for layer in masks.report["layers"]:
+        name, (out_f, in_f), tr = layer["name"], layer["shape"], bool(layer.get("transposed", False))
+        try:
+            shape = tuple(model.get_parameter(name).shape)
+        except AttributeError as e:
+            raise PruneDirError(f"the model has no parameter {name}: wrong model for this prune folder?") from e
+        if shape != ((in_f, out_f) if tr else (out_f, in_f)):
+            raise PruneDirError(f"{name}: model weight {list(shape)} does not match the recorded shape "
+                                f"{[out_f, in_f]}: wrong model for this prune folder?")
+        out[name] = tr
+    return out

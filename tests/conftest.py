@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PATCHC_SHARED", ROOT.parent / "shared"))
+ASSETS = SHARED / "assets"
+WIKI_VALID = ASSETS / "data/calib/wikitext2_v1_valid.txt"
+WIKI_TEST = ASSETS / "data/wikitext2/wiki.test.raw.txt"
+SMOLLM2 = ASSETS / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_ARCHS = ["llama", "qwen2", "gemma3", "gpt2", "opt"]
+
+
+def need(path: Path) -> Path:
+    """The shared asset, or a failure that says where it was looked for (CI has ../shared beside the repo)."""
+    if not path.exists():
+        pytest.fail(f"missing asset {path}: tests expect ../shared beside the checkout (or set PATCHC_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wiki_valid() -> Path:
+    return need(WIKI_VALID)
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> Path:
+    return need(WIKI_TEST)
+
+
+@pytest.fixture()
+def small_text(tmp_path) -> Path:
+    """A few KB of real text (from the shared calibration set) for fast tests."""
+    p = tmp_path / "small.txt"
+    p.write_text(need(WIKI_VALID).read_text()[:60_000])
+    return p
