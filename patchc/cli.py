@@ -87,7 +87,7 @@ def run_prune(a) -> int:
         if a.method in ("magnitude", "wanda", "sparsegpt"):
             sparsity = 0.5
         else:
-            raise SystemExit("patchc prune: --sparsity is required (a global target in [0, 0.5], e.g. 0.35)")
+            raise ValueError("--sparsity is required (a global target in [0, 0.5], e.g. 0.35)")
     cfg = PruneConfig(sparsity=sparsity, mode=a.mode, method=a.method, oneshot=a.oneshot, tile_size=a.tile_size,
                       steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       warmup=a.warmup, sparse_reg=a.sparse_reg, weight_reg=a.weight_reg, distill=a.distill,

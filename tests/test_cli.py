@@ -1,0 +1,54 @@
+"""The command line as a user runs it, and the errors a user sees."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from patchc.cli import main
+from patchc.models import ModelSpecError, resolve_spec
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "patchc", *args], capture_output=True, text=True)
+
+
+def test_prune_then_eval(small_text, wiki_test, tmp_path):
+    out = tmp_path / "p"
+    r = run("prune", "tiny:gpt2", "--sparsity", "0.25", "--mode", "tile", "--data", str(small_text), "--steps", "3",
+            "--seq-len", "64", "--batch-size", "2", "--calib-samples", "4", "--out", str(out), "--quiet",
+            "--eval-ppl", str(wiki_test), "--eval-seq-len", "128", "--eval-windows", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "sparsity 0.25" in r.stdout
+    rep = json.loads((out / "prune.json").read_text())
+    assert rep["ppl"]["final"]["windows"] == 2 and rep["ppl"]["final"]["seq_len"] == 128
+    r = run("eval", str(out), "--ppl", str(wiki_test), "--seq-len", "128", "--max-windows", "2", "--device", "cpu",
+            "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "e.json").read_text())["ppl"]
+    assert got == pytest.approx(rep["ppl"]["final"]["ppl"], rel=1e-4)  # same masks, HF model vs graph
+
+
+def test_errors_are_clear(small_text, tmp_path, capsys):
+    assert main(["prune", "tiny:llama", "--sparsity", "0.7", "--data", str(small_text), "--out", str(tmp_path / "a")]) == 2
+    assert "outside [0, 0.5]" in capsys.readouterr().err
+    assert main(["prune", "tiny:nope", "--sparsity", "0.3", "--data", str(small_text), "--out", str(tmp_path / "b")]) == 2
+    assert "unknown tiny arch" in capsys.readouterr().err
+    assert main(["prune", "tiny:llama", "--sparsity", "0.3", "--data", str(tmp_path / "missing.txt"),
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["prune", "tiny:llama", "--data", str(small_text), "--out", str(tmp_path / "d")]) == 2
+    assert "--sparsity is required" in capsys.readouterr().err
+
+
+def test_model_specs(tmp_path):
+    assert resolve_spec("tiny:opt") == ("tiny", "opt")
+    with pytest.raises(ModelSpecError, match="does not exist"):
+        resolve_spec(str(tmp_path / "x.gguf"))
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ModelSpecError, match="without config.json"):
+        resolve_spec(str(tmp_path / "notamodel"))
+    (tmp_path / "f.bin").write_text("x")
+    with pytest.raises(ModelSpecError, match="not a .gguf"):
+        resolve_spec(str(tmp_path / "f.bin"))
+    assert resolve_spec("org/name") == ("hub", "org/name")
