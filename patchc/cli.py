@@ -57,7 +57,7 @@ def add_prune(sub) -> None:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--sparse-reg", type=float, default=d.sparse_reg, help="weight of |density - target|")
     p.add_argument("--weight-reg", type=float, default=d.weight_reg, help="weight of the kept-weight-norm term")
-    p.add_argument("--distill", type=float, default=d.distill, help="weight of KL(dense || masked) (0 = off)")
+    p.add_argument("--distill", type=float, default=d.distill, help="weight of KL(dense || masked) on the logits; the dense model is the same graph with masks off (0 = off)")
     p.add_argument("--tau", type=_floats, default=d.tau, help="Gumbel temperature START,END")
     p.add_argument("--scale-tile", type=_floats, default=d.scale_tile, help="tile logit scale START,END")
     p.add_argument("--scale-24", type=_floats, default=d.scale_24, help="2:4 logit scale START,END")

@@ -58,7 +58,7 @@ class PruneConfig:
     warmup: int = 5
     sparse_reg: float = 5.0
     weight_reg: float = 1.0
-    distill: float = 0.0            # weight of KL(dense teacher || masked student) on the logits
+    distill: float = 1.0            # weight of KL(dense teacher || masked student) on the logits (0 = off)
     tau: tuple = (4.0, 0.05)
     scale_tile: tuple = (25.0, 350.0)
     scale_24: tuple = (100.0, 500.0)
@@ -144,8 +144,9 @@ def init_masks(model, plan, tile: int, cfg: PruneConfig, calib: torch.Tensor, de
         logits += tile_prior(kept, cfg.sparsity) * std * cfg.prior_strength
         entry = {"tile_logits": logits, "pattern": pattern}
         if cfg.mode == "joint" and cfg.learns:
-            pl = torch.randn(site.out_features, site.in_features // 4, hm.NUM_PATTERNS, generator=g) * cfg.init_std
-            pl += (hm.pattern_overlap(pattern) - 1.0) * pl.std() * cfg.prior_strength
+            # Prior only, no init noise: noise of the same size as the prior flips the argmax away from
+            # the one-shot pattern in a few % of groups (measured: PPL 127 vs 73 at the start on SmolLM2).
+            pl = (hm.pattern_overlap(pattern) - 1.0) * cfg.init_std * cfg.prior_strength  # [out, in/4, 6]
             entry["pattern_logits"] = pl
         out[site.name] = entry
     return out
@@ -284,7 +285,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     if not plan.masked:
         raise ValueError(f"no linear layer of {model} can be masked with tile size {tile}: "
                          + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
-    log(f"graph captured in {cap.seconds:.1f}s: {len(plan.masked)} linears masked, {len(plan.skipped)} kept dense, "
+    log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, {len(plan.skipped)} kept dense, "
         f"tile {tile}, {len(plan.groups)} shared-input groups")
 
     state = MaskState(generator=torch.Generator(device=device))

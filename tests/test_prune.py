@@ -156,3 +156,15 @@ def test_resume_refuses_another_configuration(small_text, tmp_path):
     with pytest.raises(ValueError, match="different configuration"):
         prune("tiny:llama", [str(small_text)], tmp_path / "o", PruneConfig(sparsity=0.4, **FAST), progress=False,
               resume=True)
+
+
+def test_joint_starts_from_the_one_shot_pattern(small_text, tmp_path):
+    # with lr 0 nothing moves: joint must extract exactly the one-shot start that tile mode uses
+    runs = {}
+    for mode in ("tile", "joint"):
+        cfg = PruneConfig(sparsity=0.35, mode=mode, lr=0.0, **{**FAST, "steps": 1})
+        prune("tiny:llama", [str(small_text)], tmp_path / mode, cfg, progress=False)
+        runs[mode] = read_safetensors(tmp_path / mode / "masks.safetensors")
+    for k in runs["tile"]:
+        if k.endswith(("/bitmap", "/pattern")):
+            assert torch.equal(runs["tile"][k], runs["joint"][k]), k
