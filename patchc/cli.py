@@ -1,4 +1,4 @@
-"""The `patchc` command line: prune, eval."""
+"""The `patchc` command line: prune, eval, lower, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -143,11 +143,63 @@ def run_eval(a) -> int:
     return 0
 
 
+def add_lower(sub) -> None:
+    p = sub.add_parser("lower", help="freeze a prune run into a packed (or dense-zeroed) checkpoint")
+    p.add_argument("prune_dir", help="output folder of `patchc prune`")
+    p.add_argument("--out", required=True, help="checkpoint folder to create")
+    p.add_argument("--format", choices=["packed", "dense"], default="packed",
+                   help="packed: patchc's hybrid format (default); dense: plain HF checkpoint, pruned weights zeroed")
+    p.add_argument("--dtype", default="auto", help="weight dtype (auto: the prune run's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_lower)
+
+
+def run_lower(a) -> int:
+    from patchc.lower import lower
+    from patchc.models import parse_dtype
+
+    dtype = None if a.dtype == "auto" else parse_dtype(a.dtype)
+    m = lower(a.prune_dir, a.out, fmt=a.format, dtype=dtype, overwrite=a.overwrite)
+    if a.format == "packed":
+        b = m["bytes"]
+        print(f"{len(m['layers'])} hybrid layers, sparsity {m['sparsity']['achieved']:.4f}: "
+              f"{b['hybrid_packed'] / 1e6:.2f} MB packed vs {b['hybrid_dense'] / 1e6:.2f} MB dense "
+              f"(ratio {b['ratio']:.3f}) -> {a.out}")
+    else:
+        print(f"dense checkpoint with pruned weights zeroed (sparsity {m['sparsity']['achieved']:.4f}) -> {a.out}")
+    return 0
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="per-layer tiles, sparsity and bytes of a packed checkpoint")
+    p.add_argument("dir", help="output folder of `patchc lower`")
+    p.add_argument("--plot", default=None, help="also draw every layer's tile map to this PNG")
+    p.add_argument("--verify", action="store_true", help="also check every tensor's checksum")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(a) -> int:
+    from patchc.inspect import plot, table
+    from patchc.lower import load, read_manifest
+
+    m = read_manifest(a.dir)
+    if a.verify:
+        load(a.dir, verify=True)
+        print("checksums OK")
+    print(table(m))
+    if a.plot:
+        plot(a.dir, a.plot)
+        print(f"tile maps -> {a.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchc", description="learnable tile-level hybrid sparsity for LLMs")
     sub = p.add_subparsers(dest="command", required=True)
     add_prune(sub)
     add_eval(sub)
+    add_lower(sub)
+    add_inspect(sub)
     return p
 
 

@@ -26,8 +26,8 @@ NUM_PATTERNS = 6
 
 def check_tileable(out_features: int, in_features: int, tile: int) -> str | None:
     """None when a [out, in] weight can be tiled by `tile`, else the reason it cannot."""
-    if tile <= 0 or tile % 4:
-        return f"tile size {tile} must be a positive multiple of 4"
+    if tile <= 0 or tile % 8:
+        return f"tile size {tile} must be a positive multiple of 8"
     if out_features % tile or in_features % tile:
         return f"shape [{out_features}, {in_features}] is not divisible by tile size {tile}"
     return None

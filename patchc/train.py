@@ -79,8 +79,8 @@ class PruneConfig:
             raise ValueError(f"--method {self.method} prunes every tile 2:4, i.e. sparsity 0.5; got {self.sparsity}")
         if self.oneshot not in ONESHOT_METHODS:
             raise ValueError(f"one-shot method {self.oneshot!r} unknown; choose one of {', '.join(ONESHOT_METHODS)}")
-        if self.tile_size and (self.tile_size < 4 or self.tile_size % 4):
-            raise ValueError(f"tile size {self.tile_size} must be a multiple of 4 (128 is the default)")
+        if self.tile_size and (self.tile_size < 8 or self.tile_size % 8):
+            raise ValueError(f"tile size {self.tile_size} must be a multiple of 8 (0 = auto, 128 is typical)")
         for k in ("steps", "seq_len", "batch_size", "grad_accum", "calib_samples"):
             if getattr(self, k) < (0 if k == "steps" else 1):
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
@@ -114,7 +114,7 @@ class PruneResult:
 def choose_tile(gm, cfg: PruneConfig) -> int:
     if cfg.tile_size:
         return cfg.tile_size
-    plan = find_linears(gm, 4, list(cfg.include), list(cfg.exclude))
+    plan = find_linears(gm, 8, list(cfg.include), list(cfg.exclude))
     for t in AUTO_TILES:
         if all(s.out_features % t == 0 and s.in_features % t == 0 for s in plan.masked):
             return t

@@ -79,7 +79,7 @@ def test_auto_tile_size_and_explicit(small_text, tmp_path):
     (dict(sparsity=-0.1), r"outside \[0, 0.5\]"),
     (dict(mode="both"), "mode"),
     (dict(method="wanda", sparsity=0.3), "sparsity 0.5"),
-    (dict(tile_size=6), "multiple of 4"),
+    (dict(tile_size=12), "multiple of 8"),
 ])
 def test_bad_config_is_refused(kw, match, small_text, tmp_path):
     with pytest.raises(ValueError, match=match):

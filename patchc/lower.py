@@ -1,0 +1,257 @@
+"""`patchc lower`: freeze a prune run into a checkpoint, and `patchc.load` it back.
+
+packed (default)  DIR/manifest.json      format, version, tile, dtype, layers, per-tensor sha256
+                  DIR/packed.safetensors hybrid layers in patchc.format (bitmap/dense/values/meta)
+                  DIR/model.safetensors  every other tensor (embeddings, norms, biases, lm_head, ...)
+                  DIR/config.json + tokenizer files
+dense             a plain Hugging Face checkpoint with the pruned weights zeroed (transformers alone
+                  loads it) + DIR/patchc.json saying where it came from.
+
+A checkpoint folder is built under a temporary name and renamed into place when complete, so a crash
+never leaves a half-written folder that looks valid. Nothing in a manifest is executed or imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from patchc.format import FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer, sha256
+from patchc.io import read_safetensors, write_json, write_safetensors
+from patchc.models import load_model, parse_dtype
+from patchc.oneshot import weight_2d
+from patchc.prune_dir import apply_hard_masks_, read_prune_dir
+from patchc.runtime import HybridLinear
+
+PACKED_FILE, REST_FILE, MANIFEST = "packed.safetensors", "model.safetensors", "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A lowered checkpoint that is missing, corrupt, of another version, or for another model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool):
+    """Yield a temporary folder beside `out`; rename it to `out` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output folder {out} exists: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied weights); return the aliases."""
+    seen: dict[tuple, str] = {}
+    kept, aliases = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        kept[k] = v
+    return kept, aliases
+
+
+def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "packed",
+          dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """Pack the prune run in `prune_dir` into `out_dir`; returns the manifest (packed) or summary (dense)."""
+    if fmt not in ("packed", "dense"):
+        raise ValueError(f"format {fmt!r} unknown; choose packed or dense")
+    masks = read_prune_dir(prune_dir)
+    rep = masks.report
+    dtype = dtype or parse_dtype(rep.get("dtype", "float32"))
+    loaded = load_model(rep["model"], device="cpu", dtype=dtype, seed=rep["config"].get("seed", 0))
+    model, out = loaded.model, Path(out_dir)
+    if Path(out).resolve() == Path(prune_dir).resolve():
+        raise ValueError("--out must differ from the prune folder")
+    apply_hard_masks_(model, masks)  # validates every layer against the model
+    provenance = {"spec": rep["model"], "source": rep.get("model_source"), "architecture": type(model).__name__,
+                  "prune_dir": str(Path(prune_dir).resolve())}
+    sparsity = {"target": rep["sparsity"]["target"], "achieved": rep["sparsity"]["achieved"]}
+    with atomic_dir(out, overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        if fmt == "dense":
+            model.save_pretrained(tmp, safe_serialization=True)
+            summary = {"format": "dense-zeroed", "model": provenance, "sparsity": sparsity, "tile": masks.tile}
+            write_json(tmp / "patchc.json", summary)
+            return summary
+        manifest = _write_packed(model, masks, tmp, dtype, provenance, sparsity)
+    return manifest
+
+
+def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: dict) -> dict:
+    packed_tensors, layers, hybrid_weights = {}, [], set()
+    for layer in masks.report["layers"]:
+        name, tr = layer["name"], bool(layer.get("transposed", False))
+        module = name.rsplit(".", 1)[0]
+        w = weight_2d(model, name, tr).detach().contiguous()
+        p = pack_layer(w, masks.bitmaps[name], masks.patterns[name], masks.tile)
+        for k, v in p.tensors().items():
+            packed_tensors[f"{module}.{k}"] = v
+        bias = getattr(model.get_submodule(module), "bias", None)
+        layers.append({"name": name, "module": module, "shape": [p.out_features, p.in_features], "transposed": tr,
+                       "has_bias": bias is not None, "tiles": p.bitmap.numel(), "dense_tiles": int(p.bitmap.sum()),
+                       "sparsity": p.sparsity, "bytes": p.nbytes + p.bitmap.numel(),
+                       "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())})
+        hybrid_weights.add(name)
+    rest, aliases = _dedupe({k: v for k, v in model.state_dict().items() if k not in hybrid_weights})
+    write_safetensors(tmp / PACKED_FILE, packed_tensors)
+    write_safetensors(tmp / REST_FILE, rest)
+    tensors = {f"{PACKED_FILE}::{k}": _describe(v) for k, v in packed_tensors.items()}
+    tensors.update({f"{REST_FILE}::{k}": _describe(v) for k, v in rest.items()})
+    packed_b = sum(l["bytes"] for l in layers)
+    dense_b = sum(l["dense_bytes"] for l in layers)
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "tile": masks.tile, "dtype": str(dtype).replace("torch.", ""),
+        "model": provenance, "sparsity": sparsity,
+        "bytes": {"hybrid_packed": packed_b, "hybrid_dense": dense_b, "ratio": packed_b / dense_b if dense_b else 1.0},
+        "layers": layers, "aliases": aliases, "tensors": tensors,
+    }
+    write_json(tmp / MANIFEST, manifest)  # last: a folder without it is never a checkpoint
+    return manifest
+
+
+def _describe(t: torch.Tensor) -> dict:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": sha256(t)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict:
+    d = Path(path)
+    mf = d / MANIFEST
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is not a folder: pass the output folder of `patchc lower`")
+    if not mf.is_file():
+        raise CheckpointError(f"{mf} is missing: {d} is not a packed patchc checkpoint "
+                              "(was `patchc lower` interrupted, or is it a --format dense checkpoint?)")
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({e.msg})") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{mf}: format {m.get('format') if isinstance(m, dict) else None!r} is not {FORMAT!r}")
+    if m.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{mf}: format version {m.get('version')!r} is not supported by this patchc "
+                              f"(it reads version {FORMAT_VERSION}); upgrade patchc or lower again")
+    for key, kind in (("tile", int), ("dtype", str), ("layers", list), ("tensors", dict), ("aliases", dict)):
+        if not isinstance(m.get(key), kind):
+            raise CheckpointError(f"{mf}: field {key!r} is missing or not a {kind.__name__}")
+    for f in (PACKED_FILE, REST_FILE, "config.json"):
+        if not (d / f).is_file():
+            raise CheckpointError(f"{d / f} is missing: the checkpoint is incomplete")
+    return m
+
+
+def _load_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for f in (PACKED_FILE, REST_FILE):
+        tensors = read_safetensors(d / f)
+        listed = {k.split("::", 1)[1] for k in manifest["tensors"] if k.startswith(f + "::")}
+        if set(tensors) != listed:
+            extra, missing = sorted(set(tensors) - listed)[:3], sorted(listed - set(tensors))[:3]
+            raise CheckpointError(f"{d / f} does not hold the tensors the manifest lists "
+                                  f"(missing {missing}, unlisted {extra})")
+        for k, v in tensors.items():
+            desc = manifest["tensors"][f"{f}::{k}"]
+            if list(v.shape) != desc["shape"] or str(v.dtype).replace("torch.", "") != desc["dtype"]:
+                raise CheckpointError(f"{f}::{k}: shape/dtype {list(v.shape)} {v.dtype} differ from the manifest's "
+                                      f"{desc['shape']} {desc['dtype']}")
+            if verify and sha256(v) != desc["sha256"]:
+                raise CheckpointError(f"checksum mismatch for {f}::{k}: the file is corrupt; lower the model again")
+        out[f] = tensors
+    return out
+
+
+def _build_empty(d: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(d)  # plain JSON; no remote code is ever trusted
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
+    """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules."""
+    d = Path(path)
+    manifest = read_manifest(d)
+    dtype = parse_dtype(manifest["dtype"])
+    tensors = _load_tensors(d, manifest, verify)
+    model = _build_empty(d, dtype)
+    packed = tensors[PACKED_FILE]
+    for layer in manifest["layers"]:
+        mod_name, (out_f, in_f) = layer["module"], layer["shape"]
+        try:
+            old = model.get_submodule(mod_name)
+            w = old.weight
+        except AttributeError as e:
+            raise CheckpointError(f"the model built from config.json has no linear {mod_name}: the manifest does not "
+                                  "match this model") from e
+        want = (in_f, out_f) if layer.get("transposed") else (out_f, in_f)
+        if tuple(w.shape) != want:
+            raise CheckpointError(f"{mod_name}: the model's weight is {list(w.shape)} but the manifest says "
+                                  f"{list(want)}: manifest and config.json do not match")
+        try:
+            p = PackedLayer(*(packed[f"{mod_name}.{k}"] for k in PACKED_FIELDS), out_f, in_f, manifest["tile"])
+            hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name)
+        except (KeyError, FormatError) as e:
+            raise CheckpointError(f"{mod_name}: packed tensors missing or inconsistent ({e})") from e
+        parent, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, hl)
+    rest = dict(tensors[REST_FILE])
+    for alias, target in manifest["aliases"].items():
+        if target not in rest:
+            raise CheckpointError(f"alias {alias} -> {target}: {target} is not in {REST_FILE}")
+        rest[alias] = rest[target]
+    result = model.load_state_dict(rest, strict=False)
+    hybrid_keys = {f"{l['module']}.{k}" for l in manifest["layers"] for k in PACKED_FIELDS}
+    missing = [k for k in result.missing_keys if k not in hybrid_keys]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{REST_FILE} does not match the model: missing {missing[:4]}, "
+                              f"unexpected {result.unexpected_keys[:4]}")
+    model.to(device).eval()
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    model.patchc_manifest = manifest
+    return model
+
+
+def memory_report(model) -> dict:
+    """Weight bytes of the hybrid linears in memory vs the same layers dense (16-bit or model dtype)."""
+    from patchc.runtime import hybrid_layers
+
+    layers = hybrid_layers(model)
+    packed = sum(m.weight_nbytes for m in layers.values())
+    dense = sum(m.out_features * m.in_features * m.values.element_size() for m in layers.values())
+    return {"hybrid_layers": len(layers), "packed_bytes": packed, "dense_bytes": dense,
+            "ratio": packed / dense if dense else 1.0}

@@ -1,0 +1,66 @@
+"""Run packed hybrid linears: the `patchc::hybrid_linear` custom op and the HybridLinear module.
+
+The op's reference implementation decompresses the packed tile weights (patchc.format.unpack_layer)
+and calls F.linear; it runs on CPU and GPU. It is a torch.library custom op with a fake (meta)
+implementation, so torch.export / dynamo / inductor trace it as one node; the `patch` compile backend
+swaps those nodes for generated Triton kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from patchc.format import PACKED_FIELDS, PackedLayer, unpack_layer, validate_packed
+
+
+@torch.library.custom_op("patchc::hybrid_linear", mutates_args=())
+def hybrid_linear(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values: torch.Tensor,
+                  meta: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int,
+                  tile: int) -> torch.Tensor:
+    """y = x @ (W * M).T + bias with W * M given packed: x [..., in] -> y [..., out]."""
+    w = unpack_layer(PackedLayer(bitmap, dense, values, meta, out_features, in_features, tile))
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@hybrid_linear.register_fake
+def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+class HybridLinear(torch.nn.Module):
+    """A linear layer whose weight lives only in the packed hybrid format (buffers, not parameters)."""
+
+    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None = None, name: str = "layer"):
+        super().__init__()
+        validate_packed(packed, name)
+        self.in_features, self.out_features, self.tile = packed.in_features, packed.out_features, packed.tile
+        self.name = name
+        for k in PACKED_FIELDS:
+            self.register_buffer(k, getattr(packed, k))
+        if bias is not None:
+            self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            self.bias = None
+
+    @property
+    def packed(self) -> PackedLayer:
+        return PackedLayer(self.bitmap, self.dense, self.values, self.meta, self.out_features, self.in_features,
+                           self.tile)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes holding the weight in memory: packed tiles + metadata + bitmap."""
+        return self.packed.nbytes + self.bitmap.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.patchc.hybrid_linear(x, self.bitmap, self.dense, self.values, self.meta, self.bias,
+                                              self.out_features, self.in_features, self.tile)
+
+    def extra_repr(self) -> str:
+        n = self.bitmap.numel()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, tile={self.tile}, "
+                f"dense_tiles={int(self.bitmap.sum())}/{n}, sparsity={self.packed.sparsity:.3f}")
+
+
+def hybrid_layers(model: torch.nn.Module) -> dict[str, HybridLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}

@@ -1,0 +1,64 @@
+"""Packed format: exact round trip and the byte count of the design formula."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from patchc import mask as hm
+from patchc.format import FormatError, expected_bytes_ratio, pack_layer, unpack_layer, validate_packed
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@st.composite
+def layer(draw):
+    t = draw(st.sampled_from([8, 16, 32]))
+    r, c = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kind = draw(st.sampled_from(["dense", "sparse", "mixed"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    bitmap = {"dense": torch.ones(r, c, dtype=torch.bool), "sparse": torch.zeros(r, c, dtype=torch.bool),
+              "mixed": torch.rand(r, c, generator=g) < draw(st.floats(0.05, 0.95))}[kind]
+    pattern = torch.randint(0, 6, (r * t, c * t // 4), generator=g, dtype=torch.uint8)
+    dtype = draw(st.sampled_from(DTYPES))
+    w = (torch.randn(r * t, c * t, generator=g) + 0.1).to(dtype)  # nonzero almost surely
+    return t, bitmap, pattern, w
+
+
+@given(layer())
+def test_pack_unpack_is_exact(case):
+    t, bitmap, pattern, w = case
+    p = pack_layer(w, bitmap, pattern, t)
+    validate_packed(p)
+    want = hm.apply_hybrid(w, bitmap, hm.pattern_to_mask(pattern), t)
+    got = unpack_layer(p)
+    assert got.dtype == w.dtype and torch.equal(got, want)
+    # every stored value is a weight of W (no rounding, no reordering within a group)
+    assert p.dense.dtype == w.dtype and p.values.dtype == w.dtype
+
+
+@given(layer())
+def test_packed_bytes_match_the_formula(case):
+    t, bitmap, pattern, w = case
+    p = pack_layer(w, bitmap, pattern, t)
+    s = hm.layer_sparsity(bitmap)
+    n = w.numel()
+    if w.element_size() == 2:
+        assert p.nbytes == pytest.approx(2 * n * expected_bytes_ratio(s), abs=1e-6)
+    # in general: dense tiles full, sparse tiles half the values + 4 bits a group of 4
+    ns = int((~bitmap).sum())
+    nd = bitmap.numel() - ns
+    assert p.nbytes == nd * t * t * w.element_size() + ns * (t * t // 2 * w.element_size() + t * t // 8)
+
+
+def test_design_ratios():
+    for s, r in [(0.25, 0.781), (0.35, 0.694), (0.45, 0.606), (0.5, 0.5625)]:
+        assert expected_bytes_ratio(s) == pytest.approx(r, abs=6e-4)
+
+
+def test_inconsistent_packed_layer_is_refused():
+    w = torch.randn(16, 16)
+    p = pack_layer(w, torch.tensor([[1, 0], [0, 1]], dtype=torch.bool), torch.zeros(16, 4, dtype=torch.uint8), 8)
+    p.values = p.values[:1]
+    with pytest.raises(FormatError, match="values has shape"):
+        validate_packed(p, "x")
+    with pytest.raises(FormatError, match="multiple of 8"):
+        pack_layer(torch.randn(12, 12), torch.ones(3, 3, dtype=torch.bool), torch.zeros(12, 3, dtype=torch.uint8), 4)
