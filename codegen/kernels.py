@@ -1,0 +1,106 @@
+"""Triton kernels for hybrid (dense / 2:4) tile matmuls: y[M, N] = x[M, K] @ (W * M)[N, K]^T.
+
+One program owns BLOCK_M rows of x and BLOCK_N output features inside one row-tile of W (BLOCK_N
+divides the tile), and one of SPLIT_K slices of that row-tile's K-tiles. It streams the row-tile's
+dense tiles, then its 2:4 tiles (values + 4-bit metadata decompressed in registers), each fed to
+tl.dot with an fp32 accumulator. With SPLIT_K == 1 the epilogue (bias, SiLU(gate) * up) is fused and
+the output written once; otherwise fp32 partials are written for a reduction.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
+                dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
+                rt, pid_k,
+                T: tl.constexpr, SPLIT_K: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """acc += x[:, K-tiles of row-tile rt (this split)] @ W[rows, same]^T."""
+    offs_t = tl.arange(0, T)
+    if HAS_DENSE:
+        d0 = tl.load(dense_start_ptr + rt)
+        nd = tl.load(dense_start_ptr + rt + 1) - d0
+        for i in range(d0 + nd * pid_k // SPLIT_K, d0 + nd * (pid_k + 1) // SPLIT_K):
+            c = tl.load(dense_col_ptr + i)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
+                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
+            w = tl.load(dense_ptr + i * (T * T) + rows[:, None] * T + offs_t[None, :])  # [BLOCK_N, T]
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if HAS_SPARSE:
+        s0 = tl.load(sparse_start_ptr + rt)
+        ns = tl.load(sparse_start_ptr + rt + 1) - s0
+        offs_h = tl.arange(0, T // 2)
+        offs_e = tl.arange(0, T // 8)
+        pos = tl.arange(0, 4)
+        for i in range(s0 + ns * pid_k // SPLIT_K, s0 + ns * (pid_k + 1) // SPLIT_K):
+            c = tl.load(sparse_col_ptr + i)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
+                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
+            base = i * T
+            v = tl.load(values_ptr + base * (T // 2) + rows[:, None] * (T // 2) + offs_h[None, :])  # [BLOCK_N, T/2]
+            e = tl.load(meta_ptr + base * (T // 8) + rows[:, None] * (T // 8) + offs_e[None, :])   # [BLOCK_N, T/8]
+            v0, v1 = tl.split(tl.reshape(v, [v.shape[0], T // 4, 2]))                   # [BLOCK_N, T/4] each
+            nib = tl.reshape(tl.join(e & 0xF, e >> 4), [e.shape[0], T // 4])             # 4-bit code a group
+            i0 = (nib & 3).to(tl.int32)[:, :, None]
+            i1 = (nib >> 2).to(tl.int32)[:, :, None]
+            w = tl.where(i0 == pos[None, None, :], v0[:, :, None],
+                         tl.where(i1 == pos[None, None, :], v1[:, :, None], 0.0))         # [BLOCK_N, T/4, 4]
+            w = tl.reshape(w, [w.shape[0], T]).to(v.dtype)                                # [BLOCK_N, T]
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def hybrid_mm_kernel(
+    x_ptr, dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
+    bias_ptr, out_ptr,
+    M, N_OUT,
+    stride_xm, stride_xk, stride_os, stride_om, stride_on,
+    T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program -> (m block, n block), grouped along M so neighbouring programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = N_OUT // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n0 = pid_n * BLOCK_N
+    rt = n0 // T                                    # row-tile of this program
+    rows = n0 % T + tl.arange(0, BLOCK_N)           # rows inside the tile
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows, dense_ptr, values_ptr, meta_ptr,
+                      dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr, rt, pid_k,
+                      T, SPLIT_K, HAS_DENSE, HAS_SPARSE, DOT_PRECISION)
+    if SILU_MUL:
+        # gate rows are the first N_OUT stacked rows, up rows the next N_OUT: one program reads both
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = _accumulate(up, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows, dense_ptr, values_ptr, meta_ptr,
+                         dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr, rt + N_OUT // T, pid_k,
+                         T, SPLIT_K, HAS_DENSE, HAS_SPARSE, DOT_PRECISION)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    out_mask = mask_m[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n)[None, :].to(tl.float32)
+            if SILU_MUL:
+                up += tl.load(bias_ptr + N_OUT + offs_n)[None, :].to(tl.float32)
+        if SILU_MUL:
+            acc = acc * tl.sigmoid(acc) * up
+        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # fp32 partials [SPLIT_K, (2,) M, N]: reduced (and the epilogue applied) by the launcher
+        ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(ptrs, acc, mask=out_mask)
+        if SILU_MUL:
+            tl.store(ptrs + M * stride_om, up, mask=out_mask)

@@ -1,0 +1,179 @@
+"""Launch the hybrid kernels: pick a schedule config for M (decode or prefill), autotune it once per
+(layer, M bucket) on the GPU, and cache the choice on disk.
+
+Decode (M <= 64) is memory bound: small BLOCK_M, BLOCK_N below the tile, and split-K so that enough
+programs stream weight bytes at once. Prefill (M > 64) is tensor-core bound: large blocks, no split.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from .kernels import hybrid_mm_kernel
+from .schedule import Schedule
+
+DECODE_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def m_bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length()) if m <= 2048 else 4096
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def candidates(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> list[KernelConfig]:
+    t = sched.tile
+    if m <= DECODE_MAX_M:
+        bm = max(16, m_bucket(m))
+        out = []
+        for bn in sorted({min(t, 32), min(t, 64), min(t, 128)}):
+            if n_out % bn:
+                continue
+            programs = triton.cdiv(m, bm) * (n_out // bn)
+            k_tiles = sched.k // t
+            for split in sorted({1, 2, 4, 8, _pow2_floor(max(1, 2 * num_sms // programs))}):
+                if split <= k_tiles:
+                    for warps, stages in ((4, 3), (4, 4), (8, 3)):
+                        out.append(KernelConfig(bm, bn, split, warps, stages))
+        return out
+    out = []
+    for bm in (64, 128):
+        for bn in sorted({min(t, 64), min(t, 128)}):
+            if n_out % bn == 0:
+                for warps, stages in ((4, 3), (8, 3), (8, 4)):
+                    out.append(KernelConfig(bm, bn, 1, warps, stages))
+    return out
+
+
+def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> KernelConfig:
+    t = sched.tile
+    if m <= DECODE_MAX_M:
+        bn = 64 if t >= 64 and n_out % 64 == 0 else min(t, 32 if n_out % 32 == 0 else 16)
+        bm = max(16, m_bucket(m))
+        programs = triton.cdiv(m, bm) * (n_out // bn)
+        split = min(_pow2_floor(max(1, 2 * num_sms // programs)), sched.k // t)
+        return KernelConfig(bm, bn, max(1, split), 4, 3)
+    bn = 128 if t >= 128 and n_out % 128 == 0 else t
+    return KernelConfig(128 if t >= 128 else 64, bn, 1, 8, 3)
+
+
+def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
+           bias: torch.Tensor | None, n_out: int, cfg: KernelConfig, silu_mul: bool = False,
+           poison: bool = False) -> torch.Tensor:
+    """y [M, n_out] = epilogue(x [M, K] @ W^T); W stacked as [2 * n_out, K] when silu_mul (gate; up).
+    poison=True fills the output buffers with NaN first, so an element the kernel misses shows."""
+    m, k = x.shape
+    t = sched.tile
+    assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
+    fp32 = x.dtype == torch.float32
+    grid = (triton.cdiv(m, cfg.block_m) * (n_out // cfg.block_n), cfg.split_k)
+    if cfg.split_k == 1:
+        out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
+        s_os, s_om, s_on = 0, out.stride(0), out.stride(1)
+    else:
+        out = torch.empty((cfg.split_k, 2 if silu_mul else 1, m, n_out), device=x.device, dtype=torch.float32)
+        s_os, s_om, s_on = out.stride(0), out.stride(2), out.stride(3)
+    if poison:
+        out.fill_(float("nan"))
+    hybrid_mm_kernel[grid](
+        x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
+        bias if bias is not None else x, out,
+        m, n_out, x.stride(0), x.stride(1), s_os, s_om, s_on,
+        T=t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+        HAS_DENSE=not sched.all_sparse, HAS_SPARSE=not sched.all_dense, HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul, GROUP_M=cfg.group_m, DOT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.split_k == 1:
+        return out
+    acc = out.sum(0)  # [(2,) M, n_out] fp32
+    if bias is not None:
+        acc = acc + bias.float().reshape(2 if silu_mul else 1, 1, n_out)
+    y = torch.nn.functional.silu(acc[0]) * acc[1] if silu_mul else acc[0]
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning with an on-disk cache
+# ---------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_memory: dict[str, KernelConfig] = {}
+
+
+def cache_file() -> Path:
+    root = Path(os.environ.get("PATCHC_CACHE", Path.home() / ".cache" / "patchc"))
+    gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    return root / "kernels" / f"{gpu}-triton{triton.__version__}.json"
+
+
+def _load_disk() -> dict:
+    f = cache_file()
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # a corrupt cache is rebuilt, never trusted
+
+
+def _save_disk(entries: dict) -> None:
+    from patchc.io import write_json
+
+    try:
+        write_json(cache_file(), entries)
+    except OSError:
+        pass  # a read-only cache folder costs re-tuning, not correctness
+
+
+def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool) -> str:
+    return f"{sched.key}|{sched.n}x{sched.k}|T{sched.tile}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}|silu{int(silu_mul)}"
+
+
+def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_mul: bool = False,
+               tune: bool = True) -> KernelConfig:
+    """The tuned config for this layer and M bucket (tuned now if unknown and tuning is possible)."""
+    m = x.shape[0]
+    key = config_key(sched, m, x.dtype, silu_mul)
+    if key in _memory:
+        return _memory[key]
+    with _lock:
+        disk = _load_disk()
+        if key in disk:
+            _memory[key] = KernelConfig(**disk[key]["config"])
+            return _memory[key]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not tune or not x.is_cuda or capturing:
+        return default_config(m, sched, n_out, sms)
+    best, best_ms = None, float("inf")
+    for cfg in candidates(m, sched, n_out, sms):
+        try:
+            ms = triton.testing.do_bench(lambda: launch(x, dense, values, meta, sched, bias, n_out, cfg, silu_mul),
+                                         warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    best = best or default_config(m, sched, n_out, sms)
+    _memory[key] = best
+    with _lock:
+        disk = _load_disk()
+        disk[key] = {"config": asdict(best), "ms": best_ms}
+        _save_disk(disk)
+    return best

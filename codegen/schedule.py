@@ -1,0 +1,54 @@
+"""A layer's schedule, derived from its tile bitmap.
+
+Packed storage is row-major over (row-tile r, K-tile c), so the dense tiles of row-tile r are the
+contiguous storage range dense_start[r]:dense_start[r+1] (likewise the 2:4 tiles): every program of
+a row-tile streams its tiles in storage order, each weight byte read once. The schedule gives each
+stored tile its K-tile index. Several layers can be stacked along the output dim (q/k/v, gate/up):
+their storages concatenate in the same order, and the schedule of the stack is the concatenation.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Schedule:
+    n: int                      # output features (rows of W)
+    k: int                      # input features
+    tile: int
+    dense_col: torch.Tensor     # int32 [n_dense]: K-tile of each stored dense tile
+    sparse_col: torch.Tensor    # int32 [n_sparse]: K-tile of each stored 2:4 tile
+    dense_start: torch.Tensor   # int32 [R + 1]: row-tile r's dense tiles are [dense_start[r], dense_start[r+1])
+    sparse_start: torch.Tensor  # int32 [R + 1]
+    key: str                    # hash of bitmap + shape + tile: names the layer's kernel specialisation
+
+    @property
+    def all_dense(self) -> bool:
+        return self.sparse_col.numel() == 0
+
+    @property
+    def all_sparse(self) -> bool:
+        return self.dense_col.numel() == 0
+
+    def to(self, device) -> "Schedule":
+        mv = lambda t: t.to(device)  # noqa: E731
+        return Schedule(self.n, self.k, self.tile, mv(self.dense_col), mv(self.sparse_col), mv(self.dense_start),
+                        mv(self.sparse_start), self.key)
+
+
+def build_schedule(bitmap: torch.Tensor, tile: int) -> Schedule:
+    """bitmap [R, C] (1 = dense) -> Schedule (on the bitmap's device)."""
+    bm = bitmap.bool()
+    r, c = bm.shape
+    cols = torch.arange(c, device=bm.device).expand(r, c)
+    dense_col = cols[bm].to(torch.int32)       # row-major = storage order
+    sparse_col = cols[~bm].to(torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=bm.device)
+    dense_start = torch.cat([zero, bm.sum(1).cumsum(0).to(torch.int32)])
+    sparse_start = torch.cat([zero, (~bm).sum(1).cumsum(0).to(torch.int32)])
+    h = hashlib.sha256(bm.to(torch.uint8).cpu().numpy().tobytes())
+    h.update(f"{r}x{c}x{tile}".encode())
+    return Schedule(r * tile, c * tile, tile, dense_col, sparse_col, dense_start, sparse_start, h.hexdigest()[:16])
