@@ -11,6 +11,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _sparse_tile(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
+    """Decompress rows `rows` of stored 2:4 tile i to [BLOCK_N, T] with elementwise indexing only
+    (no reshape/join: those cost layout shuffles). Column k belongs to group k // 4; the group's two
+    kept values sit at values[2g], values[2g + 1] and its 4-bit code in meta byte g // 2."""
+    k = tl.arange(0, T)
+    g = k // 4
+    base_v = values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2)
+    v0 = tl.load(base_v + (2 * g)[None, :])                                              # [BLOCK_N, T]
+    v1 = tl.load(base_v + (2 * g + 1)[None, :])
+    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + (g // 2)[None, :])
+    nib = (e >> ((g % 2) * 4).to(tl.uint8)[None, :]) & 0xF
+    p = (k % 4)[None, :]
+    return tl.where((nib & 3).to(tl.int32) == p, v0, tl.where((nib >> 2).to(tl.int32) == p, v1, tl.zeros_like(v0)))
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
                 dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
                 rt, pid_k,
@@ -30,23 +46,11 @@ def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
     if HAS_SPARSE:
         s0 = tl.load(sparse_start_ptr + rt)
         ns = tl.load(sparse_start_ptr + rt + 1) - s0
-        offs_h = tl.arange(0, T // 2)
-        offs_e = tl.arange(0, T // 8)
-        pos = tl.arange(0, 4)
         for i in range(s0 + ns * pid_k // SPLIT_K, s0 + ns * (pid_k + 1) // SPLIT_K):
             c = tl.load(sparse_col_ptr + i)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
                         mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
-            base = i * T
-            v = tl.load(values_ptr + base * (T // 2) + rows[:, None] * (T // 2) + offs_h[None, :])  # [BLOCK_N, T/2]
-            e = tl.load(meta_ptr + base * (T // 8) + rows[:, None] * (T // 8) + offs_e[None, :])   # [BLOCK_N, T/8]
-            v0, v1 = tl.split(tl.reshape(v, [v.shape[0], T // 4, 2]))                   # [BLOCK_N, T/4] each
-            nib = tl.reshape(tl.join(e & 0xF, e >> 4), [e.shape[0], T // 4])             # 4-bit code a group
-            i0 = (nib & 3).to(tl.int32)[:, :, None]
-            i1 = (nib >> 2).to(tl.int32)[:, :, None]
-            w = tl.where(i0 == pos[None, None, :], v0[:, :, None],
-                         tl.where(i1 == pos[None, None, :], v1[:, :, None], 0.0))         # [BLOCK_N, T/4, 4]
-            w = tl.reshape(w, [w.shape[0], T]).to(v.dtype)                                # [BLOCK_N, T]
+            w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                            # [BLOCK_N, T]
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     return acc
 
@@ -104,3 +108,26 @@ def hybrid_mm_kernel(
         tl.store(ptrs, acc, mask=out_mask)
         if SILU_MUL:
             tl.store(ptrs + M * stride_om, up, mask=out_mask)
+
+
+@triton.jit
+def decompress_kernel(dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr,
+                      sparse_start_ptr, w_ptr, K, T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[N, K] (row-major) from the packed tiles: one program writes BLOCK_N rows of one row-tile."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    rt = n0 // T
+    rows = n0 % T + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, T)
+    out_rows = (n0 + tl.arange(0, BLOCK_N))[:, None] * K
+    d0 = tl.load(dense_start_ptr + rt)
+    d1 = tl.load(dense_start_ptr + rt + 1)
+    for i in range(d0, d1):
+        c = tl.load(dense_col_ptr + i)
+        w = tl.load(dense_ptr + i * (T * T) + rows[:, None] * T + offs_t[None, :])
+        tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], w)
+    s0 = tl.load(sparse_start_ptr + rt)
+    s1 = tl.load(sparse_start_ptr + rt + 1)
+    for i in range(s0, s1):
+        c = tl.load(sparse_col_ptr + i)
+        tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))

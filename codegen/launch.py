@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .kernels import hybrid_mm_kernel
+from .kernels import decompress_kernel, hybrid_mm_kernel
 from .schedule import Schedule
 
 DECODE_MAX_M = 64
@@ -25,7 +25,7 @@ DECODE_MAX_M = 64
 class KernelConfig:
     block_m: int
     block_n: int
-    split_k: int
+    split_k: int        # 0 = decompress to a transient dense weight + vendor GEMM (prefill)
     num_warps: int
     num_stages: int
     group_m: int = 8
@@ -54,11 +54,11 @@ def candidates(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> list[
                     for warps, stages in ((4, 3), (4, 4)):
                         out.append(KernelConfig(bm, bn, split, warps, stages))
         return out
-    out = []
+    out = [KernelConfig(0, 0, 0, 4, 1)]  # split_k 0: decompress + vendor GEMM
     for bm in (64, 128):
         bn = min(t, 128)
         if n_out % bn == 0:
-            for warps, stages in ((4, 3), (8, 3), (8, 4)):
+            for warps, stages in ((4, 3), (8, 3)):
                 out.append(KernelConfig(bm, bn, 1, warps, stages))
     return out
 
@@ -87,8 +87,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> K
         programs = triton.cdiv(m, bm) * (n_out // bn)
         split = min(_pow2_floor(max(1, 2 * num_sms // programs)), sched.k // t)
         return KernelConfig(bm, bn, max(1, split), 4, 3)
-    bn = 128 if t >= 128 and n_out % 128 == 0 else t
-    return KernelConfig(128 if t >= 128 else 64, bn, 1, 8, 3)
+    return KernelConfig(0, 0, 0, 4, 1)  # decompress + vendor GEMM
 
 
 def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
@@ -99,6 +98,10 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     m, k = x.shape
     t = sched.tile
     assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
+    if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
+        w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
+        y = torch.nn.functional.linear(x, w, bias)  # [M, K] @ [K, N]
+        return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul else y
     fp32 = x.dtype == torch.float32
     grid = (triton.cdiv(m, cfg.block_m) * (n_out // cfg.block_n), cfg.split_k)
     if cfg.split_k == 1:
@@ -125,6 +128,18 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         acc = acc + bias.float().reshape(2 if silu_mul else 1, 1, n_out)
     y = torch.nn.functional.silu(acc[0]) * acc[1] if silu_mul else acc[0]
     return y.to(x.dtype)
+
+
+def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False, block_n: int = 32) -> torch.Tensor:
+    """The dense [N, K] weight W * M from packed tiles (memory bound: packed bytes in, dense bytes out)."""
+    t = sched.tile
+    w = torch.empty((sched.n, sched.k), device=values.device if values.numel() else dense.device, dtype=dtype)
+    if poison:
+        w.fill_(float("nan"))
+    bn = min(block_n, t)
+    decompress_kernel[(sched.n // bn,)](dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
+                                        sched.sparse_start, w, sched.k, T=t, BLOCK_N=bn, num_warps=4)
+    return w
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
     import patchc
     res = patchc.prune("smollm2-135m", ["data.txt"], "out/", patchc.PruneConfig(sparsity=0.35, mode="joint"))
+    from patchc.lower import lower; lower("out/", "ckpt/")
+    model = patchc.load("ckpt/", device="cuda")
 """
-from patchc.lower import load, lower
+from patchc.lower import load
 from patchc.models import load_model
 from patchc.train import PruneConfig, PruneResult, TrainingDiverged, prune
 
 __version__ = "0.1.0"
-__all__ = ["PruneConfig", "PruneResult", "TrainingDiverged", "load", "load_model", "lower", "prune", "__version__"]
+__all__ = ["PruneConfig", "PruneResult", "TrainingDiverged", "load", "load_model", "prune", "__version__"]

@@ -180,6 +180,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
         d, f = os.path.split(source)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype)
+        _drop_gguf_quantizer(model)
     else:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -187,6 +188,19 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     for p in model.parameters():
         p.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source)
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """transformers de-quantises GGUF weights to floats on load but still flags the model as quantized,
+    which makes save_pretrained refuse it; the weights patchc works with are plain tensors."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -95,3 +95,18 @@ def test_split_k_is_correct_and_poisoned_output_is_overwritten():
     for split in (1, 2, 4):
         run_case(t, bitmap, 5, torch.float32, True, split,
                  cfg_fn=lambda m, s, n, _k=split: KernelConfig(16, 16 if DEVICE == "cpu" else 64, _k, 4, 2))
+
+
+@given(case())
+def test_decompress_equals_the_format_reference(c):
+    from patchc.codegen.launch import decompress
+    from patchc.format import unpack_layer
+
+    t, bitmap, _, dtype, _, seed = c
+    g = torch.Generator().manual_seed(seed)
+    n, k = bitmap.shape[0] * t, bitmap.shape[1] * t
+    w = torch.randn(n, k, generator=g).to(dtype)
+    p = pack_layer(w, bitmap, torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8), t)
+    got = decompress(p.dense.to(DEVICE), p.values.to(DEVICE), p.meta.to(DEVICE), build_schedule(bitmap, t).to(DEVICE),
+                     dtype, poison=True)
+    assert torch.equal(got.cpu(), unpack_layer(p))

@@ -23,3 +23,20 @@ def test_smollm2_prune_tile_mode(wiki_valid, wiki_test, tmp_path, monkeypatch):
     assert rep["ppl"]["dense"]["ppl"] == pytest.approx(30.23, abs=0.05)
     assert rep["ppl"]["final"]["ppl"] > rep["ppl"]["dense"]["ppl"]
     assert res.report["skipped"][0]["reason"].startswith("weight shared with an embedding")
+
+    # lower both ways; the packed checkpoint loads and equals the masked model (tied lm_head kept)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from patchc.lower import load, lower, memory_report
+    from patchc.runtime import hybrid_layers
+
+    manifest = lower(tmp_path / "o", tmp_path / "packed")
+    assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    lower(tmp_path / "o", tmp_path / "dense", fmt="dense")
+    packed = load(tmp_path / "packed")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert len(hybrid_layers(packed)) == 210
+    ids = torch.randint(0, 49152, (1, 32))
+    torch.testing.assert_close(packed(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert memory_report(packed)["ratio"] < 0.75
