@@ -11,6 +11,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _sparse_groups(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
+    """Stored 2:4 tile i, rows `rows`, per group g: kept values v0, v1 and their positions i0, i1
+    (each [BLOCK_N, T/4]); one load per stored value, no layout conversion."""
+    g = tl.arange(0, T // 4)
+    base_v = values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2)
+    v0 = tl.load(base_v + (2 * g)[None, :])
+    v1 = tl.load(base_v + (2 * g + 1)[None, :])
+    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + (g // 2)[None, :])
+    nib = (e >> ((g % 2) * 4).to(tl.uint8)[None, :]) & 0xF
+    return v0, v1, (nib & 3).to(tl.int32), (nib >> 2).to(tl.int32)
+
+
+@triton.jit
 def _sparse_tile(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
     """Decompress rows `rows` of stored 2:4 tile i to [BLOCK_N, T] with elementwise indexing only
     (no reshape/join: those cost layout shuffles). Column k belongs to group k // 4; the group's two
@@ -48,10 +61,19 @@ def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
         ns = tl.load(sparse_start_ptr + rt + 1) - s0
         for i in range(s0 + ns * pid_k // SPLIT_K, s0 + ns * (pid_k + 1) // SPLIT_K):
             c = tl.load(sparse_col_ptr + i)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
-                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
-            w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                            # [BLOCK_N, T]
-            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            if T >= 64:
+                # No interleaving: position p of every group multiplies the de-interleaved x[:, 4g + p].
+                v0, v1, i0, i1 = _sparse_groups(values_ptr, meta_ptr, i, rows, T)          # [BLOCK_N, T/4]
+                xb = x_ptr + offs_m[:, None] * stride_xm + (c * T + 4 * tl.arange(0, T // 4))[None, :] * stride_xk
+                for p in tl.static_range(4):
+                    xp = tl.load(xb + p * stride_xk, mask=mask_m[:, None], other=0.0)     # [BLOCK_M, T/4]
+                    wp = tl.where(i0 == p, v0, tl.where(i1 == p, v1, tl.zeros_like(v0)))  # [BLOCK_N, T/4]
+                    acc += tl.dot(xp, tl.trans(wp), input_precision=DOT_PRECISION)
+            else:  # T/4 < 16 is below tl.dot's minimum K: decompress the whole tile instead
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
+                            mask=mask_m[:, None], other=0.0)                              # [BLOCK_M, T]
+                w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                        # [BLOCK_N, T]
+                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     return acc
 
 
@@ -130,4 +152,11 @@ def decompress_kernel(dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col
     s1 = tl.load(sparse_start_ptr + rt + 1)
     for i in range(s0, s1):
         c = tl.load(sparse_col_ptr + i)
-        tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))
+        if T >= 64:
+            v0, v1, i0, i1 = _sparse_groups(values_ptr, meta_ptr, i, rows, T)
+            cols = c * T + 4 * tl.arange(0, T // 4)
+            for p in tl.static_range(4):
+                wp = tl.where(i0 == p, v0, tl.where(i1 == p, v1, tl.zeros_like(v0)))
+                tl.store(w_ptr + out_rows + (cols + p)[None, :], wp)
+        else:
+            tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))

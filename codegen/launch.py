@@ -19,6 +19,7 @@ from .kernels import decompress_kernel, hybrid_mm_kernel
 from .schedule import Schedule
 
 DECODE_MAX_M = 64
+FUSED_MAX_M = 256
 
 
 @dataclass(frozen=True)
@@ -40,26 +41,23 @@ def _pow2_floor(v: int) -> int:
 
 
 def candidates(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> list[KernelConfig]:
-    """The configs the tuner tries for this M (a small set: every one costs a compile)."""
+    """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
+    FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too."""
     t = sched.tile
     k_tiles = sched.k // t
-    if m <= DECODE_MAX_M:
-        bm = max(16, m_bucket(m))
-        out = []
-        for bn in sorted({min(t, 32) if t < 64 else 64, min(t, 128)}):
-            if n_out % bn:
-                continue
-            for split in (1, 2, 4, 8):
-                if split <= k_tiles:
-                    for warps, stages in ((4, 3), (4, 4)):
-                        out.append(KernelConfig(bm, bn, split, warps, stages))
-        return out
-    out = [KernelConfig(0, 0, 0, 4, 1)]  # split_k 0: decompress + vendor GEMM
-    for bm in (64, 128):
-        bn = min(t, 128)
-        if n_out % bn == 0:
-            for warps, stages in ((4, 3), (8, 3)):
-                out.append(KernelConfig(bm, bn, 1, warps, stages))
+    out = []
+    if m <= FUSED_MAX_M:
+        bms = [max(16, m_bucket(m))] if m <= DECODE_MAX_M else [64, 128]
+        for bm in bms:
+            for bn in sorted({min(t, 32) if t < 64 else 64, min(t, 128)}):
+                if n_out % bn:
+                    continue
+                for split in (1, 2, 4, 8):
+                    if split <= k_tiles:
+                        for warps, stages in ((4, 3), (4, 4)):
+                            out.append(KernelConfig(bm, bn, split, warps, stages))
+    if m > DECODE_MAX_M:
+        out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
     return out
 
 

@@ -239,6 +239,12 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{REST_FILE} does not match the model: missing {missing[:4]}, "
                               f"unexpected {result.unexpected_keys[:4]}")
+    for alias, target in manifest["aliases"].items():  # share tied weights (one copy in memory)
+        parent, _, leaf = alias.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        tgt = model.get_parameter(target) if target in dict(model.named_parameters(remove_duplicate=False)) else None
+        if tgt is not None and isinstance(getattr(owner, leaf, None), torch.nn.Parameter):
+            setattr(owner, leaf, tgt)
     model.to(device).eval()
     for p_ in model.parameters():
         p_.requires_grad_(False)

@@ -25,8 +25,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
 @st.composite
 def case(draw):
-    t = draw(st.sampled_from([16, 32] if DEVICE == "cpu" else [64, 128]))
-    r, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    t = draw(st.sampled_from([16, 32, 64] if DEVICE == "cpu" else [64, 128]))
+    r, c = draw(st.integers(1, 3 if t < 64 or DEVICE == "cuda" else 2)), draw(st.integers(1, 3 if t < 64 or DEVICE == "cuda" else 2))
     m = draw(st.integers(1, 300 if DEVICE == "cuda" else 80))
     kind = draw(st.sampled_from(["dense", "sparse", "random", "empty_rows"]))
     seed = draw(st.integers(0, 2**31 - 1))

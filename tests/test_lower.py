@@ -53,6 +53,10 @@ def test_lowered_model_equals_the_masked_model(arch, pruned, tmp_path):
     b = ref.generate(ids[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=256)
     assert torch.equal(a, b)
     # memory: the hybrid layers hold packed bytes; on disk the same
+    for alias, target in manifest["aliases"].items():  # tied weights stay one tensor in memory
+        assert model.get_parameter(alias).data_ptr() == model.get_parameter(target).data_ptr()
+    if arch == "gpt2":
+        assert manifest["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
     mem = memory_report(model)
     assert mem["packed_bytes"] == manifest["bytes"]["hybrid_packed"]
     assert mem["ratio"] < 1.0
