@@ -11,32 +11,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_groups(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
-    """Stored 2:4 tile i, rows `rows`, per group g: kept values v0, v1 and their positions i0, i1
-    (each [BLOCK_N, T/4]); one load per stored value, no layout conversion."""
-    g = tl.arange(0, T // 4)
-    base_v = values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2)
-    v0 = tl.load(base_v + (2 * g)[None, :])
-    v1 = tl.load(base_v + (2 * g + 1)[None, :])
-    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + (g // 2)[None, :])
-    nib = (e >> ((g % 2) * 4).to(tl.uint8)[None, :]) & 0xF
-    return v0, v1, (nib & 3).to(tl.int32), (nib >> 2).to(tl.int32)
-
-
-@triton.jit
 def _sparse_tile(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
-    """Decompress rows `rows` of stored 2:4 tile i to [BLOCK_N, T] with elementwise indexing only
-    (no reshape/join: those cost layout shuffles). Column k belongs to group k // 4; the group's two
-    kept values sit at values[2g], values[2g + 1] and its 4-bit code in meta byte g // 2."""
-    k = tl.arange(0, T)
-    g = k // 4
-    base_v = values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2)
-    v0 = tl.load(base_v + (2 * g)[None, :])                                              # [BLOCK_N, T]
-    v1 = tl.load(base_v + (2 * g + 1)[None, :])
-    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + (g // 2)[None, :])
-    nib = (e >> ((g % 2) * 4).to(tl.uint8)[None, :]) & 0xF
-    p = (k % 4)[None, :]
-    return tl.where((nib & 3).to(tl.int32) == p, v0, tl.where((nib >> 2).to(tl.int32) == p, v1, tl.zeros_like(v0)))
+    """Decompress rows `rows` of stored 2:4 tile i to [BLOCK_N, T]: values [BLOCK_N, T/2] and meta
+    [BLOCK_N, T/8] loaded contiguously (wide loads), groups formed by reshape/split/join. Measured
+    fastest of three variants (bench/NOTES.md); the reshapes still cost layout conversions."""
+    offs_h = tl.arange(0, T // 2)
+    offs_e = tl.arange(0, T // 8)
+    pos = tl.arange(0, 4)
+    v = tl.load(values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2) + offs_h[None, :])  # [BLOCK_N, T/2]
+    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_e[None, :])    # [BLOCK_N, T/8]
+    v0, v1 = tl.split(tl.reshape(v, [v.shape[0], T // 4, 2]))                    # [BLOCK_N, T/4] each
+    nib = tl.reshape(tl.join(e & 0xF, e >> 4), [e.shape[0], T // 4])              # 4-bit code a group
+    i0 = (nib & 3).to(tl.int32)[:, :, None]
+    i1 = (nib >> 2).to(tl.int32)[:, :, None]
+    w = tl.where(i0 == pos[None, None, :], v0[:, :, None],
+                 tl.where(i1 == pos[None, None, :], v1[:, :, None], tl.zeros_like(v0)[:, :, None]))  # [BLOCK_N, T/4, 4]
+    return tl.reshape(w, [w.shape[0], T]).to(v.dtype)                              # [BLOCK_N, T]
 
 
 @triton.jit
@@ -61,19 +51,10 @@ def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
         ns = tl.load(sparse_start_ptr + rt + 1) - s0
         for i in range(s0 + ns * pid_k // SPLIT_K, s0 + ns * (pid_k + 1) // SPLIT_K):
             c = tl.load(sparse_col_ptr + i)
-            if T >= 64:
-                # No interleaving: position p of every group multiplies the de-interleaved x[:, 4g + p].
-                v0, v1, i0, i1 = _sparse_groups(values_ptr, meta_ptr, i, rows, T)          # [BLOCK_N, T/4]
-                xb = x_ptr + offs_m[:, None] * stride_xm + (c * T + 4 * tl.arange(0, T // 4))[None, :] * stride_xk
-                for p in tl.static_range(4):
-                    xp = tl.load(xb + p * stride_xk, mask=mask_m[:, None], other=0.0)     # [BLOCK_M, T/4]
-                    wp = tl.where(i0 == p, v0, tl.where(i1 == p, v1, tl.zeros_like(v0)))  # [BLOCK_N, T/4]
-                    acc += tl.dot(xp, tl.trans(wp), input_precision=DOT_PRECISION)
-            else:  # T/4 < 16 is below tl.dot's minimum K: decompress the whole tile instead
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
-                            mask=mask_m[:, None], other=0.0)                              # [BLOCK_M, T]
-                w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                        # [BLOCK_N, T]
-                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
+                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
+            w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                            # [BLOCK_N, T]
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     return acc
 
 
@@ -152,11 +133,4 @@ def decompress_kernel(dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col
     s1 = tl.load(sparse_start_ptr + rt + 1)
     for i in range(s0, s1):
         c = tl.load(sparse_col_ptr + i)
-        if T >= 64:
-            v0, v1, i0, i1 = _sparse_groups(values_ptr, meta_ptr, i, rows, T)
-            cols = c * T + 4 * tl.arange(0, T // 4)
-            for p in tl.static_range(4):
-                wp = tl.where(i0 == p, v0, tl.where(i1 == p, v1, tl.zeros_like(v0)))
-                tl.store(w_ptr + out_rows + (cols + p)[None, :], wp)
-        else:
-            tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))
+        tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))

@@ -171,7 +171,12 @@ def _save_disk(entries: dict) -> None:
 
 
 def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool) -> str:
-    return f"{sched.key}|{sched.n}x{sched.k}|T{sched.tile}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}|silu{int(silu_mul)}"
+    """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
+    would make a 200-layer model tune 200 times)."""
+    n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
+    density = round(sched.dense_col.numel() / n_tiles, 1)
+    return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}"
+            f"|silu{int(silu_mul)}")
 
 
 def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_mul: bool = False,

@@ -9,5 +9,9 @@ from patchc.lower import load
 from patchc.models import load_model
 from patchc.train import PruneConfig, PruneResult, TrainingDiverged, prune
 
+from patchc import runtime as _runtime  # noqa: F401  (registers the patchc:: custom ops)
+from patchc.backend import register as _register_backend
+
+_register_backend()
 __version__ = "0.1.0"
 __all__ = ["PruneConfig", "PruneResult", "TrainingDiverged", "load", "load_model", "prune", "__version__"]

@@ -64,3 +64,39 @@ class HybridLinear(torch.nn.Module):
 
 def hybrid_layers(model: torch.nn.Module) -> dict[str, HybridLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
+
+
+_SCHEDULES: dict[tuple[str, str], object] = {}   # (layer key, device) -> codegen.schedule.Schedule
+
+
+def schedule_for(bitmap: torch.Tensor, tile: int, key: str | None = None):
+    """The layer's schedule (built from its bitmap once per device, then reused)."""
+    from patchc.codegen.schedule import build_schedule
+
+    if key is not None and (key, str(bitmap.device)) in _SCHEDULES:
+        return _SCHEDULES[(key, str(bitmap.device))]
+    sched = build_schedule(bitmap, tile)
+    _SCHEDULES[(sched.key, str(bitmap.device))] = sched
+    return sched
+
+
+@torch.library.custom_op("patchc::hybrid_mm", mutates_args=())
+def hybrid_mm(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              bias: torch.Tensor | None, out_features: int, in_features: int, tile: int, key: str) -> torch.Tensor:
+    """hybrid_linear bound to the layer's generated kernel (what the `patch` backend emits). `key` names
+    the layer's schedule, built by the backend at compile time. CUDA tensors run the Triton kernel
+    with its tuned config; CPU tensors the reference decompression."""
+    if not x.is_cuda:
+        return hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
+    from patchc.codegen.launch import get_config, launch
+
+    sched = schedule_for(bitmap, tile, key)
+    x2 = x.reshape(-1, in_features)  # [M, K]
+    cfg = get_config(x2, dense, values, meta, sched, bias, out_features)
+    y = launch(x2, dense, values, meta, sched, bias, out_features, cfg)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@hybrid_mm.register_fake
+def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -1,0 +1,39 @@
+"""`torch.compile(model, backend="patch")`: generated Triton kernels for hybrid linears, inductor for the rest.
+
+Registered when patchc is imported and through the `torch_dynamo_backends` entry point, so the name
+resolves with no import. Options (torch.compile(..., options={...}) are passed to inductor.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+from patchc.passes.swap_kernels import SwapReport, swap_hybrid_linears
+
+LAST_REPORT: SwapReport | None = None   # what the last compiled graph did (for tests and --verbose)
+_warned_cpu = False
+
+
+def patch_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    global LAST_REPORT, _warned_cpu
+    from torch._inductor.compile_fx import compile_fx
+
+    t0 = time.perf_counter()
+    report = swap_hybrid_linears(gm, example_inputs)
+    report.seconds = time.perf_counter() - t0
+    LAST_REPORT = report
+    if report.swapped and not _warned_cpu and not any(
+            isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        _warned_cpu = True
+        warnings.warn("patch backend: the model is on the CPU; hybrid layers run the reference "
+                      "(decompress + F.linear) path, the Triton kernels need a CUDA device", stacklevel=2)
+    return compile_fx(gm, example_inputs, **kwargs)
+
+
+def register() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "patch" not in _BACKENDS:
+        register_backend(name="patch")(patch_backend)
