@@ -1,7 +1,8 @@
 """`torch.compile(model, backend="patch")`: generated Triton kernels for hybrid linears, inductor for the rest.
 
 Registered when patchc is imported and through the `torch_dynamo_backends` entry point, so the name
-resolves with no import. Options (torch.compile(..., options={...}) are passed to inductor.
+resolves with no import. torch.compile's `mode` ("reduce-overhead" = CUDA graphs, "max-autotune", ...)
+and `options` reach inductor as they would with backend="inductor".
 """
 from __future__ import annotations
 
@@ -16,7 +17,21 @@ LAST_REPORT: SwapReport | None = None   # what the last compiled graph did (for 
 _warned_cpu = False
 
 
-def patch_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+_MODES = {
+    None: {}, "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune": {"max_autotune": True, "triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
+}
+
+
+def _config_patches(mode: str | None, options: dict | None) -> dict:
+    if mode not in _MODES:
+        raise ValueError(f"patch backend: unknown mode {mode!r}; use one of {', '.join(m for m in _MODES if m)}")
+    return {**_MODES[mode], **(options or {})}
+
+
+def patch_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     global LAST_REPORT, _warned_cpu
     from torch._inductor.compile_fx import compile_fx
 
@@ -29,7 +44,7 @@ def patch_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         _warned_cpu = True
         warnings.warn("patch backend: the model is on the CPU; hybrid layers run the reference "
                       "(decompress + F.linear) path, the Triton kernels need a CUDA device", stacklevel=2)
-    return compile_fx(gm, example_inputs, **kwargs)
+    return compile_fx(gm, example_inputs, config_patches=_config_patches(mode, options))
 
 
 def register() -> None:

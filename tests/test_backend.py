@@ -73,3 +73,16 @@ def test_cpu_model_warns_that_it_runs_the_reference_path(ckpts):
     with pytest.warns(UserWarning, match="reference"):
         torch.compile(model, backend="patch")(input_ids=torch.randint(0, 256, (1, 8)))
     assert patchc.__version__
+
+
+def test_compile_modes_reach_inductor(ckpts):
+    torch._dynamo.reset()
+    model = load(ckpts["llama"])
+    ids = torch.randint(0, 256, (1, 12))
+    ref = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = torch.compile(model, backend="patch", mode="max-autotune-no-cudagraphs")(input_ids=ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown mode"):
+        backend._config_patches("fastest", None)
