@@ -30,6 +30,14 @@ def _sparse_tile(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
 
 
 @triton.jit
+def _split_range(start_ptr, rt, pid_k, SPLIT_K: tl.constexpr):
+    """Storage range of row-tile rt's tiles that split pid_k of SPLIT_K streams."""
+    first = tl.load(start_ptr + rt)
+    count = tl.load(start_ptr + rt + 1) - first
+    return first + count * pid_k // SPLIT_K, first + count * (pid_k + 1) // SPLIT_K
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
                 dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
                 rt, pid_k,
@@ -37,22 +45,19 @@ def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
                 DOT_PRECISION: tl.constexpr):
     """acc += x[:, K-tiles of row-tile rt (this split)] @ W[rows, same]^T."""
     offs_t = tl.arange(0, T)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm                                           # [BLOCK_M, 1]
     if HAS_DENSE:
-        d0 = tl.load(dense_start_ptr + rt)
-        nd = tl.load(dense_start_ptr + rt + 1) - d0
-        for i in range(d0 + nd * pid_k // SPLIT_K, d0 + nd * (pid_k + 1) // SPLIT_K):
+        lo, hi = _split_range(dense_start_ptr, rt, pid_k, SPLIT_K)
+        for i in range(lo, hi):
             c = tl.load(dense_col_ptr + i)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
-                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
+            x = tl.load(x_rows + (c * T + offs_t)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, T]
             w = tl.load(dense_ptr + i * (T * T) + rows[:, None] * T + offs_t[None, :])  # [BLOCK_N, T]
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     if HAS_SPARSE:
-        s0 = tl.load(sparse_start_ptr + rt)
-        ns = tl.load(sparse_start_ptr + rt + 1) - s0
-        for i in range(s0 + ns * pid_k // SPLIT_K, s0 + ns * (pid_k + 1) // SPLIT_K):
+        lo, hi = _split_range(sparse_start_ptr, rt, pid_k, SPLIT_K)
+        for i in range(lo, hi):
             c = tl.load(sparse_col_ptr + i)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * T + offs_t)[None, :] * stride_xk,
-                        mask=mask_m[:, None], other=0.0)                                  # [BLOCK_M, T]
+            x = tl.load(x_rows + (c * T + offs_t)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)  # [BLOCK_M, T]
             w = _sparse_tile(values_ptr, meta_ptr, i, rows, T)                            # [BLOCK_N, T]
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
     return acc

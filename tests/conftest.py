@@ -43,3 +43,25 @@ def small_text(tmp_path) -> Path:
     p = tmp_path / "small.txt"
     p.write_text(need(WIKI_VALID).read_text()[:60_000])
     return p
+
+
+@pytest.fixture(scope="session")
+def pruned_tiny(tmp_path_factory):
+    """prune a tiny model once per session: pruned_tiny(arch, sparsity=..., mode=...) -> prune folder."""
+    from patchc import PruneConfig, prune
+
+    root = tmp_path_factory.mktemp("pruned_tiny")
+    text = root / "t.txt"
+    text.write_text(need(WIKI_VALID).read_text()[:60_000])
+    cache = {}
+
+    def get(arch: str, sparsity: float = 0.45, mode: str = "joint"):
+        key = (arch, sparsity, mode)
+        if key not in cache:
+            out = root / f"{arch}_{sparsity}_{mode}"
+            prune(f"tiny:{arch}", [str(text)], out, PruneConfig(sparsity=sparsity, mode=mode, steps=3, seq_len=64,
+                                                               batch_size=2, calib_samples=4), progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return get

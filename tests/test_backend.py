@@ -7,26 +7,15 @@ import torch
 
 import patchc
 import patchc.backend as backend
-from patchc import PruneConfig, prune
 from patchc.lower import load, lower
 from patchc.runtime import hybrid_layers
 
-FAST = dict(steps=2, seq_len=64, batch_size=2, calib_samples=4)
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    from conftest import WIKI_VALID, need
-
+def ckpts(pruned_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
-    text = root / "t.txt"
-    text.write_text(need(WIKI_VALID).read_text()[:40_000])
-    out = {}
     for arch in ("llama", "gpt2"):
-        prune(f"tiny:{arch}", [str(text)], root / f"p_{arch}", PruneConfig(sparsity=0.35, **FAST), progress=False)
-        lower(root / f"p_{arch}", root / arch)
-        out[arch] = root / arch
-    return out
+        lower(pruned_tiny(arch, 0.35), root / arch)
+    return {arch: root / arch for arch in ("llama", "gpt2")}
 
 
 def test_backend_resolves_by_name():

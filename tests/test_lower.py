@@ -7,29 +7,15 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS
-from patchc import PruneConfig, prune
 from patchc.lower import CheckpointError, load, lower, memory_report
 from patchc.models import load_model
 from patchc.prune_dir import PruneDirError, apply_hard_masks_, read_prune_dir
 from patchc.runtime import HybridLinear, hybrid_layers
 
-FAST = dict(steps=3, seq_len=64, batch_size=2, calib_samples=4)
-
-
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
-    """One prune run per tiny arch (module-scoped: shared by the tests below)."""
-    from conftest import WIKI_VALID, need
-
-    root = tmp_path_factory.mktemp("pruned")
-    text = root / "t.txt"
-    text.write_text(need(WIKI_VALID).read_text()[:60_000])
-    out = {}
-    for arch in TINY_ARCHS:
-        prune(f"tiny:{arch}", [str(text)], root / arch, PruneConfig(sparsity=0.45, mode="joint", **FAST),
-              progress=False)
-        out[arch] = root / arch
-    return out
+def pruned(pruned_tiny):
+    """One prune run per tiny arch at 45% (joint)."""
+    return {arch: pruned_tiny(arch) for arch in TINY_ARCHS}
 
 
 def masked_reference(arch, prune_dir):
