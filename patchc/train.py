@@ -11,7 +11,6 @@ Loss = CE + sparse_reg * |density - (1 - sparsity)|
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
