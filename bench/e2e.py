@@ -22,6 +22,8 @@ from patchc import mask as hm
 from patchc.format import pack_layer
 from patchc.runtime import HybridLinear
 
+from report import write_report  # bench/report.py
+
 SEVEN_B = dict(layers=32, hidden=4096, ffn=11008, heads=32, vocab=32000)
 QUICK = dict(layers=2, hidden=256, ffn=512, heads=4, vocab=384)
 
@@ -132,19 +134,13 @@ def main() -> None:
     base = min(r["total_ms"] for r in rows if r["row"] in ("dense-inductor", "patch-0"))
     for r in rows:
         r["speedup_vs_best_dense"] = round(base / r["total_ms"], 3)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     env = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
            "shape": shape, "batch": a.batch, "prompt": a.prompt, "new": a.new, "tile": a.tile, "mode": mode}
-    (out / "e2e.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    md = [f"# End to end ({env['device']}, torch {env['torch']}, batch {a.batch}, {a.prompt}+{a.new} tokens)", "",
-          "| row | tokens/s | total ms | prefill ms | decode ms/token | first call s | speedup vs best dense |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['row']} | {r['new_tokens_per_s']} | {r['total_ms']} | {r['prefill_ms']} | {r['decode_ms_per_token']} | "
-           f"{r['first_call_s']} | {r['speedup_vs_best_dense']} |" for r in rows]
-    (out / "e2e.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-
+    cols = [("row", "row"), ("tokens/s", "new_tokens_per_s"), ("total ms", "total_ms"), ("prefill ms", "prefill_ms"),
+            ("decode ms/token", "decode_ms_per_token"), ("first call s", "first_call_s"),
+            ("speedup vs best dense", "speedup_vs_best_dense")]
+    print(write_report(Path(a.out), "e2e", f"End to end ({env['device']}, torch {env['torch']}, batch {a.batch}, "
+                       f"{a.prompt}+{a.new} tokens)", cols, rows, env))
 
 if __name__ == "__main__":
     main()

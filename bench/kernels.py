@@ -25,6 +25,8 @@ from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.codegen.schedule import build_schedule
 from patchc.format import pack_layer
 
+from report import write_report  # bench/report.py
+
 SHAPES = {  # (N, K) = (out, in)
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
@@ -113,16 +115,12 @@ def main() -> None:
                 print(f"{n:>6}x{k:<6} M={m:<5} s={s:.2f} patch {r['patch_us']:>8.2f}us cublas {r['cublas_us']:>8.2f}us "
                       f"floor {r['floor_us']:>7.2f}us  /floor {r['patch_over_floor']:.2f}  vs cuBLAS "
                       f"{r['speedup_vs_cublas']:.2f}x  err {r['rel_err']:.1e}  [{time.time() - t0:.0f}s]", flush=True)
-    (out / "kernels.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
-    md = [f"# Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
-          f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})", "",
-          "| N x K | M | sparsity | patch us | cuBLAS us | floor us | patch/floor | speedup vs cuBLAS | rel err |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']} | {r['patch_us']} | {r['cublas_us']} | {r['floor_us']} | "
-           f"{r['patch_over_floor']} | {r['speedup_vs_cublas']} | {r['rel_err']:.1e} |" for r in rows]
-    (out / "kernels.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-
+    title = (f"Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
+             f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})")
+    cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"), ("patch us", "patch_us"),
+            ("cuBLAS us", "cublas_us"), ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),
+            ("speedup vs cuBLAS", "speedup_vs_cublas"), ("rel err", lambda r: f"{r['rel_err']:.1e}")]
+    print(write_report(out, "kernels", title, cols, rows, env))
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from report import write_report  # bench/report.py
+
 
 def row(name: str, rep: dict) -> dict:
     c, p = rep["config"], rep["ppl"]
@@ -29,13 +31,7 @@ def main() -> None:
     root = Path(a.folder)
     rows = [row(d.name, json.loads((d / "prune.json").read_text())) for d in sorted(root.iterdir())
             if (d / "prune.json").is_file()]
-    (root / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    cols = list(rows[0])
-    md = [f"# {a.title}", "", a.note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (root / "summary.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-
+    print(write_report(root, "summary", a.title, [(c, c) for c in rows[0]], rows, note=a.note))
 
 if __name__ == "__main__":
     main()
