@@ -63,7 +63,7 @@ def bench_case(n, k, m, sparsity, tile, bw, seed=0, l2_bytes=200 << 20):
     x = torch.randn(m, k, generator=g).to(dt).cuda()
     dense, values, meta = p.dense.cuda(), p.values.cuda(), p.meta.cuda()
     # correctness first: float64 reference of x @ (W * M)^T
-    cfg = get_config(x, dense, values, meta, sched, None, n)
+    cfg = get_config(x, dense, values, meta, sched, None, n, tune=True)
     y = launch(x, dense, values, meta, sched, None, n, cfg, poison=True)
     wm = hm.apply_hybrid(w.cuda().double(), bitmap.cuda(), hm.pattern_to_mask(pattern.cuda()), tile)
     ref = x.double() @ wm.T

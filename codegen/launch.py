@@ -78,14 +78,21 @@ def graph_time_ms(fns: list, reps: int = 10) -> float:
 
 
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> KernelConfig:
+    """The untuned choice, fitted to what the tuner picked on an H100 (bench/results/kernels): decode
+    uses BLOCK_N 64 for mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K
+    for ~4 programs per SM (at most 8); prefill decompresses and calls the vendor GEMM."""
     t = sched.tile
-    if m <= DECODE_MAX_M:
-        bn = 64 if t >= 64 and n_out % 64 == 0 else min(t, 32 if n_out % 32 == 0 else 16)
-        bm = max(16, m_bucket(m))
-        programs = triton.cdiv(m, bm) * (n_out // bn)
-        split = min(_pow2_floor(max(1, 2 * num_sms // programs)), sched.k // t)
-        return KernelConfig(bm, bn, max(1, split), 4, 3)
-    return KernelConfig(0, 0, 0, 4, 1)  # decompress + vendor GEMM
+    if m > DECODE_MAX_M:
+        return KernelConfig(0, 0, 0, 4, 1)
+    n_tiles = (sched.n // t) * (sched.k // t)
+    mostly_dense = sched.dense_col.numel() >= 0.6 * n_tiles
+    bn = min(t, 64 if mostly_dense and t >= 64 else 128)
+    while n_out % bn:
+        bn //= 2
+    bm = max(16, m_bucket(m))
+    programs = triton.cdiv(m, bm) * (n_out // bn)
+    split = max(1, min(8, sched.k // t, _pow2_floor(max(1, 4 * num_sms // programs))))
+    return KernelConfig(bm, bn, split, 4, 3 if mostly_dense else 4)
 
 
 def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
@@ -179,9 +186,17 @@ def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool) -> s
             f"|silu{int(silu_mul)}")
 
 
+def autotune_enabled() -> bool:
+    return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
+
+
 def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_mul: bool = False,
-               tune: bool = True) -> KernelConfig:
-    """The tuned config for this layer and M bucket (tuned now if unknown and tuning is possible)."""
+               tune: bool | None = None) -> KernelConfig:
+    """The config for this layer shape, density and M bucket: a cached tuning result if there is one;
+    else, with tuning on (tune=True or PATCHC_AUTOTUNE=1), tuned now (each candidate compiled and timed
+    in a CUDA graph, then cached on disk); else the default. Tuning is off by default because the first
+    call of every new shape would pay for it inside generate()."""
+    tune = autotune_enabled() if tune is None else tune
     m = x.shape[0]
     key = config_key(sched, m, x.dtype, silu_mul)
     if key in _memory:

@@ -110,3 +110,21 @@ def test_decompress_equals_the_format_reference(c):
     got = decompress(p.dense.to(DEVICE), p.values.to(DEVICE), p.meta.to(DEVICE), build_schedule(bitmap, t).to(DEVICE),
                      dtype, poison=True)
     assert torch.equal(got.cpu(), unpack_layer(p))
+
+
+def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch):
+    import json
+
+    from patchc.codegen import launch as L
+
+    monkeypatch.setenv("PATCHC_CACHE", str(tmp_path))
+    monkeypatch.setattr(L, "_memory", {})
+    sched = build_schedule(torch.tensor([[1, 0], [0, 0]], dtype=torch.bool), 64)
+    x = torch.randn(3, 128)
+    assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)
+    L.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    L.cache_file().write_text("{not json")
+    assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)
+    chosen = KernelConfig(16, 32, 2, 4, 3)
+    L.cache_file().write_text(json.dumps({L.config_key(sched, 3, x.dtype, False): {"config": chosen.__dict__, "ms": 1}}))
+    assert L.get_config(x, None, None, None, sched, None, 128) == chosen
