@@ -1,8 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, settings
+import torch
+
+# Without a GPU, Triton kernels run under its interpreter; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
