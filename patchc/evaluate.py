@@ -35,11 +35,16 @@ def hf_logits_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tenso
     return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
-def perplexity_of_file(logits_fn, tokenizer, path: str, seq_len: int = 2048, **kw) -> dict:
-    """Tokenise a text file as-is (no separators added) and evaluate it."""
+def eval_file_tokens(tokenizer, path: str) -> torch.Tensor:
+    """A text file tokenised as-is (no separators, no end-of-text token added)."""
     tokens = tokenize_files(tokenizer, [path])
     if tokenizer.eos_token_id is not None and tokens[-1].item() == tokenizer.eos_token_id:
         tokens = tokens[:-1]
-    out = perplexity(logits_fn, tokens, seq_len=seq_len, **kw)
+    return tokens
+
+
+def perplexity_of_file(logits_fn, tokenizer, path: str, seq_len: int = 2048, **kw) -> dict:
+    """Tokenise a text file as-is and evaluate it."""
+    out = perplexity(logits_fn, eval_file_tokens(tokenizer, path), seq_len=seq_len, **kw)
     out["file"] = str(path)
     return out

@@ -58,12 +58,8 @@ def read_prune_dir(path: str | Path) -> PrunedMasks:
 def apply_hard_masks_(model: torch.nn.Module, masks: PrunedMasks) -> None:
     """Zero the pruned weights of `model` in place (W <- W * M)."""
     transposed = _transposed_layers(model, masks)
-    for name, bitmap in masks.bitmaps.items():
+    for name, bitmap in masks.bitmaps.items():  # shapes checked by read_prune_dir and _transposed_layers
         w = weight_2d(model, name, transposed[name])
-        out_f, in_f = w.shape
-        if (out_f // masks.tile, in_f // masks.tile) != tuple(bitmap.shape) or out_f % masks.tile or in_f % masks.tile:
-            raise PruneDirError(f"{name}: model weight {list(w.shape)} does not match the masks (tile {masks.tile}, "
-                                f"bitmap {list(bitmap.shape)}): wrong model for this prune folder?")
         m = hm.hybrid_mask(bitmap.to(w.device), hm.pattern_to_mask(masks.patterns[name].to(w.device)), masks.tile)
         w.mul_(m.to(w.dtype))
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from patchc import mask as hm
 from patchc.data import batch_indices, chunk, tokenize_files
-from patchc.evaluate import perplexity_of_file
+from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.io import read_safetensors, read_safetensors_metadata, write_json, write_safetensors
 from patchc.models import load_model
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
@@ -301,27 +301,23 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     def logits_fn(ids):
         return gm(ids)
 
-    def eval_now(tag: str) -> dict | None:
-        if not eval_ppl:
+    eval_tokens = eval_file_tokens(loaded.tokenizer, eval_ppl) if eval_ppl else None  # tokenised once
+
+    def eval_now(tag: str, mode: str = "hard") -> dict | None:
+        if eval_tokens is None:
             return None
-        mode = state.mode
-        state.mode = "hard"
-        r = perplexity_of_file(logits_fn, loaded.tokenizer, eval_ppl, seq_len=eval_seq_len,
-                               max_windows=eval_windows, device=device, desc=f"ppl {tag}", progress=progress)
-        state.mode = mode
+        prev, state.mode = state.mode, mode
+        r = perplexity(logits_fn, eval_tokens, seq_len=eval_seq_len, max_windows=eval_windows, device=device,
+                       desc=f"ppl {tag}", progress=progress)
+        state.mode = prev
+        r["file"] = str(eval_ppl)
         log(f"PPL ({tag}) {r['ppl']:.3f} on {r['windows']} windows of {r['seq_len']}")
         return r
 
     if not resume:
         set_hard(nodes, extract(nodes, cfg.sparsity))
         extra["ppl_init"] = eval_now("one-shot start")
-        extra["ppl_dense"] = None
-        if eval_ppl:
-            state.mode = "off"
-            extra["ppl_dense"] = perplexity_of_file(logits_fn, loaded.tokenizer, eval_ppl, seq_len=eval_seq_len,
-                                                    max_windows=eval_windows, device=device, desc="ppl dense",
-                                                    progress=progress)
-            log(f"PPL (dense) {extra['ppl_dense']['ppl']:.3f}")
+        extra["ppl_dense"] = eval_now("dense", mode="off")
 
     if cfg.learns and start_step < cfg.steps:
         train_loop(gm, nodes, state, cfg, seqs, out, start_step, opt_state, extra, device, save_every, log)
