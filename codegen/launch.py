@@ -1,8 +1,9 @@
-"""Launch the hybrid kernels: pick a schedule config for M (decode or prefill), autotune it once per
-(layer, M bucket) on the GPU, and cache the choice on disk.
+"""Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
+(layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound: small BLOCK_M, BLOCK_N below the tile, and split-K so that enough
-programs stream weight bytes at once. Prefill (M > 64) is tensor-core bound: large blocks, no split.
+programs stream weight bytes at once. Prefill (M > 64) decompresses the layer into a transient dense
+weight and calls the vendor GEMM; up to FUSED_MAX_M the tuner also tries the fused kernel.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def candidates(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> list[KernelConfig]:
+def candidates(m: int, sched: Schedule, n_out: int) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too."""
     t = sched.tile
@@ -151,7 +152,7 @@ def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False
 # Autotuning with an on-disk cache
 # ---------------------------------------------------------------------------------------------
 _lock = threading.Lock()
-_memory: dict[str, KernelConfig] = {}
+_memory: dict[str, tuple[KernelConfig, bool]] = {}  # key -> (config, whether it was tuned)
 
 
 def cache_file() -> Path:
@@ -199,19 +200,20 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     tune = autotune_enabled() if tune is None else tune
     m = x.shape[0]
     key = config_key(sched, m, x.dtype, silu_mul)
-    if key in _memory:
-        return _memory[key]
+    if key in _memory and (_memory[key][1] or not tune):  # the hot path: one dict lookup
+        return _memory[key][0]
     with _lock:
         disk = _load_disk()
-        if key in disk:
-            _memory[key] = KernelConfig(**disk[key]["config"])
-            return _memory[key]
+    if key in disk:
+        _memory[key] = (KernelConfig(**disk[key]["config"]), True)
+        return _memory[key][0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        return default_config(m, sched, n_out, sms)
+        _memory[key] = (default_config(m, sched, n_out, sms), False)
+        return _memory[key][0]
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, sms):
+    for cfg in candidates(m, sched, n_out):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
@@ -219,7 +221,7 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
         if ms < best_ms:
             best, best_ms = cfg, ms
     best = best or default_config(m, sched, n_out, sms)
-    _memory[key] = best
+    _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()
         disk[key] = {"config": asdict(best), "ms": best_ms}

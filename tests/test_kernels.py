@@ -127,4 +127,6 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
     assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)
     chosen = KernelConfig(16, 32, 2, 4, 3)
     L.cache_file().write_text(json.dumps({L.config_key(sched, 3, x.dtype, False): {"config": chosen.__dict__, "ms": 1}}))
+    assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)  # memoized
+    monkeypatch.setattr(L, "_memory", {})
     assert L.get_config(x, None, None, None, sched, None, 128) == chosen
