@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import triton
 
+from patchc.models import dtype_name
+
 from .kernels import decompress_kernel, hybrid_mm_kernel
 from .schedule import Schedule
 
@@ -183,7 +185,7 @@ def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool) -> s
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
-    return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}"
+    return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
             f"|silu{int(silu_mul)}")
 
 

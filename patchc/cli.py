@@ -179,11 +179,10 @@ def add_inspect(sub) -> None:
 
 def run_inspect(a) -> int:
     from patchc.inspect import plot, table
-    from patchc.lower import load, read_manifest
+    from patchc.lower import read_manifest, verify
 
-    m = read_manifest(a.dir)
+    m = verify(a.dir) if a.verify else read_manifest(a.dir)
     if a.verify:
-        load(a.dir, verify=True)
         print("checksums OK")
     print(table(m))
     if a.plot:

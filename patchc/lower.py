@@ -23,7 +23,7 @@ import torch
 
 from patchc.format import FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer, sha256
 from patchc.io import read_safetensors, write_json, write_safetensors
-from patchc.models import load_model, parse_dtype
+from patchc.models import dtype_name, load_model, parse_dtype
 from patchc.oneshot import weight_2d
 from patchc.prune_dir import apply_hard_masks_, read_prune_dir
 from patchc.runtime import HybridLinear
@@ -127,7 +127,7 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
     packed_b = sum(l["bytes"] for l in layers)
     dense_b = sum(l["dense_bytes"] for l in layers)
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION, "tile": masks.tile, "dtype": str(dtype).replace("torch.", ""),
+        "format": FORMAT, "version": FORMAT_VERSION, "tile": masks.tile, "dtype": dtype_name(dtype),
         "model": provenance, "sparsity": sparsity,
         "bytes": {"hybrid_packed": packed_b, "hybrid_dense": dense_b, "ratio": packed_b / dense_b if dense_b else 1.0},
         "layers": layers, "aliases": aliases, "tensors": tensors,
@@ -137,7 +137,7 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
 
 
 def _describe(t: torch.Tensor) -> dict:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": sha256(t)}
+    return {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "sha256": sha256(t)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +180,20 @@ def _load_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, dict[str, 
                                   f"(missing {missing}, unlisted {extra})")
         for k, v in tensors.items():
             desc = manifest["tensors"][f"{f}::{k}"]
-            if list(v.shape) != desc["shape"] or str(v.dtype).replace("torch.", "") != desc["dtype"]:
+            if list(v.shape) != desc["shape"] or dtype_name(v.dtype) != desc["dtype"]:
                 raise CheckpointError(f"{f}::{k}: shape/dtype {list(v.shape)} {v.dtype} differ from the manifest's "
                                       f"{desc['shape']} {desc['dtype']}")
             if verify and sha256(v) != desc["sha256"]:
                 raise CheckpointError(f"checksum mismatch for {f}::{k}: the file is corrupt; lower the model again")
         out[f] = tensors
     return out
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Check a packed checkpoint's manifest, files, shapes and every tensor's checksum (no model built)."""
+    manifest = read_manifest(path)
+    _load_tensors(Path(path), manifest, verify=True)
+    return manifest
 
 
 def _build_empty(d: Path, dtype: torch.dtype):

@@ -203,6 +203,11 @@ def _drop_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the spelling manifests and prune.json use; parse_dtype reads it)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def parse_dtype(name: str) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}

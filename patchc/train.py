@@ -25,7 +25,7 @@ from patchc import mask as hm
 from patchc.data import batch_indices, chunk, tokenize_files
 from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.io import read_safetensors, read_safetensors_metadata, write_json, write_safetensors
-from patchc.models import load_model
+from patchc.models import dtype_name, load_model
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
 from patchc.passes.capture import PREFIX
@@ -338,7 +338,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         "model": model,
         "model_source": loaded.source,
         "architecture": type(hf).__name__,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "tile": tile,
         "config": cfg.to_json(),
         "tokens_trained": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len if cfg.learns else 0,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS
-from patchc.lower import CheckpointError, load, lower, memory_report
+from patchc.lower import CheckpointError, load, lower, memory_report, verify
 from patchc.models import load_model
 from patchc.prune_dir import PruneDirError, apply_hard_masks_, read_prune_dir
 from patchc.runtime import HybridLinear, hybrid_layers
@@ -127,6 +127,8 @@ def test_corrupt_tensor_fails_its_checksum(ck):
     save_file(t, ck / "packed.safetensors")
     with pytest.raises(CheckpointError, match=f"checksum mismatch for packed.safetensors::{key}"):
         load(ck)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify(ck)
 
 
 def test_unknown_version_is_refused(ck):
