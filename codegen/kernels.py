@@ -128,14 +128,12 @@ def decompress_kernel(dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col
     rows = n0 % T + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
     out_rows = (n0 + tl.arange(0, BLOCK_N))[:, None] * K
-    d0 = tl.load(dense_start_ptr + rt)
-    d1 = tl.load(dense_start_ptr + rt + 1)
-    for i in range(d0, d1):
+    lo, hi = _split_range(dense_start_ptr, rt, 0, 1)
+    for i in range(lo, hi):
         c = tl.load(dense_col_ptr + i)
         w = tl.load(dense_ptr + i * (T * T) + rows[:, None] * T + offs_t[None, :])
         tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], w)
-    s0 = tl.load(sparse_start_ptr + rt)
-    s1 = tl.load(sparse_start_ptr + rt + 1)
-    for i in range(s0, s1):
+    lo, hi = _split_range(sparse_start_ptr, rt, 0, 1)
+    for i in range(lo, hi):
         c = tl.load(sparse_col_ptr + i)
         tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))

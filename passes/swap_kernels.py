@@ -25,6 +25,7 @@ class SwapReport:
     swapped: list[str] = field(default_factory=list)                 # layer keys now on generated kernels
     reference: dict[str, str] = field(default_factory=dict)          # layer -> why it runs the reference op
     shared_input_groups: list[list[str]] = field(default_factory=list)
+    seconds: float = 0.0                                             # time the pass took
 
 
 def _real(node: torch.fx.Node, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
