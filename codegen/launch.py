@@ -57,7 +57,7 @@ def candidates(m: int, sched: Schedule, n_out: int) -> list[KernelConfig]:
                     continue
                 for split in (1, 2, 4, 8):
                     if split <= k_tiles:
-                        for warps, stages in ((4, 3), (4, 4)):
+                        for warps, stages in ((4, 2), (4, 3)):
                             out.append(KernelConfig(bm, bn, split, warps, stages))
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
@@ -95,7 +95,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> K
     bm = max(16, m_bucket(m))
     programs = triton.cdiv(m, bm) * (n_out // bn)
     split = max(1, min(8, sched.k // t, _pow2_floor(max(1, 4 * num_sms // programs))))
-    return KernelConfig(bm, bn, split, 4, 3 if mostly_dense else 4)
+    return KernelConfig(bm, bn, split, 4, 3 if mostly_dense else 2)
 
 
 def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,

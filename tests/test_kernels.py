@@ -1,7 +1,8 @@
 """Kernel equivalence: the hybrid Triton kernel vs a float64 reference of x @ (W * M)^T.
 
 On the CPU these run under TRITON_INTERPRET=1 (fp32 / fp16; bf16 dot is wrong in the interpreter);
-on a GPU (HYPOTHESIS_PROFILE=gpu, PATCHC_TEST_DEVICE=cuda) in bf16 too at real shapes.
+on a GPU (HYPOTHESIS_PROFILE=gpu, PATCHC_TEST_DEVICE=cuda) in bf16 too; PATCHC_TEST_SHAPES=llama2-7b
+draws the LLaMA-2-7B linear shapes (4096x4096, 11008x4096, 4096x11008) with tile 128.
 """
 import os
 
@@ -21,12 +22,17 @@ from patchc.codegen.schedule import build_schedule  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if os.environ.get("PATCHC_TEST_SHAPES") == "llama2-7b" else None
 
 
 @st.composite
 def case(draw):
     t = draw(st.sampled_from([16, 32, 64] if DEVICE == "cpu" else [64, 128]))
     r, c = draw(st.integers(1, 3 if t < 64 or DEVICE == "cuda" else 2)), draw(st.integers(1, 3 if t < 64 or DEVICE == "cuda" else 2))
+    if REAL_SHAPES:
+        t = 128
+        n, k = draw(st.sampled_from(REAL_SHAPES))
+        r, c = n // t, k // t
     m = draw(st.integers(1, 300 if DEVICE == "cuda" else 80))
     kind = draw(st.sampled_from(["dense", "sparse", "random", "empty_rows"]))
     seed = draw(st.integers(0, 2**31 - 1))
