@@ -148,7 +148,7 @@ def _argmax(values: list[float]) -> int:
 
 def score(task: str, items: list[Item], results: list[tuple[float, bool]]) -> dict:
     """lm-eval's metrics for `task` from the flattened per-request results."""
-    k, acc, acc_norm, ll_sum, n_tok = 0, 0, 0, 0.0, 0
+    k, acc, acc_norm, ll_sum = 0, 0, 0, 0.0
     for it in items:
         res = results[k: k + len(it.requests)]
         k += len(it.requests)
