@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45")
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds (rows resume)")
     a = ap.parse_args()
     shape = QUICK if a.quick else SEVEN_B
     if a.quick:
@@ -111,8 +112,16 @@ def main() -> None:
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     mode = "reduce-overhead" if a.device.startswith("cuda") else None
     ids = torch.randint(0, shape["vocab"], (a.batch, a.prompt), device=a.device)
-    rows = []
+    out = Path(a.out)
+    (out / "rows").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     for label in ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]:
+        dest = out / "rows" / f"{label}.json"
+        if dest.is_file():  # rows are written one by one: a run cut short continues here
+            continue
+        if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
+            print(f"budget spent, stopping before {label}", flush=True)
+            break
         torch._dynamo.reset()
         model = build(shape, a.device, dtype)
         info = {}
@@ -128,9 +137,13 @@ def main() -> None:
         r = {"row": label, **time_generate(model, ids, a.new, a.device), "per_layer_sparsity": info}
         if str(a.device).startswith("cuda"):
             r["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        rows.append(r)
+        dest.write_text(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)
         del model
+    order = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
+    rows = [json.loads((out / "rows" / f"{x}.json").read_text()) for x in order if (out / "rows" / f"{x}.json").is_file()]
+    if not any(r["row"] in ("dense-inductor", "patch-0") for r in rows):
+        return
     base = min(r["total_ms"] for r in rows if r["row"] in ("dense-inductor", "patch-0"))
     for r in rows:
         r["speedup_vs_best_dense"] = round(base / r["total_ms"], 3)

@@ -3,10 +3,14 @@
 For every shape / M / sparsity: pack a random bf16 weight with a random bitmap holding exactly that
 share of 2:4 tiles, check the kernel against a float64 reference, then time (median of CUDA-graph
 replays, rotating over weight copies > L2 so no run is served from cache):
-  patch    the tuned hybrid kernel (launch + split-K reduction)
-  cublas   F.linear on the dense weight
-  floor    (packed weight bytes + x + y bytes) / measured copy bandwidth
-    python bench/kernels.py --out bench/results/kernels [--shapes llama2-7b] [--quick]
+  patch     the hybrid kernel with the config users get (default; --tune: autotuned), launch + split-K reduction
+  cublas    F.linear on the dense weight
+  compiled  torch.compile(F.linear, mode="max-autotune-no-cudagraphs") on the dense weight (--compiled-ms)
+  cslt      cuSPARSELt 2:4 (torch._cslt_sparse_mm, weight compressed once, its algorithm search): every tile
+            2:4, i.e. the 50% point of the vendor's own sparse path
+  floor     (packed weight bytes + x + y bytes) / measured copy bandwidth
+The dense baselines depend on (shape, M) only and are timed once per pair.
+    python bench/kernels.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
 """
 from __future__ import annotations
 
@@ -52,7 +56,39 @@ def random_bitmap(r: int, c: int, sparsity: float, g: torch.Generator) -> torch.
     return bm.reshape(r, c)
 
 
-def bench_case(n, k, m, sparsity, tile, bw, seed=0, l2_bytes=200 << 20):
+def time_baselines(n, k, m, compiled: bool, seed=0, l2_bytes=200 << 20) -> dict:
+    """cuBLAS, compiled dense and cuSPARSELt 2:4 for one (shape, M); each rotating over weight copies > L2."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=dt, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=dt, generator=g) * 0.02
+    ws = [w.clone() for _ in range(max(2, math.ceil(l2_bytes / w.nbytes)))]
+    out = {"cublas_us": round(graph_time_us([lambda t=t: F.linear(x, t) for t in ws]), 2)}
+    if compiled:
+        try:
+            f = torch.compile(lambda a, b: F.linear(a, b), mode="max-autotune-no-cudagraphs", dynamic=False)
+            out["compiled_us"] = round(graph_time_us([lambda t=t: f(x, t) for t in ws]), 2)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out["compiled_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    try:
+        mask = hm.pattern_to_mask(torch.randint(0, 6, (n, k // 4), device="cuda", dtype=torch.uint8, generator=g))
+        comps = [torch._cslt_compress(t * mask) for t in ws]
+        xt = x.t()  # [K, M]
+        alg = torch._cslt_sparse_mm_search(comps[0], xt)
+        alg = alg[0] if isinstance(alg, (tuple, list)) else alg
+        y = torch._cslt_sparse_mm(comps[0], xt, alg_id=alg)  # [N, M]
+        ref = (ws[0] * mask).double() @ x.double().t()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1.5e-2, f"cuSPARSELt rel err {err}"
+        out["cslt_us"] = round(graph_time_us([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg) for c in comps]), 2)
+    except Exception as e:  # noqa: BLE001 - M too small for cuSPARSELt, or no cuSPARSELt: reported
+        out["cslt_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+    del ws
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_bytes=200 << 20):
     g = torch.Generator().manual_seed(seed)
     dt = torch.bfloat16
     bitmap = random_bitmap(n // tile, k // tile, sparsity, g)
@@ -63,7 +99,7 @@ def bench_case(n, k, m, sparsity, tile, bw, seed=0, l2_bytes=200 << 20):
     x = torch.randn(m, k, generator=g).to(dt).cuda()
     dense, values, meta = p.dense.cuda(), p.values.cuda(), p.meta.cuda()
     # correctness first: float64 reference of x @ (W * M)^T
-    cfg = get_config(x, dense, values, meta, sched, None, n, tune=True)
+    cfg = get_config(x, dense, values, meta, sched, None, n, tune=tune)
     y = launch(x, dense, values, meta, sched, None, n, cfg, poison=True)
     wm = hm.apply_hybrid(w.cuda().double(), bitmap.cuda(), hm.pattern_to_mask(pattern.cuda()), tile)
     ref = x.double() @ wm.T
@@ -72,16 +108,17 @@ def bench_case(n, k, m, sparsity, tile, bw, seed=0, l2_bytes=200 << 20):
     # timing, rotating over copies that together exceed L2
     copies = max(2, math.ceil(l2_bytes / (p.nbytes + 1)))
     packs = [(dense.clone(), values.clone(), meta.clone()) for _ in range(copies)]
-    wd = wm.to(dt)
-    dense_ws = [wd.clone() for _ in range(max(2, math.ceil(l2_bytes / wd.nbytes)))]
     t_patch = graph_time_us([lambda d=d, v=v, e=e: launch(x, d, v, e, sched, None, n, cfg) for d, v, e in packs])
-    t_cublas = graph_time_us([lambda wt=wt: F.linear(x, wt) for wt in dense_ws])
+    t_cublas = base["cublas_us"]
     bytes_moved = p.nbytes + x.nbytes + m * n * 2
     floor = bytes_moved / bw * 1e6
     flops = 2 * m * n * k
-    del packs, dense_ws
+    del packs
     torch.cuda.empty_cache()
-    return {"N": n, "K": k, "M": m, "sparsity": sparsity, "achieved": round(hm.layer_sparsity(bitmap), 4),
+    extra = {k_: v for k_, v in base.items() if k_ != "cublas_us"}
+    if "compiled_us" in base:
+        extra["speedup_vs_compiled"] = round(base["compiled_us"] / t_patch, 3)
+    return {**extra, "N": n, "K": k, "M": m, "sparsity": sparsity, "achieved": round(hm.layer_sparsity(bitmap), 4),
             "rel_err": err, "config": cfg.__dict__, "patch_us": round(t_patch, 2), "cublas_us": round(t_cublas, 2),
             "floor_us": round(floor, 2), "patch_over_floor": round(t_patch / floor, 3),
             "speedup_vs_cublas": round(t_cublas / t_patch, 3), "patch_tflops": round(flops / t_patch / 1e6, 1),
@@ -91,10 +128,14 @@ def bench_case(n, k, m, sparsity, tile, bw, seed=0, l2_bytes=200 << 20):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/kernels")
-    ap.add_argument("--shapes", default="llama2-7b", choices=sorted(SHAPES))
+    ap.add_argument("--shapes", default="llama2-7b", help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--ms", default="1,16,128,2048")
+    ap.add_argument("--ms-for", default="", help="per shape set M lists, e.g. 'llama3-8b=16'")
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45,0.5")
+    ap.add_argument("--compiled-ms", default="16,2048", help="M values that also time torch.compile max-autotune")
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--tune", action="store_true", help="autotune each case (default: the config users get)")
+    ap.add_argument("--budget-s", type=float, default=None)
     a = ap.parse_args()
     from pathlib import Path
 
@@ -103,24 +144,80 @@ def main() -> None:
     bw = copy_bandwidth()
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "tile": a.tile,
-           "date": time.strftime("%Y-%m-%d")}
+           "tuned": a.tune, "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(env))
+    ms_for = dict(kv.split("=") for kv in a.ms_for.split(";") if kv)
+    compiled_ms = {int(v) for v in a.compiled_ms.split(",") if v}
     rows = []
+    seen = set()
     t0 = time.time()
-    for n, k in SHAPES[a.shapes]:
-        for m in map(int, a.ms.split(",")):
-            for s in map(float, a.sparsities.split(",")):
-                r = bench_case(n, k, m, s, a.tile, bw)
-                rows.append(r)
-                print(f"{n:>6}x{k:<6} M={m:<5} s={s:.2f} patch {r['patch_us']:>8.2f}us cublas {r['cublas_us']:>8.2f}us "
-                      f"floor {r['floor_us']:>7.2f}us  /floor {r['patch_over_floor']:.2f}  vs cuBLAS "
-                      f"{r['speedup_vs_cublas']:.2f}x  err {r['rel_err']:.1e}  [{time.time() - t0:.0f}s]", flush=True)
+    for shapes in a.shapes.split(","):
+        for n, k in SHAPES[shapes]:
+            for m in map(int, ms_for.get(shapes, a.ms).split(",")):
+                if (n, k, m) in seen:
+                    continue
+                seen.add((n, k, m))
+                if a.budget_s is not None and time.time() - t0 > a.budget_s:
+                    print(f"budget spent: skipping {n}x{k} M={m}", flush=True)
+                    continue
+                base = time_baselines(n, k, m, m in compiled_ms)
+                for s in map(float, a.sparsities.split(",")):
+                    r = bench_case(n, k, m, s, a.tile, bw, base, tune=a.tune)
+                    r["shapes"] = shapes
+                    rows.append(r)
+                    print(f"{n:>6}x{k:<6} M={m:<5} s={s:.2f} patch {r['patch_us']:>8.2f}us cublas {r['cublas_us']:>8.2f}us "
+                          f"compiled {r.get('compiled_us', '-')} cslt {r.get('cslt_us', '-')} floor {r['floor_us']:>7.2f}us "
+                          f"/floor {r['patch_over_floor']:.2f} vs cuBLAS {r['speedup_vs_cublas']:.2f}x err {r['rel_err']:.1e} "
+                          f"[{time.time() - t0:.0f}s]", flush=True)
+                (out / "kernels.partial.json").write_text(json.dumps({"env": env, "rows": rows}))
+    plot(out / "kernels.png", rows, env)
     title = (f"Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})")
     cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"), ("patch us", "patch_us"),
-            ("cuBLAS us", "cublas_us"), ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),
+            ("cuBLAS us", "cublas_us"), ("compiled us", lambda r: r.get("compiled_us", "")),
+            ("cuSPARSELt 2:4 us", lambda r: r.get("cslt_us", "") if r["sparsity"] == 0.5 else ""),
+            ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),
             ("speedup vs cuBLAS", "speedup_vs_cublas"), ("rel err", lambda r: f"{r['rel_err']:.1e}")]
     print(write_report(out, "kernels", title, cols, rows, env))
+
+def plot(path, rows, env) -> None:
+    """Time vs sparsity, one panel per (shape, M): patch, cuBLAS, compiled, cuSPARSELt (50%), byte floor."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = sorted({(r["N"], r["K"], r["M"]) for r in rows}, key=lambda t: (t[2], t[0], t[1]))
+    if not keys:
+        return
+    cols = min(4, len(keys))
+    nrow = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrow, cols, figsize=(4 * cols, 3.2 * nrow), squeeze=False)
+    for ax, (n, k, m) in zip(axes.flat, keys):
+        rs = sorted((r for r in rows if (r["N"], r["K"], r["M"]) == (n, k, m)), key=lambda r: r["sparsity"])
+        xs = [100 * r["sparsity"] for r in rs]
+        ax.plot(xs, [r["patch_us"] for r in rs], "-o", label="patch")
+        ax.plot(xs, [r["floor_us"] for r in rs], "--", label="byte floor")
+        ax.axhline(rs[0]["cublas_us"], color="k", lw=1, label="cuBLAS dense")
+        if "compiled_us" in rs[0]:
+            ax.axhline(rs[0]["compiled_us"], color="gray", ls=":", label="compiled dense")
+        if "cslt_us" in rs[0]:
+            ax.plot([50], [rs[0]["cslt_us"]], "r*", ms=10, label="cuSPARSELt 2:4")
+        ax.set_title(f"{n}x{k}, M={m}", fontsize=9)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("us")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"hybrid kernel vs dense ({env['gpu']}, triton {env['triton']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

@@ -363,7 +363,6 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
             opt.state[p] = {k: v.to(device) if k != "step" else v for k, v in opt_state[i].items()}
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
     w_norm_total = sum(_weight_norms(gm, nodes))
-    target_density = 1.0 - cfg.sparsity
     log_path = out / "log.jsonl"
     _truncate_log(log_path, start_step)
     last_good = start_step
@@ -382,22 +381,7 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
         for micro in range(cfg.grad_accum):
             state.generator.manual_seed(cfg.seed * 1_000_003 + step * 97 + micro)
             ids = seqs[batch_indices(len(seqs), step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)].to(device)
-            kl = torch.zeros((), device=device)
-            if cfg.distill > 0:
-                with torch.no_grad():
-                    state.mode = "off"
-                    teacher = gm(ids).float()
-                    state.mode = "soft"
-            logits = gm(ids)  # [B, S, V]
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            if cfg.distill > 0:
-                kl = F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
-                              log_target=True, reduction="batchmean")
-            gates = torch.stack([n.last_gate for n in nodes])
-            density = ((0.5 + 0.5 * gates) * numel).sum() / numel.sum()
-            kept_norm = torch.stack([n.last_norm for n in nodes]).sum() / w_norm_total
-            loss = (ce + cfg.distill * kl + cfg.sparse_reg * (density - target_density).abs()
-                    - cfg.weight_reg * (1.0 - step / cfg.steps) * kept_norm)
+            loss, ce, kl, density = step_loss(gm, nodes, state, cfg, ids, numel, w_norm_total, step)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint (step {last_good}) "
@@ -421,6 +405,28 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
             save_checkpoint(out, step + 1, cfg, nodes, opt, extra)
             last_good = step + 1
     bar.close()
+
+
+def step_loss(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, ids: torch.Tensor, numel: torch.Tensor,
+              w_norm_total: float, step: int):
+    """One micro-batch: (loss, ce, kl, density). The teacher (distillation) is the same graph with masks off."""
+    kl = torch.zeros((), device=ids.device)
+    if cfg.distill > 0:
+        with torch.no_grad():
+            state.mode = "off"
+            teacher = gm(ids).float()
+            state.mode = "soft"
+    logits = gm(ids)  # [B, S, V]
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if cfg.distill > 0:
+        kl = F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+    gates = torch.stack([n.last_gate for n in nodes])
+    density = ((0.5 + 0.5 * gates) * numel).sum() / numel.sum()
+    kept_norm = torch.stack([n.last_norm for n in nodes]).sum() / w_norm_total
+    loss = (ce + cfg.distill * kl + cfg.sparse_reg * (density - (1.0 - cfg.sparsity)).abs()
+            - cfg.weight_reg * (1.0 - step / cfg.steps) * kept_norm)
+    return loss, ce, kl, density
 
 
 @torch.no_grad()

@@ -1,0 +1,199 @@
+"""Mask-training cost: step time and peak memory of PATCH-Tile / PATCH-Joint vs a plain forward+backward.
+
+Per model (bf16 on the GPU, random token batches):
+  plain        forward + CE + backward through every weight (the cost of ordinary fine-tuning, no optimizer)
+  tile / joint one prune step as patchc.train runs it: MaskNodes in soft mode, CE + density + weight-norm
+               terms, with (kd) or without the distillation teacher forward, backward into the mask logits,
+               AdamW step on the logits (patchc.train.step_loss: the same code as the trainer)
+Models: SmolLM2-135M (its real weights; batch 8 x 2048) and random-weight LLaMA-shaped models from
+LLAMA_SHAPES; `--fit` tries PATCH-Tile (no distillation, batch 1 x 2048) on larger shapes to find the
+largest whose step fits the GPU.
+    python bench/train_speed.py --out bench/results/train_speed [--models smollm2,llama3.2-1b] [--fit llama3.2-3b,llama3-8b]
+    python bench/train_speed.py --quick --device cpu --out /tmp/ts      # tiny shapes (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from patchc import PruneConfig  # noqa: E402
+from patchc.models import load_model  # noqa: E402
+from patchc.passes import MaskState, capture, find_linears, insert_masks  # noqa: E402
+from patchc.passes.insert_masks import mask_nodes  # noqa: E402
+from patchc.train import _weight_norms, build_nodes, choose_tile, init_masks, opt_params, step_loss  # noqa: E402
+
+from report import write_report  # noqa: E402  (bench/report.py)
+
+LLAMA_SHAPES = {  # hidden, ffn, layers, heads, kv heads, vocab
+    "smollm2-shape": (576, 1536, 30, 9, 3, 49152),       # SmolLM2-135M's shapes, random weights
+    "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256),
+    "llama3.2-3b": (3072, 8192, 28, 24, 8, 128256),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "tiny": (128, 256, 2, 4, 2, 384),
+}
+
+
+def build(name: str, device, dtype):
+    if name == "smollm2":
+        return load_model("smollm2-135m", device=device, dtype=dtype).model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, f, n, heads, kv, vocab = LLAMA_SHAPES[name]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else None
+    return model.eval()
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_reset(device):
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if str(device).startswith("cuda") else None
+
+
+def plain_step(model, ids):
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def step():
+        logits = model(input_ids=ids, use_cache=False).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        for p in model.parameters():
+            p.grad = None
+    return step
+
+
+def mask_step(model, ids, mode: str, distill: float, device):
+    """A prune step's closure (graph capture, mask init with the magnitude prior: no calibration)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100)
+    cap = capture(model)
+    tile = choose_tile(cap.gm, cfg)
+    plan = find_linears(cap.gm, tile)
+    state = MaskState(generator=torch.Generator(device=device))
+    init = init_masks(model, plan, tile, cfg, ids[:1], device, log=_Quiet())
+    gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
+    nodes = mask_nodes(gm)
+    params = opt_params(nodes)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    numel = torch.tensor([float(n.numel) for n in nodes], device=device)
+    w_norm = sum(_weight_norms(gm, nodes))
+
+    def step():
+        state.mode = "soft"
+        opt.zero_grad(set_to_none=True)
+        loss, *_ = step_loss(gm, nodes, state, cfg, ids, numel, w_norm, 10)
+        loss.backward()
+        opt.step()
+    return step, {"masked_linears": len(nodes), "mask_params": sum(p.numel() for p in params), "tile": tile,
+                  "capture_s": round(cap.seconds, 1)}
+
+
+class _Quiet:
+    progress = False
+
+    def __call__(self, msg):
+        pass
+
+
+def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, reps: int) -> list[dict]:
+    rows = []
+    for kind in kinds:
+        peak_reset(device)
+        model = build(name, device, dtype)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        n_params = sum(p.numel() for p in model.parameters())
+        r = {"model": name, "params_M": round(n_params / 1e6, 1), "batch": batch, "seq": seq, "kind": kind}
+        try:
+            if kind == "plain":
+                fn, info = plain_step(model, ids), {}
+            else:
+                mode, _, kd = kind.partition("+")
+                fn, info = mask_step(model, ids, mode, 1.0 if kd == "kd" else 0.0, device)
+            peak_reset(device)
+            r.update(info, step_ms=round(timed(fn, device, reps), 1), peak_GB=peak_gb(device), fits=True)
+        except torch.OutOfMemoryError as e:
+            r.update(fits=False, error=str(e).splitlines()[0][:160])
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del model
+        peak_reset(device)
+    base = next((x for x in rows if x["kind"] == "plain" and x.get("fits")), None)
+    for x in rows:
+        if base and x.get("fits") and x is not base:
+            x["vs_plain"] = round(x["step_ms"] / base["step_ms"], 2)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/train_speed")
+    ap.add_argument("--models", default="smollm2,llama3.2-1b")
+    ap.add_argument("--kinds", default="plain,tile,tile+kd,joint,joint+kd")
+    ap.add_argument("--fit", default="", help="shapes to try PATCH-Tile on at batch 1 (largest that fits)")
+    ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.quick:
+        a.models, a.batch, a.seq, a.reps, a.fit = "tiny", "tiny=2", 64, 2, ""
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
+    rows = []
+    for name in a.models.split(","):
+        rows += measure(name, a.kinds.split(","), int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
+    for name in [n for n in a.fit.split(",") if n]:
+        rows += measure(name, ["tile"], 1, a.seq, a.device, dtype, 3)
+    env = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
+           "dtype": str(dtype), "date": time.strftime("%Y-%m-%d")}
+    cols = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
+            ("kind", "kind"), ("step ms", lambda r: r.get("step_ms", "")), ("vs plain", lambda r: r.get("vs_plain", "")),
+            ("peak GB", lambda r: r.get("peak_GB", "")), ("fits", lambda r: "yes" if r.get("fits") else "OOM")]
+    print(write_report(Path(a.out), "train_speed", f"Mask-training step cost ({env['device']}, torch {env['torch']}, "
+                       f"{env['date']})", cols, rows, env))
+
+
+if __name__ == "__main__":
+    main()
