@@ -69,13 +69,16 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0) -> dict:
             "mean": sum(per_layer) / len(per_layer)}
 
 
+disable = [False]  # generate(disable_compile=...): True when the forward is compiled by us (--compile manual)
+
+
 def time_generate(model, ids, new: int, device) -> dict:
     """Prefill and full generate times (static cache, greedy); the first call includes compilation."""
     def gen(n):
         sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                       pad_token_id=0, disable_compile=True)  # our torch.compile, not generate()'s own
+                       pad_token_id=0, disable_compile=disable[0])
         sync(device)
         return time.perf_counter() - t0
 
@@ -104,6 +107,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45")
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--compile", choices=["hf", "manual"], default="hf",
+                    help="hf: generate() compiles its decode step with our backend (CompileConfig); "
+                         "manual: torch.compile(model.forward)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds (rows resume)")
     a = ap.parse_args()
     shape = QUICK if a.quick else SEVEN_B
@@ -133,13 +139,19 @@ def main() -> None:
             backend = "patch"
         if str(a.device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        compiled = torch.compile(model.forward, backend=backend, mode=mode)
+        if a.compile == "hf":  # generate()'s own compile of the decode step (static cache, CUDA graphs)
+            from transformers import CompileConfig
 
-        def forward(*args, _compiled=compiled, **kwargs):
-            if mode == "reduce-overhead":  # generate() keeps reading the static cache the last graph replay wrote
-                torch.compiler.cudagraph_mark_step_begin()
-            return _compiled(*args, **kwargs)
-        model.forward = forward
+            model.generation_config.compile_config = CompileConfig(backend=backend, mode=mode or "default")
+        else:
+            compiled = torch.compile(model.forward, backend=backend, mode=mode)
+
+            def forward(*args, _compiled=compiled, **kwargs):
+                if mode == "reduce-overhead":  # generate() keeps reading the static cache the last replay wrote
+                    torch.compiler.cudagraph_mark_step_begin()
+                return _compiled(*args, **kwargs)
+            model.forward = forward
+        disable[0] = a.compile != "hf"
         r = {"row": label, **time_generate(model, ids, a.new, a.device), "per_layer_sparsity": info}
         if str(a.device).startswith("cuda"):
             r["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
