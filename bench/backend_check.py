@@ -45,7 +45,9 @@ def main() -> None:
             cm(input_ids=ids)
         torch.cuda.synchronize()
         warm = time.perf_counter() - t0
-        model.forward = torch.compile(model.forward, backend="patch")
+        from transformers import CompileConfig
+
+        model.generation_config.compile_config = CompileConfig(backend="patch", mode="reduce-overhead")
         gen = model.generate(ids[:2, :8], max_new_tokens=8, do_sample=False, pad_token_id=256,
                              cache_implementation="static")
         res[arch] = {"rel_err_vs_eager": err, "swapped": len(backend.LAST_REPORT.swapped),

@@ -1,16 +1,22 @@
 """Run packed hybrid linears: the `patchc::hybrid_linear` custom op and the HybridLinear module.
 
 The op's reference implementation decompresses the packed tile weights (patchc.format.unpack_layer)
-and calls F.linear; it runs on CPU and GPU. It is a torch.library custom op with a fake (meta)
+and calls F.linear; it runs on CPU and GPU. Eager GPU calls of HybridLinear skip it and run the
+generated kernel (`patchc::hybrid_mm`) directly. It is a torch.library custom op with a fake (meta)
 implementation, so torch.export / dynamo / inductor trace it as one node; the `patch` compile backend
 swaps those nodes for generated Triton kernels.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from patchc.format import PACKED_FIELDS, PackedLayer, unpack_layer, validate_packed
+
+# PATCHC_EAGER_KERNELS=0 keeps eager GPU calls on the reference op (decompress + F.linear)
+EAGER_KERNELS = os.environ.get("PATCHC_EAGER_KERNELS", "1").lower() not in ("0", "false", "no")
 
 
 @torch.library.custom_op("patchc::hybrid_linear", mutates_args=())
@@ -27,6 +33,11 @@ def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _exporting() -> bool:
+    f = getattr(torch.compiler, "is_exporting", None)
+    return bool(f and f())
+
+
 class HybridLinear(torch.nn.Module):
     """A linear layer whose weight lives only in the packed hybrid format (buffers, not parameters)."""
 
@@ -41,6 +52,7 @@ class HybridLinear(torch.nn.Module):
             self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.bias = None
+        self._schedule_key: str | None = None
 
     @property
     def packed(self) -> PackedLayer:
@@ -52,7 +64,18 @@ class HybridLinear(torch.nn.Module):
         """Bytes holding the weight in memory: packed tiles + metadata + bitmap."""
         return self.packed.nbytes + self.bitmap.numel()
 
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
+        op, which the `patch` backend's pass swaps for the kernel (with a warning where it cannot)."""
+        return (x.is_cuda and EAGER_KERNELS and self.tile >= 16 and self.tile & (self.tile - 1) == 0
+                and not torch.compiler.is_compiling() and not _exporting())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            if self._schedule_key is None:  # built once per layer from its bitmap (one small device->host copy)
+                self._schedule_key = schedule_for(self.bitmap, self.tile).key
+            return torch.ops.patchc.hybrid_mm(x, self.bitmap, self.dense, self.values, self.meta, self.bias,
+                                              self.out_features, self.in_features, self.tile, self._schedule_key)
         return torch.ops.patchc.hybrid_linear(x, self.bitmap, self.dense, self.values, self.meta, self.bias,
                                               self.out_features, self.in_features, self.tile)
 

@@ -179,6 +179,21 @@ def test_custom_op_traces_as_one_node(ck):
     assert isinstance(m, HybridLinear)
 
 
+def test_eager_gpu_path_calls_the_kernel_op_with_the_layer_schedule(ck, monkeypatch):
+    """Eager GPU calls go to patchc::hybrid_mm with the layer's schedule key (forced here on the CPU, where
+    that op runs its reference): same logits, one schedule per layer built from its own bitmap."""
+    from patchc.codegen.schedule import build_schedule
+
+    model = load(ck)
+    ids = torch.randint(0, 256, (2, 9))
+    want = model(ids).logits
+    monkeypatch.setattr(HybridLinear, "_use_kernel", lambda self, x: True)
+    got = model(ids).logits
+    torch.testing.assert_close(got, want)
+    for m in hybrid_layers(model).values():
+        assert m._schedule_key == build_schedule(m.bitmap, m.tile).key
+
+
 def test_cli_lower_and_inspect(pruned, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "patchc", *a], capture_output=True, text=True)  # noqa: E731
     r = run("lower", str(pruned["opt"]), "--out", str(tmp_path / "ck"))
