@@ -104,41 +104,70 @@ def run_prune(a) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model spec or a prune folder (hard masks applied)")
-    p.add_argument("model", help="model spec (see prune) or a `patchc prune` output folder")
-    p.add_argument("--ppl", required=True, help="text file, evaluated as-is in non-overlapping windows")
+    p = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a model, a prune folder or a lowered checkpoint")
+    p.add_argument("model", help="model spec (see prune), a `patchc prune` folder (hard masks applied) or a "
+                                 "`patchc lower` checkpoint (loaded with patchc.load)")
+    p.add_argument("--ppl", default=None, help="text file, evaluated as-is in non-overlapping windows")
     p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--zeroshot", default=None, help="folder of TASK.jsonl files (../shared/assets/data/zeroshot): "
+                                                     "piqa, arc_easy, winogrande, lambada_openai scored as lm-eval does")
+    p.add_argument("--tasks", default="piqa,arc_easy,winogrande,lambada_openai")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=run_eval)
 
 
-def run_eval(a) -> int:
-    from patchc.evaluate import hf_logits_fn, perplexity_of_file
-    from patchc.io import write_json
+def _eval_model(spec: str, device: str, dtype):
+    """(model, tokenizer) for a spec, a prune folder (hard masks applied) or a lowered checkpoint."""
     from patchc.models import load_model
     from patchc.prune_dir import apply_hard_masks_, read_prune_dir
 
-    device = _device(a.device)
-    dtype = _dtype_for(device, a.dtype)
-    masks = None
-    if (Path(a.model) / "prune.json").is_file():
-        masks = read_prune_dir(a.model)
-        spec, seed = masks.report["model"], masks.report["config"].get("seed", 0)
-    else:
-        spec, seed = a.model, 0
-    loaded = load_model(spec, device=device, dtype=dtype, seed=seed)
+    d = Path(spec)
+    if (d / "manifest.json").is_file():
+        from transformers import AutoTokenizer
+
+        from patchc.lower import load
+
+        return load(d, device=device), AutoTokenizer.from_pretrained(d)
+    masks = read_prune_dir(d) if (d / "prune.json").is_file() else None
+    seed = masks.report["config"].get("seed", 0) if masks else 0
+    loaded = load_model(masks.report["model"] if masks else spec, device=device, dtype=dtype, seed=seed)
     if masks is not None:
         apply_hard_masks_(loaded.model, masks)
-    r = perplexity_of_file(hf_logits_fn(loaded.model), loaded.tokenizer, a.ppl, seq_len=a.seq_len,
-                           batch_size=a.batch_size, max_windows=a.max_windows, device=device)
-    r["model"] = a.model
-    print(f"PPL {r['ppl']:.4f}  ({r['windows']} windows of {r['seq_len']} tokens, {Path(a.ppl).name})")
+    return loaded.model, loaded.tokenizer
+
+
+def run_eval(a) -> int:
+    from patchc.evaluate import hf_logits_fn, perplexity_of_file
+    from patchc.io import write_json
+
+    if not a.ppl and not a.zeroshot:
+        raise SystemExit("patchc eval: nothing to evaluate: pass --ppl FILE and/or --zeroshot DIR")
+    device = _device(a.device)
+    model, tok = _eval_model(a.model, device, _dtype_for(device, a.dtype))
+    result = {"model": a.model}
+    if a.ppl:
+        r = perplexity_of_file(hf_logits_fn(model), tok, a.ppl, seq_len=a.seq_len, batch_size=a.batch_size,
+                               max_windows=a.max_windows, device=device)
+        print(f"PPL {r['ppl']:.4f}  ({r['windows']} windows of {r['seq_len']} tokens, {Path(a.ppl).name})")
+        result.update(r)
+    if a.zeroshot:
+        from patchc.zeroshot import evaluate_zeroshot
+
+        tasks = [t for t in a.tasks.split(",") if t]
+        z = evaluate_zeroshot(hf_logits_fn(model), tok, a.zeroshot, tasks=tasks, limit=a.limit, device=device,
+                              max_length=min(2048, getattr(model.config, "max_position_embeddings", 2048)))
+        for t in tasks:
+            extra = "".join(f"  {k} {z[t][k]:.4f}" for k in ("acc_norm", "ppl") if k in z[t])
+            print(f"{t:<15} acc {z[t]['acc']:.4f}{extra}  ({z[t]['n']} items)")
+        print(f"average acc {z['average_acc']:.4f}")
+        result["zeroshot"] = z
     if a.json:
-        write_json(a.json, r)
+        write_json(a.json, result)
     return 0
 
 

@@ -8,6 +8,8 @@ import pytest
 from patchc.cli import main
 from patchc.models import ModelSpecError, resolve_spec
 
+from conftest import SHARED
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "patchc", *args], capture_output=True, text=True)
@@ -27,6 +29,18 @@ def test_prune_then_eval(small_text, wiki_test, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads((tmp_path / "e.json").read_text())["ppl"]
     assert got == pytest.approx(rep["ppl"]["final"]["ppl"], rel=1e-4)  # same masks, HF model vs graph
+    # the lowered checkpoint: same PPL through patchc.load, plus zero-shot scoring
+    assert run("lower", str(out), "--out", str(tmp_path / "ck")).returncode == 0
+    zs = SHARED / "assets" / "data" / "zeroshot"
+    r = run("eval", str(tmp_path / "ck"), "--ppl", str(wiki_test), "--seq-len", "128", "--max-windows", "2",
+            "--zeroshot", str(zs), "--tasks", "piqa,lambada_openai", "--limit", "3", "--device", "cpu",
+            "--json", str(tmp_path / "z.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    z = json.loads((tmp_path / "z.json").read_text())
+    assert z["ppl"] == pytest.approx(got, rel=1e-4)
+    assert z["zeroshot"]["piqa"]["n"] == 3 and "acc_norm" in z["zeroshot"]["piqa"] and "average acc" in r.stdout
+    r = run("eval", str(out))
+    assert r.returncode != 0 and "nothing to evaluate" in r.stderr
 
 
 def test_errors_are_clear(small_text, tmp_path, capsys):
