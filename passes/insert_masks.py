@@ -31,6 +31,9 @@ class MaskState:
     scale_tile: float = 25.0
     scale_24: float = 100.0
     generator: torch.Generator | None = None
+    # Recompute the soft masks in backward instead of keeping them (torch.utils.checkpoint): the per-weight
+    # soft mask, 2:4 probabilities and the norm's input are not held between forward and backward.
+    checkpoint: bool = True
 
 
 class MaskNode(torch.nn.Module):
@@ -56,14 +59,33 @@ class MaskNode(torch.nn.Module):
     def numel(self) -> int:
         return self.out_features * self.in_features
 
-    def soft_masks(self, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def soft_masks(self, noise: bool, generator: torch.Generator | None = None, tau: float | None = None,
+                   scale_tile: float | None = None, scale_24: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.state
-        gate = hm.soft_dense_tile(self.tile_logits, st.scale_tile, st.tau, st.generator, noise)  # [R, C]
+        tau = st.tau if tau is None else tau
+        gen = st.generator if generator is None else generator
+        gate = hm.soft_dense_tile(self.tile_logits, st.scale_tile if scale_tile is None else scale_tile, tau, gen,
+                                  noise)  # [R, C]
         if self.joint:
-            m24 = hm.soft_mask24(self.pattern_logits, st.scale_24, st.tau, st.generator, noise)  # [out, in]
+            m24 = hm.soft_mask24(self.pattern_logits, st.scale_24 if scale_24 is None else scale_24, tau, gen,
+                                 noise)  # [out, in]
         else:
             m24 = self.mask24
         return gate, m24
+
+    def _soft_masked(self, w: torch.Tensor, rng_state: torch.Tensor | None, noise: bool, tau: float,
+                     scale_tile: float, scale_24: float):
+        """(W * M, mean gate, ||W * M||) with the noise drawn from a generator restored to `rng_state`, so a
+        recompute in backward draws exactly the same noise."""
+        gen = None
+        if rng_state is not None:
+            gen = torch.Generator(device=w.device)
+            gen.set_state(rng_state)
+        gate, m24 = self.soft_masks(noise, gen, tau, scale_tile, scale_24)
+        masked = w * hm.hybrid_mask(gate, m24, self.tile).to(w.dtype)
+        if gen is not None:
+            self._rng_after = gen.get_state()
+        return masked, gate.mean(), masked.float().norm()
 
     def hard_pattern_now(self) -> torch.Tensor:
         """The 2:4 pattern the node would extract now: argmax logits (joint) or the fixed one."""
@@ -84,10 +106,17 @@ class MaskNode(torch.nn.Module):
             masked = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
             self.last_gate, self.last_norm = None, None
         else:
-            gate, m24 = self.soft_masks(noise=(mode == "soft"))
-            masked = w * hm.hybrid_mask(gate, m24, self.tile).to(w.dtype)
-            self.last_gate = gate.mean()
-            self.last_norm = masked.float().norm()
+            st = self.state
+            noise = mode == "soft"
+            rng = st.generator.get_state() if noise and st.generator is not None else None
+            args = (w, rng, noise, st.tau, st.scale_tile, st.scale_24)
+            if st.checkpoint and torch.is_grad_enabled() and (rng is not None or not noise):
+                masked, self.last_gate, self.last_norm = torch.utils.checkpoint.checkpoint(
+                    self._soft_masked, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                masked, self.last_gate, self.last_norm = self._soft_masked(*args)
+            if rng is not None:  # advance the shared generator past this node's draws
+                st.generator.set_state(self._rng_after)
         return masked.t() if self.transposed else masked
 
 

@@ -123,6 +123,35 @@ def test_only_mask_logits_train(tiny):
     assert digest(model) == before
 
 
+def _saved_bytes_and_grads(model, checkpoint: bool):
+    """Loss, logit gradients and the bytes autograd keeps for backward (unique storages) of one soft step."""
+    gm, _, state = _masked_graph(model, 128, "soft", seed=5)
+    state.checkpoint = checkpoint
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = gm(ids).float().logsumexp(-1).mean() + sum(n.last_norm + n.last_gate for n in mask_nodes(gm))
+    loss.backward()
+    grads = [p.grad.clone() for p in gm.parameters() if p.requires_grad]
+    return loss.detach(), grads, sum(seen.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recomputed_soft_masks_give_the_same_gradients_and_keep_less(arch):
+    """MaskState.checkpoint recomputes the soft masks in backward (same noise, restored generator): the loss
+    and every logit gradient are bitwise those of keeping them, and far fewer bytes wait for backward."""
+    model = load_model(f"tiny:{arch}").model
+    loss0, g0, kept0 = _saved_bytes_and_grads(model, checkpoint=False)
+    loss1, g1, kept1 = _saved_bytes_and_grads(model, checkpoint=True)
+    assert torch.equal(loss0, loss1)
+    assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert kept1 < 0.6 * kept0, (kept0, kept1)
+
+
 def test_dynamic_shapes(tiny):
     _, model = tiny
     gm = capture(model).gm
