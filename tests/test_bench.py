@@ -37,3 +37,37 @@ def test_accuracy_quick_evaluates_lowered_rows_and_resumes(tmp_path):
     assert "gap closed" in (tmp_path / "acc" / "accuracy.md").read_text()
     r = subprocess.run(cmd, capture_output=True, text=True)  # everything present: nothing re-run
     assert r.returncode == 0 and "s=0.35" not in r.stdout
+
+
+def test_kernel_variants_all_compute_the_hybrid_product():
+    """bench/kernel_variants.py: every decode variant (under the interpreter on the CPU) equals float64."""
+    import os
+
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_variants import VARIANTS, run_variant
+
+    from patchc import mask as hm
+    from patchc.codegen.schedule import build_schedule
+    from patchc.format import pack_layer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    n, k, t, m = 64, 96, 32, 5
+    bitmap = torch.rand(n // t, k // t, generator=g) < 0.4
+    w = torch.randn(n, k, generator=g).half()
+    pat = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
+    pk = pack_layer(w, bitmap, pat, t)
+    sched = build_schedule(bitmap, t).to(dev)
+    x = torch.randn(m, k, generator=g).half()
+    ref = x.double() @ hm.apply_hybrid(w.double(), bitmap, hm.pattern_to_mask(pat), t).T
+    for var in VARIANTS:
+        for bn, split in ((16, 1), (32, 2)):
+            y = run_variant(x.to(dev), tuple(p.to(dev) for p in (pk.dense, pk.values, pk.meta)), sched, n, var, bn,
+                            split, 4, 2).cpu()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            assert err < 3e-3, (var, bn, split, err)
