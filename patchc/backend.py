@@ -39,7 +39,9 @@ def patch_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = N
     report = swap_hybrid_linears(gm, example_inputs)
     report.seconds = time.perf_counter() - t0
     LAST_REPORT = report
-    if report.swapped and not _warned_cpu and not any(
+    from patchc import runtime
+
+    if report.swapped and not _warned_cpu and not runtime.KERNELS_ON_CPU and not any(
             isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         _warned_cpu = True
         warnings.warn("patch backend: the model is on the CPU; hybrid layers run the reference "

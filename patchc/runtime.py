@@ -17,6 +17,13 @@ from patchc.format import PACKED_FIELDS, PackedLayer, unpack_layer, validate_pac
 
 # PATCHC_EAGER_KERNELS=0 keeps eager GPU calls on the reference op (decompress + F.linear)
 EAGER_KERNELS = os.environ.get("PATCHC_EAGER_KERNELS", "1").lower() not in ("0", "false", "no")
+# Tests: with Triton's interpreter (TRITON_INTERPRET=1), PATCHC_KERNELS_ON_CPU=1 runs the generated kernels on
+# CPU tensors too, so the whole kernel path (schedules, configs, launch, split-K) is exercised without a GPU.
+KERNELS_ON_CPU = os.environ.get("PATCHC_KERNELS_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    return x.is_cuda or KERNELS_ON_CPU
 
 
 @torch.library.custom_op("patchc::hybrid_linear", mutates_args=())
@@ -67,7 +74,7 @@ class HybridLinear(torch.nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
         op, which the `patch` backend's pass swaps for the kernel (with a warning where it cannot)."""
-        return (x.is_cuda and EAGER_KERNELS and self.tile >= 16 and self.tile & (self.tile - 1) == 0
+        return (_kernel_device(x) and EAGER_KERNELS and self.tile >= 16 and self.tile & (self.tile - 1) == 0
                 and not torch.compiler.is_compiling() and not _exporting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +116,7 @@ def hybrid_mm(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values
     """hybrid_linear bound to the layer's generated kernel (what the `patch` backend emits). `key` names
     the layer's schedule, built by the backend at compile time. CUDA tensors run the Triton kernel
     with its tuned config; CPU tensors the reference decompression."""
-    if not x.is_cuda:
+    if not _kernel_device(x):
         return hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
     from patchc.codegen.launch import get_config, launch
 
