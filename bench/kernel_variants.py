@@ -25,27 +25,13 @@ import triton
 import triton.language as tl
 
 from patchc import mask as hm
+from patchc.codegen.kernels import _sparse_tile_split as _tile_v1  # the v1 (split/reshape) decompression
+from patchc.codegen.kernels import _sparse_tile_words as _tile_words  # words: what codegen/kernels.py keeps
 from patchc.codegen.launch import graph_time_ms
 from patchc.codegen.schedule import build_schedule
 from patchc.format import pack_layer
 
 from kernels import copy_bandwidth  # bench/kernels.py
-
-
-@triton.jit
-def _tile_v1(values_ptr, meta_ptr, i, rows, T: tl.constexpr):
-    offs_h = tl.arange(0, T // 2)
-    offs_e = tl.arange(0, T // 8)
-    pos = tl.arange(0, 4)
-    v = tl.load(values_ptr + i * (T * (T // 2)) + rows[:, None] * (T // 2) + offs_h[None, :])
-    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_e[None, :])
-    v0, v1 = tl.split(tl.reshape(v, [v.shape[0], T // 4, 2]))
-    nib = tl.reshape(tl.join(e & 0xF, e >> 4), [e.shape[0], T // 4])
-    i0 = (nib & 3).to(tl.int32)[:, :, None]
-    i1 = (nib >> 2).to(tl.int32)[:, :, None]
-    w = tl.where(i0 == pos[None, None, :], v0[:, :, None],
-                 tl.where(i1 == pos[None, None, :], v1[:, :, None], tl.zeros_like(v0)[:, :, None]))
-    return tl.reshape(w, [w.shape[0], T]).to(v.dtype)
 
 
 @triton.jit
@@ -75,44 +61,6 @@ def _expand_words(wd, e, T: tl.constexpr, OUT: tl.constexpr):
     w3 = tl.where(i0 == 3, lo, tl.where(i1 == 3, hi, z))
     # join(join(w0, w2), join(w1, w3))[n, g, a, b] = w[2a + b]: flattening gives input order
     return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [wd.shape[0], T])
-
-
-@triton.jit
-def _group_pairs(w, c):
-    """One group of 4 as two 32-bit words of two 16-bit weights each (positions 0,1 and 2,3), from its
-    word w = (second kept << 16) | first kept and its 4-bit code c = i0 | i1 << 2 (i0 < i1):
-    masks and shifts only, no per-element selects."""
-    i0 = c & 3
-    i1 = c >> 2
-    keep01 = tl.where(i0 == 0, 0xFFFF, 0) | tl.where(i1 == 1, -65536, 0)       # -65536 = 0xFFFF0000
-    p01 = tl.where(i0 == 1, w << 16, w & keep01)
-    keep23 = tl.where(i0 == 2, 0xFFFF, 0) | tl.where(i1 == 3, -65536, 0)
-    p23 = tl.where(i1 == 2, (w >> 16) & 0xFFFF, w & keep23)
-    return p01, p23
-
-
-@triton.jit
-def _halves(p, OUT: tl.constexpr):
-    return (p & 0xFFFF).to(tl.int16).to(OUT, bitcast=True), (p >> 16).to(tl.int16).to(OUT, bitcast=True)
-
-
-@triton.jit
-def _tile_words(values_ptr, meta_ptr, i, rows, T: tl.constexpr, OUT: tl.constexpr):
-    """2:4 tile rows as [BN, T]: values read as one 64-bit word per two groups, aligned with the
-    metadata byte of those two groups, so every step is elementwise on [BN, T/8]."""
-    offs_j = tl.arange(0, T // 8)
-    qp = values_ptr.to(tl.pointer_type(tl.int64))
-    q = tl.load(qp + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_j[None, :])      # [BN, T/8] int64
-    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_j[None, :]).to(tl.int32)
-    a01, a23 = _group_pairs((q & 0xFFFFFFFF).to(tl.int32), e & 0xF)                       # group 2j
-    b01, b23 = _group_pairs((q >> 32).to(tl.int32), e >> 4)                               # group 2j + 1
-    w0, w1 = _halves(a01, OUT)
-    w2, w3 = _halves(a23, OUT)
-    w4, w5 = _halves(b01, OUT)
-    w6, w7 = _halves(b23, OUT)
-    # position 4a + 2b + c: the innermost join picks a, the outermost c
-    w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-    return tl.reshape(w, [q.shape[0], T])
 
 
 @triton.jit

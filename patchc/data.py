@@ -1,10 +1,11 @@
 """Text files -> token sequences: read .txt / .jsonl (or folders of them), tokenise, concatenate, chunk."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from patchc.io import iter_jsonl
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
 
@@ -34,17 +35,10 @@ def read_documents(path: Path) -> list[str]:
     """A .jsonl file gives one document per line (its 'text' field); any other file is one document."""
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise DataError(f"{path}:{i}: a jsonl record needs a string field 'text'")
-                docs.append(rec["text"])
+        for i, rec in iter_jsonl(path, DataError):
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f"{path}:{i}: a jsonl record needs a string field 'text'")
+            docs.append(rec["text"])
         return docs
     return [path.read_text(encoding="utf-8", errors="replace")]
 

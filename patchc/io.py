@@ -29,6 +29,20 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """(line number, record) for every non-blank line of a jsonl file; a line that is not JSON raises
+    `error` naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            yield i, rec
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

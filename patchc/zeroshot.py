@@ -15,7 +15,6 @@ winogrande {"context_options", "continuation", "gold"}, lambada_openai {"context
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from patchc.io import iter_jsonl
 
 TASKS = ("piqa", "arc_easy", "winogrande", "lambada_openai")
 MULTIPLE_CHOICE = ("piqa", "arc_easy", "winogrande")
@@ -68,17 +69,10 @@ def load_task(task: str, path: str | Path, limit: int | None = None) -> list[Ite
     if not p.is_file():
         raise TaskError(f"zero-shot file {p} not found (expected TASK.jsonl under ../shared/assets/data/zeroshot)")
     items = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{p}:{n + 1}: not JSON ({e.msg})") from None
-            items.append(parse_item(task, doc))
+    for _, doc in iter_jsonl(p, TaskError):
+        if limit is not None and len(items) >= limit:
+            break
+        items.append(parse_item(task, doc))
     if not items:
         raise TaskError(f"{p} holds no items")
     return items

@@ -64,7 +64,7 @@ def test_bad_task_files_are_refused(tmp_path):
     with pytest.raises(TaskError, match="lacks a field"):
         load_task("piqa", tmp_path)
     (tmp_path / "arc_easy.jsonl").write_text("not json\n")
-    with pytest.raises(TaskError, match="not JSON"):
+    with pytest.raises(TaskError, match="not valid JSON"):
         load_task("arc_easy", tmp_path)
     with pytest.raises(TaskError, match="unknown task"):
         parse_item("hellaswag", {})
