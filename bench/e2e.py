@@ -22,7 +22,7 @@ from patchc import mask as hm
 from patchc.format import pack_layer
 from patchc.runtime import HybridLinear
 
-from report import write_report  # bench/report.py
+from report import machine_env, write_report  # bench/report.py
 
 SEVEN_B = dict(layers=32, hidden=4096, ffn=11008, heads=32, vocab=32000)
 QUICK = dict(layers=2, hidden=256, ffn=512, heads=4, vocab=384)
@@ -165,8 +165,8 @@ def main() -> None:
     base = min(r["total_ms"] for r in rows if r["row"] in ("dense-inductor", "patch-0"))
     for r in rows:
         r["speedup_vs_best_dense"] = round(base / r["total_ms"], 3)
-    env = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
-           "shape": shape, "batch": a.batch, "prompt": a.prompt, "new": a.new, "tile": a.tile, "mode": mode}
+    env = {**machine_env(a.device), "shape": shape, "batch": a.batch, "prompt": a.prompt, "new": a.new, "tile": a.tile,
+           "mode": mode, "compile": a.compile}
     cols = [("row", "row"), ("tokens/s", "new_tokens_per_s"), ("total ms", "total_ms"), ("prefill ms", "prefill_ms"),
             ("decode ms/token", "decode_ms_per_token"), ("first call s", "first_call_s"),
             ("speedup vs best dense", "speedup_vs_best_dense")]

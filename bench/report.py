@@ -5,6 +5,26 @@ import json
 from pathlib import Path
 
 
+def machine_env(device: str) -> dict:
+    """GPU name, torch / triton versions and the measured copy bandwidth, recorded in every result file."""
+    import time
+
+    import torch
+
+    env = {"device": "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if str(device).startswith("cuda"):
+        from kernels import copy_bandwidth  # bench/kernels.py
+
+        env.update(device=torch.cuda.get_device_name(), copy_bandwidth_GBps=round(copy_bandwidth() / 1e9, 1))
+    return env
+
+
 def write_report(out: Path, name: str, title: str, columns: list[tuple[str, object]], rows: list[dict],
                  env: dict | None = None, note: str = "") -> str:
     """columns: (header, key or function of the row). Returns the markdown."""

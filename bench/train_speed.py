@@ -33,7 +33,7 @@ from patchc.passes import MaskState, capture, find_linears, insert_masks  # noqa
 from patchc.passes.insert_masks import mask_nodes  # noqa: E402
 from patchc.train import _weight_norms, build_nodes, choose_tile, init_masks, opt_params, step_loss  # noqa: E402
 
-from report import write_report  # noqa: E402  (bench/report.py)
+from report import machine_env, write_report  # noqa: E402  (bench/report.py)
 
 LLAMA_SHAPES = {  # hidden, ffn, layers, heads, kv heads, vocab
     "smollm2-shape": (576, 1536, 30, 9, 3, 49152),       # SmolLM2-135M's shapes, random weights
@@ -65,7 +65,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps: int, warmup: int = 2) -> float:
+def timed(fn, device, reps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -186,8 +186,7 @@ def main() -> None:
         rows += measure(name, a.kinds.split(","), int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
     for name in [n for n in a.fit.split(",") if n]:
         rows += measure(name, ["tile"], 1, a.seq, a.device, dtype, 3)
-    env = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
-           "dtype": str(dtype), "date": time.strftime("%Y-%m-%d")}
+    env = {**machine_env(a.device), "dtype": str(dtype)}
     cols = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
             ("kind", "kind"), ("step ms", lambda r: r.get("step_ms", "")), ("vs plain", lambda r: r.get("vs_plain", "")),
             ("peak GB", lambda r: r.get("peak_GB", "")), ("fits", lambda r: "yes" if r.get("fits") else "OOM")]
