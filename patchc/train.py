@@ -255,10 +255,15 @@ class _Log:
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
           device: str = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
-          save_every: int = 50, progress: bool = True) -> PruneResult:
-    """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`."""
+          save_every: int = 50, eval_every: int = 0, progress: bool = True) -> PruneResult:
+    """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`.
+    eval_every > 0 (with eval_ppl): every that many steps, the masks extracted at the exact target are
+    evaluated and their PPL logged (log.jsonl "ppl"): the learning curve, e.g. to find the token budget
+    that saturates quality. It changes nothing the run learns."""
     cfg = config or PruneConfig()
     cfg.validate()
+    if eval_every and not eval_ppl:
+        raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
     log = _Log(progress)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not resume:
@@ -319,8 +324,14 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         extra["ppl_init"] = eval_now("one-shot start")
         extra["ppl_dense"] = eval_now("dense", mode="off")
 
+    def eval_hook(step: int) -> float | None:
+        if not eval_every or step % eval_every or step == cfg.steps:  # the final one is evaluated below
+            return None
+        set_hard(nodes, extract(nodes, cfg.sparsity))
+        return eval_now(f"step {step}")["ppl"]
+
     if cfg.learns and start_step < cfg.steps:
-        train_loop(gm, nodes, state, cfg, seqs, out, start_step, opt_state, extra, device, save_every, log)
+        train_loop(gm, nodes, state, cfg, seqs, out, start_step, opt_state, extra, device, save_every, log, eval_hook)
 
     hard = extract(nodes, cfg.sparsity)
     set_hard(nodes, hard)
@@ -355,7 +366,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
 
 
 def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, seqs: torch.Tensor, out: Path,
-               start_step: int, opt_state: dict, extra: dict, device, save_every: int, log) -> None:
+               start_step: int, opt_state: dict, extra: dict, device, save_every: int, log, eval_hook=None) -> None:
     params = opt_params(nodes)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     if opt_state:
@@ -397,6 +408,9 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
                                    f"{last_good} in {out / CKPT}")
         rec = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "tau": round(state.tau, 5),
                "lr": lr, "sparsity": round(1.0 - sums["density"], 5)}
+        ppl = eval_hook(step + 1) if eval_hook else None
+        if ppl is not None:
+            rec["ppl"] = round(ppl, 4)
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", sparsity=f"{1 - sums['density']:.3f}",

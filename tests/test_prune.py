@@ -168,3 +168,17 @@ def test_joint_starts_from_the_one_shot_pattern(small_text, tmp_path):
     for k in runs["tile"]:
         if k.endswith(("/bitmap", "/pattern")):
             assert torch.equal(runs["tile"][k], runs["joint"][k]), k
+
+
+def test_eval_every_logs_the_learning_curve_and_changes_nothing_learned(small_text, wiki_test, tmp_path):
+    cfg = PruneConfig(sparsity=0.35, mode="joint", **FAST)
+    ev = dict(eval_ppl=str(wiki_test), eval_seq_len=64, eval_windows=2, progress=False)
+    prune("tiny:llama", [str(small_text)], tmp_path / "a", cfg, eval_every=2, **ev)
+    prune("tiny:llama", [str(small_text)], tmp_path / "b", cfg, **ev)
+    log = [json.loads(x) for x in (tmp_path / "a/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "ppl" in r] == [2]  # step 4 is the final evaluation in prune.json
+    assert math.isfinite(log[1]["ppl"]) and log[1]["ppl"] > 1
+    a, b = read_safetensors(tmp_path / "a/masks.safetensors"), read_safetensors(tmp_path / "b/masks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--eval-every needs --eval-ppl"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "c", cfg, eval_every=2, progress=False)
