@@ -87,7 +87,10 @@ def run_row(row: Row, a, base_spec: str, device, dtype, work: Path) -> dict:
         cfg = PruneConfig(steps=a.steps if row.learns else 0, seq_len=a.seq_len, batch_size=a.batch_size,
                           calib_samples=a.calib_samples, seed=a.seed, **row.prune)
         pdir, cdir = work / row.name / "prune", work / row.name / "ckpt"
-        r = prune(base_spec, [a.data], pdir, cfg, device=device, dtype=dtype, overwrite=True, progress=not a.quiet)
+        curve = dict(eval_ppl=a.wikitext, eval_seq_len=a.eval_seq_len, eval_windows=a.eval_windows,
+                     eval_every=a.eval_every) if a.eval_every and row.learns else {}
+        r = prune(base_spec, [a.data], pdir, cfg, device=device, dtype=dtype, overwrite=True, progress=not a.quiet,
+                  **curve)
         t_prune = time.perf_counter() - t0
         lower(pdir, cdir, overwrite=True)
         model = load(cdir, device=device)
@@ -95,11 +98,23 @@ def run_row(row: Row, a, base_spec: str, device, dtype, work: Path) -> dict:
         res = {"eval": evaluate(model, tok, a, device), "prune_seconds": round(t_prune, 1),
                "achieved_sparsity": r.report["sparsity"]["achieved"], "tile": r.report["tile"],
                "tokens_trained": r.report["tokens_trained"], "config": r.report["config"],
+               "curve": _curve(pdir / "log.jsonl", r.report, a.batch_size * a.seq_len) if curve else None,
                "evaluated_on": "lowered checkpoint (patchc.load)"}
         shutil.rmtree(work / row.name, ignore_errors=True)
         del model
     res.update(name=row.name, method=row.method, sparsity=row.sparsity, seconds=round(time.perf_counter() - t0, 1))
     return res
+
+
+def _curve(log: Path, report: dict, tokens_per_step: int) -> list[dict]:
+    """WikiText-2 PPL of the exactly extracted masks along training (prune --eval-every), final point last."""
+    pts = [json.loads(x) for x in log.read_text().splitlines()]
+    out = [{"step": p["step"], "tokens": p["step"] * tokens_per_step, "ppl": p["ppl"]} for p in pts if "ppl" in p]
+    fin = report["ppl"]["final"]
+    if fin:
+        steps = report["config"]["steps"]
+        out.append({"step": steps, "tokens": steps * tokens_per_step, "ppl": fin["ppl"]})
+    return out
 
 
 def _tokenizer(path):
@@ -222,6 +237,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="learned rows also log WikiText-2 PPL every N steps (the token-budget curve, in the row's JSON)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, few steps/windows/items (CPU tests)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quiet", action="store_true")
