@@ -4,7 +4,10 @@ Dynamo hands the backend the model's buffers as placeholders with their real ten
 example_inputs. For each `patchc::hybrid_linear` node the pass reads the layer's bitmap, builds its
 schedule (codegen.schedule) into the runtime's registry under a content hash of the bitmap, and
 rewrites the node to `patchc::hybrid_mm` naming that key, whose CUDA implementation runs the kernel generated for
-that layer. A layer that cannot run the kernel keeps the reference op, with one warning naming it.
+that layer. Layers reading one input whose packed tiles patchc.load stored in one allocation (q/k/v,
+gate/up) become one hybrid_mm over that storage (the stacked schedule is the concatenation), each
+layer's output a slice of it: one launch, more programs for small layers. A layer that cannot run the
+kernel keeps the reference op, with one warning naming it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class SwapReport:
     swapped: list[str] = field(default_factory=list)                 # layer keys now on generated kernels
     reference: dict[str, str] = field(default_factory=dict)          # layer -> why it runs the reference op
     shared_input_groups: list[list[str]] = field(default_factory=list)
+    stacked: list[list[str]] = field(default_factory=list)           # groups run as one launch
     seconds: float = 0.0                                             # time the pass took
 
 
@@ -47,6 +51,58 @@ def _layer_name(node: torch.fx.Node) -> str:
     return ".".join(p for p in parts if p not in ("self", "bitmap")) or name
 
 
+def _stackable(infos: list[dict]) -> bool:
+    """Members whose packed tiles are consecutive views of one allocation per field (patchc.load arranges
+    that for q/k/v and gate/up), with one tile size, input size and bias-ness."""
+    a = infos[0]
+    if any((i["tile"], i["k"], i["bias"] is None) != (a["tile"], a["k"], a["bias"] is None) for i in infos):
+        return False
+    for f in ("dense", "values", "meta"):
+        ts = [i[f] for i in infos]
+        if any(t is None or not t.is_contiguous() for t in ts):
+            return False
+        if len({t.untyped_storage().data_ptr() for t in ts}) != 1:
+            return False
+        if any(t.storage_offset() + t.numel() != u.storage_offset() for t, u in zip(ts, ts[1:])):
+            return False
+    return True
+
+
+def _stack(gm: torch.fx.GraphModule, infos: list[dict], report: SwapReport) -> None:
+    """One hybrid_mm over the group's shared storage, each member's output a slice of it. The stacked tiles
+    are an as_strided view of the first member's buffer over the whole allocation (no copy); the bitmaps
+    (and biases) are concatenated in the graph (a few hundred bytes)."""
+    first = infos[0]
+    node0 = first["node"]
+    bitmap = torch.cat([i["bitmap"] for i in infos])                  # [sum R_i, C]
+    sched = schedule_for(bitmap, first["tile"])
+    arg = lambda i, pos: i["node"].args[pos]  # noqa: E731  (x, bitmap, dense, values, meta, bias, ...)
+    with gm.graph.inserting_before(node0):
+        views = {}
+        for pos, f in ((2, "dense"), (3, "values"), (4, "meta")):
+            t0 = first[f]
+            rows = sum(i[f].shape[0] for i in infos)
+            views[f] = gm.graph.call_function(torch.ops.aten.as_strided.default, (
+                arg(first, pos), [rows, *t0.shape[1:]], list(t0.stride()), t0.storage_offset()))
+        bm = gm.graph.call_function(torch.ops.aten.cat.default, ([arg(i, 1) for i in infos],))
+        bias = None
+        if first["bias"] is not None:
+            bias = gm.graph.call_function(torch.ops.aten.cat.default, ([arg(i, 5) for i in infos],))
+        y = gm.graph.call_function(torch.ops.patchc.hybrid_mm.default, (
+            node0.args[0], bm, views["dense"], views["values"], views["meta"], bias, sum(i["n"] for i in infos),
+            first["k"], first["tile"], sched.key))
+    start = 0
+    for i in infos:
+        with gm.graph.inserting_after(y):
+            part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + i["n"]))
+        part.meta.update(i["node"].meta)
+        i["node"].replace_all_uses_with(part)
+        gm.graph.erase_node(i["node"])
+        start += i["n"]
+        report.swapped.append(i["name"])
+    report.stacked.append([i["name"] for i in infos])
+
+
 def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapReport:
     report = SwapReport()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -54,6 +110,7 @@ def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapR
     targets = (torch.ops.patchc.hybrid_linear, torch.ops.patchc.hybrid_linear.default)  # dynamo emits the packet
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
     g = nx.DiGraph()
+    by_input: dict[str, list[dict]] = {}
     for node in nodes:
         x, bitmap_n, dense_n, values_n, meta_n, bias_n, n_out, k_in, tile = node.args
         name = _layer_name(node)
@@ -65,14 +122,23 @@ def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapR
             report.reference[name] = f"tile {tile} < {MIN_KERNEL_TILE} (tl.dot's minimum K)"
         if name in report.reference:
             continue
-        sched = schedule_for(bitmap, tile)  # built now, from the real bitmap: never at run time
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.patchc.hybrid_mm.default, (
-                x, bitmap_n, dense_n, values_n, meta_n, bias_n, n_out, k_in, tile, sched.key))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        report.swapped.append(name)
+        real = lambda n: _real(n, inputs) if isinstance(n, torch.fx.Node) else None  # noqa: E731
+        by_input.setdefault(x.name, []).append(
+            {"node": node, "name": name, "bitmap": bitmap, "dense": real(dense_n), "values": real(values_n),
+             "meta": real(meta_n), "bias": real(bias_n), "n": n_out, "k": k_in, "tile": tile})
+    for infos in by_input.values():
+        if len(infos) > 1 and _stackable(infos):
+            _stack(gm, infos, report)
+            continue
+        for i in infos:
+            node = i["node"]
+            sched = schedule_for(i["bitmap"], i["tile"])  # built now, from the real bitmap: never at run time
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(torch.ops.patchc.hybrid_mm.default, (*node.args, sched.key))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            report.swapped.append(i["name"])
     report.shared_input_groups = [sorted(g.successors(x)) for x in g.nodes if g.out_degree(x) > 1]
     for name, why in report.reference.items():
         warnings.warn(f"patch backend: {name} runs the reference path: {why}", stacklevel=2)

@@ -131,9 +131,47 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
         "model": provenance, "sparsity": sparsity,
         "bytes": {"hybrid_packed": packed_b, "hybrid_dense": dense_b, "ratio": packed_b / dense_b if dense_b else 1.0},
         "layers": layers, "aliases": aliases, "tensors": tensors,
+        # hybrid layers reading one input (q/k/v, gate/up; found on the prune graph): patchc.load stores each
+        # group's packed tiles in one allocation so the patch backend can run the group as one launch
+        "groups": _hybrid_groups(masks.report.get("groups", []), {l["module"] for l in layers}),
     }
     write_json(tmp / MANIFEST, manifest)  # last: a folder without it is never a checkpoint
     return manifest
+
+
+def _hybrid_groups(groups: list[dict], hybrid_modules: set[str]) -> list[list[str]]:
+    out = []
+    for g in groups:
+        mods = [m.rsplit(".", 1)[0] for m in g.get("members", [])]
+        if len(mods) > 1 and all(m in hybrid_modules for m in mods):
+            out.append(mods)
+    return out
+
+
+def stack_groups_(model: torch.nn.Module, groups: list[list[str]]) -> int:
+    """Make the packed buffers of each group's HybridLinears consecutive views of one allocation per field
+    (concatenated along the stored tiles, in group order): no extra memory, and the backend's pass sees
+    one storage it can launch over once. Groups that differ in tile, input size, dtype or bias-ness are
+    left alone. Returns how many groups were stacked. Moving the model afterwards (.to) undoes it."""
+    n = 0
+    for names in groups:
+        mods = [model.get_submodule(m) for m in names]
+        if not all(isinstance(m, HybridLinear) for m in mods):
+            continue
+        first = mods[0]
+        if any((m.tile, m.in_features, m.dense.dtype, m.dense.device, m.bias is None) !=
+               (first.tile, first.in_features, first.dense.dtype, first.dense.device, first.bias is None)
+               for m in mods):
+            continue
+        for k in ("dense", "values", "meta"):
+            parts = [getattr(m, k) for m in mods]
+            base = torch.cat(parts)
+            start = 0
+            for m, t in zip(mods, parts):
+                setattr(m, k, base[start: start + t.shape[0]])
+                start += t.shape[0]
+        n += 1
+    return n
 
 
 def _describe(t: torch.Tensor) -> dict:
@@ -255,6 +293,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
     model.to(device).eval()
     for p_ in model.parameters():
         p_.requires_grad_(False)
+    groups = manifest.get("groups", [])
+    layer_names = {l["module"] for l in manifest["layers"]}
+    if not (isinstance(groups, list) and all(isinstance(g, list) and set(g) <= layer_names for g in groups)):
+        raise CheckpointError("manifest field 'groups' must list groups of the manifest's layer modules")
+    stack_groups_(model, groups)
     model.patchc_manifest = manifest
     return model
 

@@ -7,7 +7,7 @@ import torch
 
 import patchc
 import patchc.backend as backend
-from patchc.lower import load, lower
+from patchc.lower import load, lower, stack_groups_
 from patchc.runtime import hybrid_layers
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,10 @@ def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     rep = backend.LAST_REPORT
     assert sorted(rep.swapped) == sorted(hybrid_layers(model)) and not rep.reference
-    if arch == "llama":  # q/k/v and gate/up read one input each: found for fusion
+    if arch == "llama":  # q/k/v and gate/up read one input each: each group runs as one launch
         sizes = sorted(len(g) for g in rep.shared_input_groups)
         assert sizes == [2, 2, 3, 3]
+        assert sorted(len(g) for g in rep.stacked) == [2, 2, 3, 3]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -60,6 +61,7 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     for m in hybrid_layers(model).values():  # the interpreter re-seats storages; safetensors' are not resizable
         for k in PACKED_FIELDS:
             setattr(m, k, getattr(m, k).clone())
+    stack_groups_(model, model.patchc_manifest["groups"])   # (the clones undid load's stacking)
     ids = torch.randint(0, 256, (2, 12))
     ref = model(input_ids=ids).logits                       # reference op (decompress + F.linear)
     monkeypatch.setattr(runtime, "KERNELS_ON_CPU", True)
@@ -69,7 +71,10 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     eager = model(input_ids=ids).logits
     n_eager = len(calls)
     compiled = torch.compile(model, backend="patch", fullgraph=True)(input_ids=ids).logits
-    assert n_eager == len(hybrid_layers(model)) and len(calls) == 2 * n_eager  # every layer, both ways
+    stacked = backend.LAST_REPORT.stacked
+    assert n_eager == len(hybrid_layers(model))  # every layer eagerly; compiled: one launch per stacked group
+    assert len(calls) - n_eager == n_eager - sum(len(g) - 1 for g in stacked)
+    assert (len(stacked) == 4) == (arch == "llama")  # q/k/v and gate/up of 2 layers; GPT-2's c_attn is one layer
     torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled, ref, rtol=1e-4, atol=1e-4)
     assert sorted(backend.LAST_REPORT.swapped) == sorted(hybrid_layers(model))

@@ -194,6 +194,27 @@ def test_eager_gpu_path_calls_the_kernel_op_with_the_layer_schedule(ck, monkeypa
         assert m._schedule_key == build_schedule(m.bitmap, m.tile).key
 
 
+def test_shared_input_groups_are_stored_in_one_allocation(pruned, tmp_path):
+    """q/k/v and gate/up (from the prune graph) are recorded in the manifest; patchc.load stores each group's
+    packed tiles as consecutive views of one allocation (no extra bytes) and the model is unchanged."""
+    lower(pruned["llama"], tmp_path / "ck")
+    model = load(tmp_path / "ck")
+    groups = model.patchc_manifest["groups"]
+    assert sorted(len(g) for g in groups) == [2, 2, 3, 3]
+    for g in groups:
+        mods = [model.get_submodule(n) for n in g]
+        for k in ("dense", "values", "meta"):
+            ts = [getattr(m, k) for m in mods]
+            assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
+            assert all(t.storage_offset() + t.numel() == u.storage_offset() for t, u in zip(ts, ts[1:]))
+            assert ts[0].untyped_storage().nbytes() == sum(t.nbytes for t in ts)
+    m = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    m["groups"] = [["no.such.layer", g[0]] for g in groups]
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="groups"):
+        load(tmp_path / "ck")
+
+
 def test_cli_lower_and_inspect(pruned, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "patchc", *a], capture_output=True, text=True)  # noqa: E731
     r = run("lower", str(pruned["opt"]), "--out", str(tmp_path / "ck"))
