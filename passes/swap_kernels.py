@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 
-from patchc.runtime import schedule_for
-
-MIN_KERNEL_TILE = 16  # tl.dot needs K >= 16
+from patchc.runtime import kernel_unsupported, schedule_for
 
 
 @dataclass
@@ -111,6 +109,7 @@ def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapR
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
     g = nx.DiGraph()
     by_input: dict[str, list[dict]] = {}
+    real = lambda n: _real(n, inputs) if isinstance(n, torch.fx.Node) else None  # noqa: E731
     for node in nodes:
         x, bitmap_n, dense_n, values_n, meta_n, bias_n, n_out, k_in, tile = node.args
         name = _layer_name(node)
@@ -118,11 +117,10 @@ def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapR
         bitmap = _real(bitmap_n, inputs)
         if bitmap is None:
             report.reference[name] = "its bitmap is not a constant of the graph"
-        elif tile < MIN_KERNEL_TILE:
-            report.reference[name] = f"tile {tile} < {MIN_KERNEL_TILE} (tl.dot's minimum K)"
+        elif kernel_unsupported(tile):
+            report.reference[name] = kernel_unsupported(tile)
         if name in report.reference:
             continue
-        real = lambda n: _real(n, inputs) if isinstance(n, torch.fx.Node) else None  # noqa: E731
         by_input.setdefault(x.name, []).append(
             {"node": node, "name": name, "bitmap": bitmap, "dense": real(dense_n), "values": real(values_n),
              "meta": real(meta_n), "bias": real(bias_n), "n": n_out, "k": k_in, "tile": tile})

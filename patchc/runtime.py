@@ -40,6 +40,19 @@ def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+MIN_KERNEL_TILE = 16  # tl.dot needs K >= 16
+
+
+def kernel_unsupported(tile: int) -> str | None:
+    """Why the generated kernel cannot run a layer of this tile size (None: it can). One rule for the
+    eager path and the backend's pass."""
+    if tile < MIN_KERNEL_TILE:
+        return f"tile {tile} < {MIN_KERNEL_TILE} (tl.dot's minimum K)"
+    if tile & (tile - 1):
+        return f"tile {tile} is not a power of two (Triton block shapes)"
+    return None
+
+
 def _exporting() -> bool:
     f = getattr(torch.compiler, "is_exporting", None)
     return bool(f and f())
@@ -74,7 +87,7 @@ class HybridLinear(torch.nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
         op, which the `patch` backend's pass swaps for the kernel (with a warning where it cannot)."""
-        return (_kernel_device(x) and EAGER_KERNELS and self.tile >= 16 and self.tile & (self.tile - 1) == 0
+        return (_kernel_device(x) and EAGER_KERNELS and kernel_unsupported(self.tile) is None
                 and not torch.compiler.is_compiling() and not _exporting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,3 +112,13 @@ def test_compile_modes_reach_inductor(ckpts):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown mode"):
         backend._config_patches("fastest", None)
+
+
+def test_one_rule_decides_which_tiles_the_kernel_runs():
+    """Eager path and backend pass share patchc.runtime.kernel_unsupported: tiles under 16 or not a power
+    of two keep the reference op (Triton block shapes), with the reason named."""
+    from patchc.runtime import kernel_unsupported
+
+    assert kernel_unsupported(16) is None and kernel_unsupported(64) is None and kernel_unsupported(128) is None
+    assert "minimum K" in kernel_unsupported(8)
+    assert "power of two" in kernel_unsupported(48) and "power of two" in kernel_unsupported(96)
