@@ -20,6 +20,7 @@ import torch
 
 from patchc import mask as hm
 from patchc.format import pack_layer
+from patchc.lower import stack_groups_
 from patchc.runtime import HybridLinear
 
 from report import machine_env, write_report  # bench/report.py
@@ -65,8 +66,14 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0) -> dict:
         setattr(model.get_submodule(parent), child, HybridLinear(p, lin.bias, name=n))
         per_layer.append(p.sparsity)
         del lin
+    # as patchc.load does for a lowered checkpoint: q/k/v and gate/up share one allocation each (one launch)
+    groups = []
+    for i in range(model.config.num_hidden_layers):
+        pre = f"model.layers.{i}"
+        groups += [[f"{pre}.self_attn.{x}_proj" for x in "qkv"], [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]]
+    stacked = stack_groups_(model, groups)
     return {"layers": len(names), "min": min(per_layer), "max": max(per_layer),
-            "mean": sum(per_layer) / len(per_layer)}
+            "mean": sum(per_layer) / len(per_layer), "stacked_groups": stacked}
 
 
 disable = [False]  # generate(disable_compile=...): True when the forward is compiled by us (--compile manual)

@@ -3,7 +3,8 @@
 For every shape / M / sparsity: pack a random bf16 weight with a random bitmap holding exactly that
 share of 2:4 tiles, check the kernel against a float64 reference, then time (median of CUDA-graph
 replays, rotating over weight copies > L2 so no run is served from cache):
-  patch     the hybrid kernel with the config users get (default; --tune: autotuned), launch + split-K reduction
+  patch     the hybrid kernel with the config users get (default; --tune: autotuned): mma_sp (sparse tensor
+            cores) at M <= 16, else the Triton kernel (+ split-K reduction) or decompress + cuBLAS (prefill)
   cublas    F.linear on the dense weight
   compiled  torch.compile(F.linear, mode="max-autotune-no-cudagraphs") on the dense weight (--compiled-ms)
   cslt      cuSPARSELt 2:4 (torch._cslt_sparse_mm, weight compressed once, its algorithm search): every tile
@@ -173,7 +174,9 @@ def main() -> None:
     plot(out / "kernels.png", rows, env)
     title = (f"Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})")
-    cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"), ("patch us", "patch_us"),
+    cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"),
+            ("kernel", lambda r: r["config"].get("engine", "triton") if r["config"]["split_k"] or
+             r["config"].get("engine") == "mma_sp" else "decompress+cuBLAS"), ("patch us", "patch_us"),
             ("cuBLAS us", "cublas_us"), ("compiled us", lambda r: r.get("compiled_us", "")),
             ("cuSPARSELt 2:4 us", lambda r: r.get("cslt_us", "") if r["sparsity"] == 0.5 else ""),
             ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),

@@ -1,9 +1,11 @@
 """Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
-Decode (M <= 64) is memory bound: small BLOCK_M, BLOCK_N below the tile, and split-K so that enough
-programs stream weight bytes at once. Prefill (M > 64) decompresses the layer into a transient dense
-weight and calls the vendor GEMM; up to FUSED_MAX_M the tuner also tries the fused kernel.
+Decode (M <= 64) is memory bound. With 16-bit activations, M <= 32 and an sm_80+ GPU it runs on the
+sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
+small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
+Prefill (M > 64) decompresses the layer into a transient dense weight and calls the vendor GEMM; up to
+FUSED_MAX_M the tuner also tries the fused kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import triton
 
 from patchc.models import dtype_name
 
+from . import mma_sp
 from .kernels import decompress_kernel, hybrid_mm_kernel
 from .schedule import Schedule
 
@@ -33,6 +36,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32)
 
 
 def m_bucket(m: int) -> int:
@@ -43,12 +47,14 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def candidates(m: int, sched: Schedule, n_out: int) -> list[KernelConfig]:
+def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
-    FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too."""
+    FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
+    with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps."""
     t = sched.tile
     k_tiles = sched.k // t
-    out = []
+    out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp") for w in (4, 8, 16) for sl in (1, 2)
+           if mma and mma_sp.launch_error(m, n_out, t, w, sl) is None]
     if m <= FUSED_MAX_M:
         # BLOCK_M 128 with 2:4 tiles fails to compile in Triton 3.6 on Hopper ("Illegal shared layout", seen
         # on the H100 in the 7B-shape property tests): the fused kernel above DECODE_MAX_M uses 64 only.
@@ -82,11 +88,15 @@ def graph_time_ms(fns: list, reps: int = 10) -> float:
     return ms / (reps * len(fns))
 
 
-def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132) -> KernelConfig:
-    """The untuned choice, fitted to what the tuner picked on an H100 (bench/results/kernels): decode
-    uses BLOCK_N 64 for mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K
-    for ~4 programs per SM (at most 8); prefill decompresses and calls the vendor GEMM."""
+def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False) -> KernelConfig:
+    """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel.
+    Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
+    mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
+    (at most 8); prefill decompresses and calls the vendor GEMM."""
     t = sched.tile
+    if mma and m <= mma_sp.DEFAULT_MAX_M:
+        warps, slices = mma_sp.default_launch(m, n_out, num_sms)
+        return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp")
     if m > DECODE_MAX_M:
         return KernelConfig(0, 0, 0, 4, 1)
     n_tiles = (sched.n // t) * (sched.k // t)
@@ -108,6 +118,8 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     m, k = x.shape
     t = sched.tile
     assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
+    if cfg.engine == "mma_sp":
+        return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison)
     if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
         w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
         y = torch.nn.functional.linear(x, w, bias)  # [M, K] @ [K, N]
@@ -182,13 +194,21 @@ def _save_disk(entries: dict) -> None:
         pass  # a read-only cache folder costs re-tuning, not correctness
 
 
-def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool) -> str:
+def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False) -> str:
     """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
     return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
-            f"|silu{int(silu_mul)}")
+            f"|silu{int(silu_mul)}|mma{int(mma)}")
+
+
+def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
+    """Whether this call can run on the sparse-tensor-core kernel (building it on first use)."""
+    if not x.is_cuda:
+        return False
+    w_dtype = values.dtype if values.numel() else dense.dtype
+    return mma_sp.unsupported(x, w_dtype, sched, silu_mul) is None and mma_sp.extension() is not None
 
 
 def autotune_enabled() -> bool:
@@ -203,7 +223,8 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     call of every new shape would pay for it inside generate()."""
     tune = autotune_enabled() if tune is None else tune
     m = x.shape[0]
-    key = config_key(sched, m, x.dtype, silu_mul)
+    mma = mma_available(x, dense, values, sched, silu_mul)
+    key = config_key(sched, m, x.dtype, silu_mul, mma)
     if key in _memory and (_memory[key][1] or not tune):  # the hot path: one dict lookup
         return _memory[key][0]
     with _lock:
@@ -214,17 +235,17 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma), False)
         return _memory[key][0]
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out):
+    for cfg in candidates(m, sched, n_out, mma):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms)
+    best = best or default_config(m, sched, n_out, sms, mma)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

@@ -15,6 +15,7 @@ def test_e2e_quick(tmp_path):
     assert [x["row"] for x in rows] == ["dense-inductor", "patch-0.35"]
     info = rows[1]["per_layer_sparsity"]
     assert info["min"] < 0.35 < info["max"]  # non-uniform layers around the exact global target
+    assert info["stacked_groups"] == 4  # q/k/v and gate/up of both layers share one allocation, as patchc.load does
     assert all(x["new_tokens_per_s"] > 0 for x in rows)
 
 

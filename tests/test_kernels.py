@@ -136,3 +136,65 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
     assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)  # memoized
     monkeypatch.setattr(L, "_memory", {})
     assert L.get_config(x, None, None, None, sched, None, 128) == chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse-tensor-core decode kernel (codegen/mma_sp.cu): GPU only; its launch rules are checked anywhere
+# ---------------------------------------------------------------------------------------------
+def _mma_ready() -> bool:
+    from patchc.codegen import mma_sp
+
+    return DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0) and mma_sp.extension() is not None
+
+
+@st.composite
+def mma_case(draw):
+    from patchc.codegen import mma_sp
+
+    t, bitmap, _, _, bias, seed = draw(case())
+    if t not in mma_sp.TILES:
+        t = 128
+    m = draw(st.integers(1, mma_sp.MAX_M))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    slices = draw(st.sampled_from([1, 2] if m <= 16 else [1]))
+    warps = draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
+    if mma_sp.launch_error(m, bitmap.shape[0] * t, t, warps, slices):
+        warps, slices = 4, 1
+    return t, bitmap, m, dtype, bias, seed, warps, slices
+
+
+@pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
+@given(mma_case())
+def test_mma_sp_kernel_matches_float64_reference(c):
+    t, bitmap, m, dtype, bias, seed, warps, slices = c
+    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp")
+    run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg)
+
+
+@pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
+def test_decode_default_runs_on_the_sparse_tensor_cores():
+    from patchc.codegen.launch import get_config
+
+    bitmap = torch.tensor([[1, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    sched = build_schedule(bitmap, 128).to("cuda")
+    x = torch.randn(16, 384, device="cuda", dtype=torch.bfloat16)
+    cfg = get_config(x, torch.empty(2, 128, 128, device="cuda", dtype=torch.bfloat16),
+                     torch.empty(4, 128, 64, device="cuda", dtype=torch.bfloat16), None, sched, None, 256, tune=False)
+    assert cfg.engine == "mma_sp"
+    run_case(128, bitmap, 16, torch.bfloat16, True, 0, cfg_fn=lambda *_: cfg)
+
+
+def test_mma_sp_launch_rules():
+    from patchc.codegen import mma_sp
+
+    for m in range(1, mma_sp.MAX_M + 1):
+        for n_out in (1024, 4096, 6144, 11008, 14336, 22016):
+            warps, slices = mma_sp.default_launch(m, n_out, 132)
+            assert mma_sp.launch_error(m, n_out, 128, warps, slices) is None, (m, n_out, warps, slices)
+    assert "M=33" in mma_sp.launch_error(33, 4096, 128, 4, 1)
+    assert "slices" in mma_sp.launch_error(17, 4096, 128, 4, 2)
+    assert "warps=17" in mma_sp.launch_error(8, 4096, 128, 17, 1)
+    assert "multiple of 32" in mma_sp.launch_error(8, 4112, 128, 4, 2)
+    x = torch.randn(4, 256)
+    sched = build_schedule(torch.ones(1, 2, dtype=torch.bool), 128)
+    assert mma_sp.unsupported(x, torch.float32, sched) in ("not a CUDA tensor", "PATCHC_MMA_SP=0")

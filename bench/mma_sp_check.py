@@ -1,0 +1,94 @@
+"""Check the mma.sp decode kernel against float64 and time it against the Triton kernel and cuBLAS (GPU).
+
+    python bench/mma_sp_check.py [--ms 1,16,32]
+Prints the max error of small mixed cases (bf16 / fp16, tiles 64 / 128), then a timing table at the
+LLaMA-2-7B shapes (and 1024x4096) against the Triton kernel and cuBLAS.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from patchc import mask as hm
+from patchc.codegen import mma_sp
+from patchc.codegen.launch import default_config, graph_time_ms, launch
+from patchc.codegen.schedule import build_schedule
+from patchc.format import pack_layer
+
+
+def make(n, k, m, s, tile=128, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, c = n // tile, k // tile
+    bm = torch.ones(r * c, dtype=torch.bool)
+    bm[torch.randperm(r * c, generator=g)[:hm.sparse_tile_budget(r * c, s)]] = False
+    bm = bm.reshape(r, c)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    pat = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
+    p = pack_layer(w, bm, pat, tile)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    ref = x.double() @ hm.apply_hybrid(w.double(), bm, hm.pattern_to_mask(pat), tile).cuda().T
+    return x, p.dense.cuda(), p.values.cuda(), p.meta.cuda(), build_schedule(bm, tile).to("cuda"), ref, p, w
+
+
+def err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1,16,32")
+    a = ap.parse_args()
+    t0 = time.time()
+    ext = mma_sp.extension()
+    print(f"build/load {time.time() - t0:.1f}s ext={ext is not None}", flush=True)
+    for _ in range(1):
+        res = []
+        for (n, k, m, s, tile, dt) in [(256, 512, 16, 0.0, 128, torch.bfloat16), (256, 512, 16, 0.5, 128, torch.bfloat16),
+                                       (512, 384, 5, 0.25, 128, torch.float16), (128, 256, 32, 0.25, 64, torch.bfloat16),
+                                       (128, 256, 3, 0.25, 64, torch.float16), (128, 640, 9, 0.3, 128, torch.bfloat16)]:
+            x, d, v, e, sched, ref, _, _ = make(n, k, m, s, tile, dt)
+            for warps, sl in ((1, 1), (4, 2 if m <= 16 else 1), (3, 2 if m <= 16 else 1)):
+                y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True)
+                res.append(err(y, ref))
+        print(f"small cases: max rel err {max(res):.2e} {'OK' if max(res) < 1.5e-2 else 'WRONG'} "
+              f"{[f'{r:.1e}' for r in res]}", flush=True)
+    bw = 3.0e12
+    print("N x K M s | mma us (best warps) | triton us | cublas us | floor us | mma/floor | vs cuBLAS")
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096)]:
+        for m in map(int, a.ms.split(",")):
+            wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            wds = [wd.clone() for _ in range(max(2, math.ceil((200 << 20) / wd.nbytes)))]
+            xx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_cub = graph_time_ms([lambda w=w: F.linear(xx, w) for w in wds]) * 1e3
+            del wds, wd
+            for s in (0.0, 0.25, 0.5):
+                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
+                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+                best = (1e9, 0)
+                allt = {}
+                for warps in (4, 8, 16):
+                    for sl in (1, 2):
+                        if sl == 2 and m > 16:
+                            continue
+                        y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True)
+                        assert err(y, ref) < 1.5e-2, (n, k, m, s, warps, sl, err(y, ref))
+                        us = graph_time_ms([lambda c=c, w_=warps, s_=sl: mma_sp.run(x, *c, sched, None, n, w_, s_)
+                                            for c in copies]) * 1e3
+                        allt[f"{warps}w{sl}s"] = round(us, 1)
+                        best = min(best, (us, f"{warps}w{sl}s"))
+                cfg = default_config(m, sched, n)
+                t_tri = graph_time_ms([lambda c=c: launch(x, *c, sched, None, n, cfg) for c in copies]) * 1e3
+                floor = (p.nbytes + x.nbytes + m * n * 2) / bw * 1e6
+                dw = mma_sp.default_launch(m, n, 132)
+                print(f"{n}x{k} M={m} s={s} | {best[0]:.2f} ({best[1]}, default {dw}) | {t_tri:.2f} | {t_cub:.2f} | "
+                      f"{floor:.2f} | {best[0] / floor:.2f} | {t_cub / best[0]:.2f}x {allt}", flush=True)
+                del copies
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

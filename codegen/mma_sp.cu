@@ -1,0 +1,278 @@
+// Decode kernel for hybrid (dense / 2:4) tile weights on the sparse tensor cores (sm_80+).
+//
+// y[M, N] = x[M, K] @ (W * Mask)[N, K]^T + bias, for small M (decode). W is stored in patchc's packed
+// format (patchc/format.py): dense tiles [n_dense, T, T], 2:4 tiles as values [n_sparse, T, T/2] and
+// 4-bit codes [n_sparse, T, T/8] (low 2 bits = first kept position, two groups a byte, low nibble first).
+// Those codes are what mma.sp's metadata operand wants, so a 2:4 tile goes to the tensor cores as it is
+// stored: no decompression instruction at all. Dense tiles use plain mma.sync.
+//
+// The weight is the A operand ("swap AB"): A = 16 output rows x K, B = x^T (K x 8 batch rows a block),
+// C = y^T. One CTA owns 16 output rows (a slice of one row-tile) and all of K; its warps take that
+// row-tile's tiles round-robin (dense first, then 2:4, in storage order) and reduce through shared
+// memory at the end, so the output is written once, in the output dtype, by one launch.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16" and "... sparse mma.m16n8k32"):
+// lane = 4 * g + t (g = groupID, t = threadID_in_group). A (16 x 16 dense, or 16 x 32 sparse stored as
+// 16 x 16 values): regs {row g, k 2t..2t+1}, {row g+8, same}, {row g, k 2t+8..}, {row g+8, k 2t+8..};
+// B (k x 8): regs k = 2t..2t+1 (+8, +16, +24), column g; C: {row g, col 2t, 2t+1}, {row g+8, same}.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace patchc {
+
+template <typename T> struct Mma;
+
+#define PATCHC_MMA(TYPE, PTX_T, TO_F, FROM_F)                                                           \
+  template <> struct Mma<TYPE> {                                                                        \
+    __device__ __forceinline__ static float to_float(TYPE v) { return TO_F(v); }                         \
+    __device__ __forceinline__ static TYPE from_float(float v) { return FROM_F(v); }                      \
+    __device__ __forceinline__ static void dense(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) { \
+      asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T ".f32 "                               \
+          "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                     \
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                              \
+    }                                                                                                   \
+    __device__ __forceinline__ static void sparse(float* c, const uint32_t* a, const uint32_t* b, uint32_t e) { \
+      asm("mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32." PTX_T "." PTX_T ".f32 "         \
+          "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"                   \
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                              \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),    \
+            "r"(e));                                                                                    \
+    }                                                                                                   \
+  };
+PATCHC_MMA(__nv_bfloat16, "bf16", __bfloat162float, __float2bfloat16_rn)
+PATCHC_MMA(__half, "f16", __half2float, __float2half_rn)
+#undef PATCHC_MMA
+
+__device__ __forceinline__ uint4 ld128(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint2 ld64(const void* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
+
+// MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
+// slices, so one load of x serves R slices); TILE: the tile size (64 or 128).
+template <typename T, int MB, int R, int TILE>
+__global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
+    const T* __restrict__ x, int M, int64_t stride_xm,
+    const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
+    const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
+    const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
+    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym) {
+  extern __shared__ float partial[];                     // [warps, 16 * R rows, 8 * MB batch rows]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (16 * R);                  // first output feature of this CTA
+  const int rt = n0 / TILE, r0 = n0 % TILE;              // its row-tile and first row inside the tile
+  const int d0 = dense_start[rt], nd = dense_start[rt + 1] - d0;
+  const int s0 = sparse_start[rt], ns = sparse_start[rt + 1] - s0;
+
+  // B fragments: this lane reads batch row m = 8 * b + g of x (zeros past M).
+  const T* xrow[MB];
+  bool xok[MB];
+#pragma unroll
+  for (int b = 0; b < MB; ++b) {
+    xok[b] = 8 * b + g < M;
+    xrow[b] = x + (xok[b] ? (int64_t)(8 * b + g) * stride_xm : 0);
+  }
+  float acc[R][MB][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < MB; ++b) acc[r][b][0] = acc[r][b][1] = acc[r][b][2] = acc[r][b][3] = 0.f;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+
+  for (int j = warp; j < nd + ns; j += warps) {
+    if (j < nd) {
+      // Dense tile: each slice's 16 rows are 16 * TILE contiguous weights. Each 32-column span is two k16
+      // steps; lane t reads columns 8t..8t+7 of the span from A's rows g, g+8 and from x (one 16-byte load
+      // each) and feeds 8t..8t+3 to step 0, 8t+4..8t+7 to step 1: a permutation of K applied to A and B alike.
+      const int i = d0 + j;
+      const int kc = dense_col[i] * TILE;
+      const T* w = dense + ((int64_t)i * TILE + r0) * TILE;  // [16 * R, TILE]
+#pragma unroll
+      for (int s = 0; s < TILE / 32; ++s) {
+        uint4 xb[MB], lo[R], hi[R];
+#pragma unroll
+        for (int b = 0; b < MB; ++b) xb[b] = xok[b] ? ld128(xrow[b] + kc + 32 * s + 8 * t) : zero;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          lo[r] = ld128(w + (16 * r + g) * TILE + 32 * s + 8 * t);
+          hi[r] = ld128(w + (16 * r + g + 8) * TILE + 32 * s + 8 * t);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t a0[4] = {lo[r].x, hi[r].x, lo[r].y, hi[r].y};
+          const uint32_t a1[4] = {lo[r].z, hi[r].z, lo[r].w, hi[r].w};
+#pragma unroll
+          for (int b = 0; b < MB; ++b) {
+            Mma<T>::dense(acc[r][b], a0, xb[b].x, xb[b].y);
+            Mma<T>::dense(acc[r][b], a1, xb[b].z, xb[b].w);
+          }
+        }
+      }
+    } else {
+      // 2:4 tile, in 64-column double spans (two mma.sp each). Lane t's 16-byte loads of rows g and g+8
+      // hold the stored pairs of the span's groups 4t..4t+3, which feed logical groups t and 4+t of both
+      // steps (step c: t <- group 4t+c, 4+t <- group 4t+2+c). That permutes whole groups of K, so the
+      // metadata nibbles and the x columns are gathered to match (byte permutes and selects, no memory).
+      const int i = s0 + (j - nd);
+      const int kc = sparse_col[i] * TILE;
+      const T* v = values + ((int64_t)i * TILE + r0) * (TILE / 2);           // [16 * R, TILE / 2]
+      const uint8_t* e = meta + ((int64_t)i * TILE + r0) * (TILE / 8);       // [16 * R, TILE / 8]
+      const bool odd = t & 1;
+      const int h = t >> 1;
+      const uint32_t sel = odd ? 0x7531u : 0x6420u;
+#pragma unroll
+      for (int d = 0; d < TILE / 64; ++d) {
+        uint4 vg[R], vh[R];
+        uint2 eg[R], eh[R];
+        uint32_t x0[MB][4], x1[MB][4];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          vg[r] = ld128(v + (16 * r + g) * (TILE / 2) + 32 * d + 8 * t);
+          vh[r] = ld128(v + (16 * r + g + 8) * (TILE / 2) + 32 * d + 8 * t);
+          eg[r] = ld64(e + (16 * r + g) * (TILE / 8) + 8 * d);                 // 16 groups of row g
+          eh[r] = ld64(e + (16 * r + g + 8) * (TILE / 8) + 8 * d);             // and of row g + 8
+        }
+#pragma unroll
+        for (int b = 0; b < MB; ++b) {
+          // x columns of step c for lane t: 16h + 4c + 2odd (+8, +32, +40) within the double span
+          const T* xs = xrow[b] + kc + 64 * d + 16 * h;
+          const uint4 p0 = xok[b] ? ld128(xs) : zero, p1 = xok[b] ? ld128(xs + 8) : zero;
+          const uint4 q0 = xok[b] ? ld128(xs + 32) : zero, q1 = xok[b] ? ld128(xs + 40) : zero;
+          x0[b][0] = odd ? p0.y : p0.x;  x0[b][1] = odd ? q0.y : q0.x;
+          x0[b][2] = odd ? p1.y : p1.x;  x0[b][3] = odd ? q1.y : q1.x;
+          x1[b][0] = odd ? p0.w : p0.z;  x1[b][1] = odd ? q0.w : q0.z;
+          x1[b][2] = odd ? p1.w : p1.z;  x1[b][3] = odd ? q1.w : q1.z;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // Metadata (selector 0): lane 4g gives logical groups 0..3 = stored groups 4q + c, lane 4g+1
+          // groups 4..7 = stored 4(q-4) + 2 + c; each as row g in bits 0..15 and row g+8 in bits 16..31.
+          const uint32_t pg = __byte_perm(eg[r].x, eg[r].y, sel), ph = __byte_perm(eh[r].x, eh[r].y, sel);
+          uint32_t em[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            uint32_t ng = (pg >> (4 * c)) & 0x0F0F0F0Fu, nh = (ph >> (4 * c)) & 0x0F0F0F0Fu;
+            ng |= ng >> 4;
+            nh |= nh >> 4;
+            em[c] = __byte_perm(ng, nh, 0x6420u);
+          }
+          const uint32_t a0[4] = {vg[r].x, vh[r].x, vg[r].z, vh[r].z};
+          const uint32_t a1[4] = {vg[r].y, vh[r].y, vg[r].w, vh[r].w};
+#pragma unroll
+          for (int b = 0; b < MB; ++b) {
+            Mma<T>::sparse(acc[r][b], a0, x0[b], em[0]);
+            Mma<T>::sparse(acc[r][b], a1, x1[b], em[1]);
+          }
+        }
+      }
+    }
+  }
+
+  // Reduce the warps' partial sums, add the bias, write y once.
+  constexpr int ROWS = 16 * R, COLS = 8 * MB;
+  float* mine = partial + warp * ROWS * COLS;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < MB; ++b) {
+      mine[(16 * r + g) * COLS + 8 * b + 2 * t] = acc[r][b][0];
+      mine[(16 * r + g) * COLS + 8 * b + 2 * t + 1] = acc[r][b][1];
+      mine[(16 * r + g + 8) * COLS + 8 * b + 2 * t] = acc[r][b][2];
+      mine[(16 * r + g + 8) * COLS + 8 * b + 2 * t + 1] = acc[r][b][3];
+    }
+  __syncthreads();
+  for (int o = threadIdx.x; o < ROWS * COLS; o += blockDim.x) {
+    const int row = o % ROWS, m = o / ROWS;              // neighbouring threads write neighbouring features
+    if (m >= M) continue;
+    float sum = 0.f;
+    for (int w = 0; w < warps; ++w) sum += partial[(w * ROWS + row) * COLS + m];
+    if (bias != nullptr) sum += Mma<T>::to_float(bias[n0 + row]);
+    y[(int64_t)m * stride_ym + n0 + row] = Mma<T>::from_float(sum);
+  }
+}
+
+}  // namespace patchc
+
+#ifndef PATCHC_KERNEL_ONLY
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+namespace patchc {
+
+template <typename T, int MB, int R>
+void launch_tile(int tile, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const T* x, int M,
+                 int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
+                 const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
+  if (tile == 64)
+    hybrid_mma_sp_kernel<T, MB, R, 64><<<grid, block, smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol,
+                                                                     dstart, sstart, bias, y, sym);
+  else
+    hybrid_mma_sp_kernel<T, MB, R, 128><<<grid, block, smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol,
+                                                                      dstart, sstart, bias, y, sym);
+}
+
+template <typename T>
+void launch_typed(int mb, int rows, int tile, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const T* x,
+                  int M, int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
+                  const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
+#define PATCHC_LAUNCH(MB_, R_) \
+  launch_tile<T, MB_, R_>(tile, grid, block, smem, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
+  if (rows == 1) {
+    if (mb == 1) PATCHC_LAUNCH(1, 1); else if (mb == 2) PATCHC_LAUNCH(2, 1); else PATCHC_LAUNCH(4, 1);
+  } else {
+    if (mb == 1) PATCHC_LAUNCH(1, 2); else PATCHC_LAUNCH(2, 2);  // M > 16 with 2 slices would spill
+  }
+#undef PATCHC_LAUNCH
+}
+
+}  // namespace patchc
+
+// x [M, K] (unit column stride), packed tiles, schedule (int32, on x's device) -> y [M, n_out] (written).
+// The caller (codegen/mma_sp.py) checks dtypes, shapes and alignment before calling.
+void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
+                   torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
+                   torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
+                   int64_t tile, int64_t warps, int64_t slices) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
+  // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
+  // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
+  TORCH_CHECK(tile == 64 || tile == 128, "hybrid_mma_sp: tile must be 64 or 128");
+  const int M = x.size(0);
+  const int64_t n_out = y.size(1);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.stride(1) == 1 && y.scalar_type() == x.scalar_type(),
+              "hybrid_mma_sp: y must be a row-major [M, n_out] of x's dtype");
+  TORCH_CHECK((slices == 1 || slices == 2) && n_out % (16 * slices) == 0 && warps >= 1 && warps <= 16,
+              "hybrid_mma_sp: bad n_out / warps / slices");
+  TORCH_CHECK(M >= 1 && M <= 32, "hybrid_mma_sp: M must be in 1..32");
+  const int mb = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
+  TORCH_CHECK(slices == 1 || mb <= 2, "hybrid_mma_sp: 2 slices a CTA need M <= 16");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const dim3 grid(n_out / (16 * slices)), block(32 * warps);
+  const size_t smem = sizeof(float) * warps * 16 * slices * 8 * mb;
+  TORCH_CHECK(smem <= 48 * 1024, "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int* dcol = dense_col.data_ptr<int>();
+  const int* scol = sparse_col.data_ptr<int>();
+  const int* dst = dense_start.data_ptr<int>();
+  const int* sst = sparse_start.data_ptr<int>();
+  const uint8_t* e = meta.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kBFloat16) {
+    using T = __nv_bfloat16;
+    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
+    patchc::launch_typed<T>(mb, slices, tile, grid, block, smem, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kHalf, "hybrid_mma_sp: x must be bfloat16 or float16");
+    using T = __half;
+    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
+    patchc::launch_typed<T>(mb, slices, tile, grid, block, smem, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif

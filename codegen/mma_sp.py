@@ -1,0 +1,144 @@
+"""The decode kernel on the sparse tensor cores: 2:4 tiles through mma.sp, dense tiles through mma.sync.
+
+Triton has no sparse dot, and decompressing 2:4 tiles in registers made the Triton decode kernel
+instruction bound (bench/NOTES.md, v4: ~8 instructions a weight, 1.9-2.7x the byte floor at 50%).
+The packed format's 4-bit codes are exactly mma.sp's metadata, so this kernel (mma_sp.cu, CUDA C++
+built once per machine with torch.utils.cpp_extension) feeds the stored values and codes to the
+tensor cores as they lie. It serves 16-bit activations with M <= 32 on sm_80+ GPUs; everything else
+keeps the Triton kernels. PATCHC_MMA_SP=0 turns it off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .schedule import Schedule
+
+MAX_M = 32          # what the kernel runs
+DEFAULT_MAX_M = 16  # what the untuned default sends to it (above, the Triton kernel was faster on the H100)
+TILES = (64, 128)
+SOURCE = Path(__file__).with_name("mma_sp.cu")
+
+_lock = threading.Lock()
+_ext = None
+_build_error: str | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("PATCHC_MMA_SP", "1").lower() not in ("0", "false", "no")
+
+
+def extension():
+    """The compiled extension (built on first use, then cached by torch in ~/.cache/torch_extensions),
+    or None with a warning naming the reason if it cannot be built here."""
+    global _ext, _build_error
+    if _ext is not None or _build_error is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _build_error is not None:
+            return _ext
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            src = SOURCE.read_text()
+            name = "patchc_mma_sp_" + hashlib.sha256(src.encode()).hexdigest()[:12]
+            decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
+                    "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
+                    "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
+                    "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices);")
+            _ext = load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
+                               extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - no nvcc / no compiler: the Triton kernels still run
+            _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            warnings.warn(f"patchc: the mma.sp decode kernel could not be built ({_build_error}); decode runs "
+                          "on the Triton kernels. Set PATCHC_MMA_SP=0 to silence this.", stacklevel=2)
+    return _ext
+
+
+def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul: bool = False) -> str | None:
+    """Why this call cannot run on the mma.sp kernel (None: it can). Cheap: no build, no sync."""
+    if not enabled():
+        return "PATCHC_MMA_SP=0"
+    if not x.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "needs sm_80+ (sparse tensor cores)"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype} (16-bit only)"
+    if w_dtype != x.dtype:
+        return f"weights {w_dtype} differ from activations {x.dtype}"
+    if not 1 <= x.shape[0] <= MAX_M:
+        return f"M={x.shape[0]} outside 1..{MAX_M}"
+    if sched.tile not in TILES:
+        return f"tile {sched.tile} not in {TILES}"
+    if silu_mul:
+        return "no SiLU*up epilogue"
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        return "x is not 16-byte aligned row-major"
+    return None
+
+
+def smem_bytes(m: int, warps: int, slices: int) -> int:
+    """Shared memory of the final cross-warp reduction: [warps, 16 * slices rows, 8 * MB batch rows] fp32."""
+    mb = 1 if m <= 8 else 2 if m <= 16 else 4
+    return 4 * warps * 16 * slices * 8 * mb
+
+
+def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int) -> str | None:
+    """Why (m, n_out, tile, warps, slices) is not a valid launch (None: it is)."""
+    if not 1 <= m <= MAX_M:
+        return f"M={m} outside 1..{MAX_M}"
+    if tile not in TILES:
+        return f"tile {tile} not in {TILES}"
+    if slices not in (1, 2) or (slices == 2 and m > 16):
+        return f"slices={slices}: 1, or 2 with M <= 16"
+    if not 1 <= warps <= 16:
+        return f"warps={warps} outside 1..16"
+    if n_out % (16 * slices):
+        return f"n_out={n_out} is not a multiple of {16 * slices}"
+    if smem_bytes(m, warps, slices) > 48 * 1024:
+        return f"{warps} warps x {slices} slices at M={m} need {smem_bytes(m, warps, slices)} B of shared memory (max 48 KB)"
+    return None
+
+
+def default_launch(m: int, n_out: int, num_sms: int) -> tuple[int, int]:
+    """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp): M <= 8 uses 16
+    warps on one 16-row slice; M <= 16 gives each CTA two slices (one x load serves both) when that still
+    leaves ~100+ CTAs, and ~16 resident warps an SM."""
+    if m <= 8:
+        return 16, 1
+    slices = 2 if m <= 16 and n_out % 32 == 0 and n_out // 32 >= 96 else 1
+    ctas = n_out // (16 * slices)
+    warps = 4
+    while warps < 16 and 2 * warps * ctas <= 16 * num_sms:
+        warps *= 2
+    return warps, slices
+
+
+def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
+        bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False) -> torch.Tensor:
+    """y [M, n_out] = x [M, K] @ W^T + bias on the sparse tensor cores, one CTA per `slices` x 16 output
+    rows with `warps` warps splitting its K-tiles. The caller checked `unsupported`.
+    poison=True fills y with NaN first, so an element the kernel misses shows."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"the mma.sp kernel is unavailable: {_build_error}")
+    m = x.shape[0]
+    why = launch_error(m, n_out, sched.tile, warps, slices)
+    if why:
+        raise ValueError(f"mma_sp.run: {why}")
+    for name, t, align in (("dense", dense, 16), ("values", values, 16), ("meta", meta, 8)):
+        if t.numel() and t.data_ptr() % align:
+            raise ValueError(f"packed {name} storage is not {align}-byte aligned")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    y = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device) if poison else \
+        torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    ext.hybrid_mma_sp(x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
+                      sched.sparse_start, bias, y, sched.tile, warps, slices)
+    return y
