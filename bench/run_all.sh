@@ -15,5 +15,5 @@ if [[ $what == all || $what == e2e ]]; then
   python3 e2e.py --out "$out/e2e" ${E2E_BUDGET:+--budget-s $E2E_BUDGET} 2>&1 | grep -v -i warn | tail -n 20
 fi
 if [[ $what == all || $what == train ]]; then
-  python3 train_speed.py --out "$out/train_speed" --models ${TRAIN_MODELS:-smollm2,llama3.2-1b} ${FIT:+--fit $FIT} 2>&1 | grep -v -i warn | tail -n 25
+  python3 train_speed.py --out "$out/train_speed" --models ${TRAIN_MODELS:-smollm2-shape,llama3.2-1b} ${FIT:+--fit $FIT} 2>&1 | grep -v -i warn | tail -n 25
 fi

@@ -4,9 +4,10 @@ Per model (bf16 on the GPU, random token batches):
   plain        forward + CE + backward through every weight (the cost of ordinary fine-tuning, no optimizer)
   tile / joint one prune step as patchc.train runs it: MaskNodes in soft mode, CE + density + weight-norm
                terms, with (kd) or without the distillation teacher forward, backward into the mask logits,
-               AdamW step on the logits (patchc.train.step_loss: the same code as the trainer)
+               AdamW step on the logits (patchc.train.step_loss: the same code as the trainer);
+               +rc: the soft masks recomputed in backward (prune --recompute-masks: less memory, slower)
 Models: SmolLM2-135M (its real weights; batch 8 x 2048) and random-weight LLaMA-shaped models from
-LLAMA_SHAPES; `--fit` tries PATCH-Tile (no distillation, batch 1 x 2048) on larger shapes to find the
+LLAMA_SHAPES; `--fit` tries PATCH-Tile (no distillation, masks recomputed, batch 1 x 2048) on larger shapes to find the
 largest whose step fits the GPU.
     python bench/train_speed.py --out bench/results/train_speed [--models smollm2,llama3.2-1b] [--fit llama3.2-3b,llama3-8b]
     python bench/train_speed.py --quick --device cpu --out /tmp/ts      # tiny shapes (tests)
@@ -101,7 +102,7 @@ def plain_step(model, ids):
     return step
 
 
-def mask_step(model, ids, mode: str, distill: float, device):
+def mask_step(model, ids, mode: str, distill: float, device, recompute: bool = False):
     """A prune step's closure (graph capture, mask init with the magnitude prior: no calibration)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -109,7 +110,7 @@ def mask_step(model, ids, mode: str, distill: float, device):
     cap = capture(model)
     tile = choose_tile(cap.gm, cfg)
     plan = find_linears(cap.gm, tile)
-    state = MaskState(generator=torch.Generator(device=device))
+    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute)
     init = init_masks(model, plan, tile, cfg, ids[:1], device, log=_Quiet())
     gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
     nodes = mask_nodes(gm)
@@ -148,8 +149,8 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
             if kind == "plain":
                 fn, info = plain_step(model, ids), {}
             else:
-                mode, _, kd = kind.partition("+")
-                fn, info = mask_step(model, ids, mode, 1.0 if kd == "kd" else 0.0, device)
+                mode, *opts = kind.split("+")  # tile | joint, then +kd (distillation), +rc (recompute masks)
+                fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, "rc" in opts)
             peak_reset(device)
             r.update(info, step_ms=round(timed(fn, device, reps), 1), peak_GB=peak_gb(device), fits=True)
         except torch.OutOfMemoryError as e:
@@ -169,8 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/train_speed")
     ap.add_argument("--models", default="smollm2,llama3.2-1b")
-    ap.add_argument("--kinds", default="plain,tile,tile+kd,joint,joint+kd")
-    ap.add_argument("--fit", default="", help="shapes to try PATCH-Tile on at batch 1 (largest that fits)")
+    ap.add_argument("--kinds", default="plain,tile,tile+kd,joint,joint+kd,tile+rc,joint+kd+rc",
+                    help="+kd: with distillation; +rc: soft masks recomputed in backward (prune --recompute-masks)")
+    ap.add_argument("--fit", default="", help="shapes to try PATCH-Tile (masks recomputed) on at batch 1 (largest that fits)")
     ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
@@ -185,7 +187,7 @@ def main() -> None:
     for name in a.models.split(","):
         rows += measure(name, a.kinds.split(","), int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
     for name in [n for n in a.fit.split(",") if n]:
-        rows += measure(name, ["tile"], 1, a.seq, a.device, dtype, 3)
+        rows += measure(name, ["tile+rc"], 1, a.seq, a.device, dtype, 3)
     env = {**machine_env(a.device), "dtype": str(dtype)}
     cols = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
             ("kind", "kind"), ("step ms", lambda r: r.get("step_ms", "")), ("vs plain", lambda r: r.get("vs_plain", "")),

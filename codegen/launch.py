@@ -57,12 +57,13 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False) -> list[K
            if mma and mma_sp.launch_error(m, n_out, t, w, sl) is None]
     if m <= FUSED_MAX_M:
         # BLOCK_M 128 with 2:4 tiles fails to compile in Triton 3.6 on Hopper ("Illegal shared layout", seen
-        # on the H100 in the 7B-shape property tests): the fused kernel above DECODE_MAX_M uses 64 only.
+        # on the H100 in the 7B-shape property tests): the fused kernel above DECODE_MAX_M uses 64 only, and
+        # BLOCK_M 64 only with BLOCK_N <= 64 when the layer has 2:4 tiles (seen in the GPU property tests too).
         bms = [max(16, m_bucket(m))] if m <= DECODE_MAX_M else [64]
         for bm in bms:
             for bn in sorted({min(t, 32) if t < 64 else 64, min(t, 128)}):
-                if n_out % bn:
-                    continue
+                if n_out % bn or (bm >= 64 and bn > 64 and not sched.all_dense):
+                    continue  # BLOCK_M 64 x BLOCK_N 128 with 2:4 tiles: the same Triton 3.6 layout error (H100)
                 for split in (1, 2, 4, 8):
                     if split <= k_tiles:
                         for warps, stages in ((4, 2), (4, 3)):
@@ -105,6 +106,8 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
     while n_out % bn:
         bn //= 2
     bm = max(16, m_bucket(m))
+    if bm >= 64 and not sched.all_dense:
+        bn = min(bn, 64)  # see candidates(): BLOCK_M 64 x BLOCK_N 128 with 2:4 tiles does not compile (Triton 3.6)
     programs = triton.cdiv(m, bm) * (n_out // bn)
     split = max(1, min(8, sched.k // t, _pow2_floor(max(1, 4 * num_sms // programs))))
     return KernelConfig(bm, bn, split, 4, 3 if mostly_dense else 2)

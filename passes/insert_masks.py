@@ -32,8 +32,9 @@ class MaskState:
     scale_24: float = 100.0
     generator: torch.Generator | None = None
     # Recompute the soft masks in backward instead of keeping them (torch.utils.checkpoint): the per-weight
-    # soft mask, 2:4 probabilities and the norm's input are not held between forward and backward.
-    checkpoint: bool = True
+    # soft mask, 2:4 probabilities and the norm's input are not held between forward and backward. Less memory
+    # (Joint + distillation on a 1B model fits an H100 only with it), slower steps (bench/results/train_speed).
+    checkpoint: bool = False
 
 
 class MaskNode(torch.nn.Module):
@@ -108,9 +109,11 @@ class MaskNode(torch.nn.Module):
         else:
             st = self.state
             noise = mode == "soft"
-            rng = st.generator.get_state() if noise and st.generator is not None else None
+            recompute = st.checkpoint and torch.is_grad_enabled() and (st.generator is not None or not noise)
+            # only a recompute needs the noise replayed: then the draws come from a generator restored to this state
+            rng = st.generator.get_state() if recompute and noise else None
             args = (w, rng, noise, st.tau, st.scale_tile, st.scale_24)
-            if st.checkpoint and torch.is_grad_enabled() and (rng is not None or not noise):
+            if recompute:
                 masked, self.last_gate, self.last_norm = torch.utils.checkpoint.checkpoint(
                     self._soft_masked, *args, use_reentrant=False, preserve_rng_state=False)
             else:

@@ -76,6 +76,8 @@ def add_prune(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the exactly extracted masks every N steps (PPL in log.jsonl: the learning curve)")
+    p.add_argument("--recompute-masks", action="store_true",
+                   help="recompute the soft masks in backward: less GPU memory for large models, slower steps, same result")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_prune)
 
@@ -98,7 +100,8 @@ def run_prune(a) -> int:
     device = _device(a.device)
     res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
                 overwrite=a.overwrite, eval_ppl=a.eval_ppl, eval_seq_len=a.eval_seq_len,
-                eval_windows=a.eval_windows, save_every=a.save_every, eval_every=a.eval_every, progress=not a.quiet)
+                eval_windows=a.eval_windows, save_every=a.save_every, eval_every=a.eval_every,
+                recompute_masks=a.recompute_masks, progress=not a.quiet)
     s = res.report["sparsity"]
     print(f"sparsity {s['achieved']:.4f} (target {s['target']}, one tile = {s['one_tile']:.4f}); "
           f"{len(res.report['layers'])} layers masked, {len(res.report['skipped'])} kept dense -> {res.out_dir}")

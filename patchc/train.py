@@ -255,8 +255,11 @@ class _Log:
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
           device: str = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
-          save_every: int = 50, eval_every: int = 0, progress: bool = True) -> PruneResult:
+          save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False,
+          progress: bool = True) -> PruneResult:
     """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`.
+    recompute_masks=True recomputes the soft masks in backward instead of keeping them: less memory, slower
+    steps, identical results (the learned masks do not depend on it).
     eval_every > 0 (with eval_ppl): every that many steps, the masks extracted at the exact target are
     evaluated and their PPL logged (log.jsonl "ppl"): the learning curve, e.g. to find the token budget
     that saturates quality. It changes nothing the run learns."""
@@ -292,7 +295,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, {len(plan.skipped)} kept dense, "
         f"tile {tile}, {len(plan.groups)} shared-input groups")
 
-    state = MaskState(generator=torch.Generator(device=device))
+    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute_masks)
     start_step, opt_state, extra = 0, {}, {}
     if resume:
         start_step, init, opt_state, extra = load_checkpoint(out, cfg)

@@ -55,7 +55,9 @@ def run_case(t, bitmap, m, dtype, with_bias, seed, cfg_fn, silu=False):
     g = torch.Generator().manual_seed(seed)
     r, c = bitmap.shape
     n, k = r * t, c * t
-    w = torch.randn(n, k, generator=g).to(dtype)
+    # weights at the usual 1/sqrt(K) init scale: with unit weights, K=11008 gives SiLU(gate)*up ~ 1e4 whose
+    # tails overflow float16 (a test-data artifact, seen on the GPU at the 7B shapes)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
     pattern = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
