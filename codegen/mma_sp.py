@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -47,6 +48,9 @@ def extension():
 
             src = SOURCE.read_text()
             name = "patchc_mma_sp_" + hashlib.sha256(src.encode()).hexdigest()[:12]
+            if not _built(name):
+                print("patchc: building the mma.sp decode kernel with nvcc (once per machine and version, about a "
+                      "minute; cached in ~/.cache/torch_extensions)", file=sys.stderr, flush=True)
             decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
                     "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
                     "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
@@ -58,6 +62,16 @@ def extension():
             warnings.warn(f"patchc: the mma.sp decode kernel could not be built ({_build_error}); decode runs "
                           "on the Triton kernels. Set PATCHC_MMA_SP=0 to silence this.", stacklevel=2)
     return _ext
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension cache already holds this build (so loading it is quick)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # noqa: BLE001 - a private helper: if it moves, only the message is lost
+        return False
 
 
 def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul: bool = False) -> str | None:
