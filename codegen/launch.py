@@ -1,7 +1,7 @@
 """Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
-Decode (M <= 64) is memory bound. With 16-bit activations, M <= 32 and an sm_80+ GPU it runs on the
+Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
 Prefill (M > 64) decompresses the layer into a transient dense weight and calls the vendor GEMM; up to
@@ -50,7 +50,7 @@ def _pow2_floor(v: int) -> int:
 def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
-    with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps."""
+    with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices."""
     t = sched.tile
     k_tiles = sched.k // t
     out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp") for w in (4, 8, 16) for sl in (1, 2)
@@ -228,7 +228,7 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     m = x.shape[0]
     mma = mma_available(x, dense, values, sched, silu_mul)
     key = config_key(sched, m, x.dtype, silu_mul, mma)
-    if key in _memory and (_memory[key][1] or not tune):  # the hot path: one dict lookup
+    if key in _memory and (_memory[key][1] or not tune):  # the hot path: a few attribute checks and a dict lookup
         return _memory[key][0]
     with _lock:
         disk = _load_disk()
