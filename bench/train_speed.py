@@ -30,9 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from patchc import PruneConfig  # noqa: E402
 from patchc.models import load_model  # noqa: E402
-from patchc.passes import MaskState, capture, find_linears, insert_masks  # noqa: E402
-from patchc.passes.insert_masks import mask_nodes  # noqa: E402
-from patchc.train import _weight_norms, build_nodes, choose_tile, init_masks, opt_params, step_loss  # noqa: E402
+from patchc.train import _weight_norms, mask_graph, opt_params, step_loss  # noqa: E402
 
 from report import machine_env, write_report  # noqa: E402  (bench/report.py)
 
@@ -107,13 +105,8 @@ def mask_step(model, ids, mode: str, distill: float, device, recompute: bool = F
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100)
-    cap = capture(model)
-    tile = choose_tile(cap.gm, cfg)
-    plan = find_linears(cap.gm, tile)
-    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute)
-    init = init_masks(model, plan, tile, cfg, ids[:1], device, log=_Quiet())
-    gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
-    nodes = mask_nodes(gm)
+    mg = mask_graph(model, cfg, ids[:1], device, recompute_masks=recompute)
+    gm, nodes, state = mg.gm, mg.nodes, mg.state
     params = opt_params(nodes)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
@@ -125,15 +118,8 @@ def mask_step(model, ids, mode: str, distill: float, device, recompute: bool = F
         loss, *_ = step_loss(gm, nodes, state, cfg, ids, numel, w_norm, 10)
         loss.backward()
         opt.step()
-    return step, {"masked_linears": len(nodes), "mask_params": sum(p.numel() for p in params), "tile": tile,
-                  "capture_s": round(cap.seconds, 1)}
-
-
-class _Quiet:
-    progress = False
-
-    def __call__(self, msg):
-        pass
+    return step, {"masked_linears": len(nodes), "mask_params": sum(p.numel() for p in params), "tile": mg.tile,
+                  "capture_s": round(mg.capture_s, 1)}
 
 
 def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, reps: int) -> list[dict]:

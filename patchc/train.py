@@ -157,6 +157,39 @@ def build_nodes(plan, tile: int, state: MaskState, init: dict[str, dict], device
             for s in plan.masked}
 
 
+@dataclass
+class MaskedGraph:
+    """A model's captured graph with a MaskNode on every masked linear (what prune trains)."""
+    gm: torch.fx.GraphModule
+    nodes: list[MaskNode]
+    plan: object                # passes.find_linears.LinearPlan
+    tile: int
+    state: MaskState
+    capture_s: float
+    capture_strategy: str
+
+
+def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor, device, *, init: dict[str, dict] | None = None,
+               recompute_masks: bool = False, log=None, name: str = "the model") -> MaskedGraph:
+    """Capture `model`, choose the tile, find the maskable linears and insert initialised mask nodes: the
+    set-up every prune run (and bench/train_speed.py) does. init: mask logits to start from (a resumed
+    checkpoint's); None initialises them from the one-shot prior on `calib`."""
+    log = log or _Log(progress=False)
+    cap = capture(model)
+    tile = choose_tile(cap.gm, cfg)
+    plan = find_linears(cap.gm, tile, list(cfg.include), list(cfg.exclude))
+    if not plan.masked:
+        raise ValueError(f"no linear layer of {name} can be masked with tile size {tile}: "
+                         + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
+    log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, "
+        f"{len(plan.skipped)} kept dense, tile {tile}, {len(plan.groups)} shared-input groups")
+    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute_masks)
+    if init is None:
+        init = init_masks(model, plan, tile, cfg, calib, device, log)
+    gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
+    return MaskedGraph(gm, mask_nodes(gm), plan, tile, state, cap.seconds, cap.strategy)
+
+
 # ---------------------------------------------------------------------------------------------
 # Extraction: exact global target
 # ---------------------------------------------------------------------------------------------
@@ -286,25 +319,14 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     seqs = chunk(tokens, cfg.seq_len, "training data")
     log(f"data: {tokens.numel():,} tokens -> {len(seqs)} sequences of {cfg.seq_len}")
 
-    cap = capture(hf)
-    tile = choose_tile(cap.gm, cfg)
-    plan = find_linears(cap.gm, tile, list(cfg.include), list(cfg.exclude))
-    if not plan.masked:
-        raise ValueError(f"no linear layer of {model} can be masked with tile size {tile}: "
-                         + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
-    log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, {len(plan.skipped)} kept dense, "
-        f"tile {tile}, {len(plan.groups)} shared-input groups")
-
-    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute_masks)
-    start_step, opt_state, extra = 0, {}, {}
+    start_step, init, opt_state, extra = 0, None, {}, {}
     if resume:
         start_step, init, opt_state, extra = load_checkpoint(out, cfg)
+    mg = mask_graph(hf, cfg, seqs[: cfg.calib_samples], device, init=init, recompute_masks=recompute_masks, log=log,
+                    name=model)
+    if resume:
         log(f"resuming from step {start_step}")
-    else:
-        init = init_masks(hf, plan, tile, cfg, seqs[: cfg.calib_samples], device, log)
-    nodes_by_name = build_nodes(plan, tile, state, init, device)
-    gm = insert_masks(cap.gm, plan, nodes_by_name)
-    nodes = mask_nodes(gm)
+    gm, nodes, plan, tile, state = mg.gm, mg.nodes, mg.plan, mg.tile, mg.state
 
     def logits_fn(ids):
         return gm(ids)
