@@ -170,8 +170,6 @@ def stack_groups_(model: torch.nn.Module, groups: list[list[str]]) -> int:
             for m, t in zip(mods, parts):
                 setattr(m, k, base[start: start + t.shape[0]])
                 start += t.shape[0]
-        for m in mods:
-            m.mark_static()
         n += 1
     return n
 

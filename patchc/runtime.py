@@ -73,20 +73,6 @@ class HybridLinear(torch.nn.Module):
         else:
             self.bias = None
         self._schedule_key: str | None = None
-        self.mark_static()
-
-    def mark_static(self) -> None:
-        """Tell dynamo / CUDA graphs that the packed tensors keep their addresses (as parameters do). Without
-        it they are graph inputs that cudagraphs copies into a second, static allocation: measured on the
-        H100 as a second copy of every packed weight at generate() time (peak 22.7 GB instead of ~12 GB for
-        the 7B shape at 35%). Re-applied after every move (_apply) and by patchc.lower.stack_groups_."""
-        for k in PACKED_FIELDS:
-            torch._dynamo.mark_static_address(getattr(self, k), guard=False)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self.mark_static()  # .to() / .cuda() replace the buffers
-        return out
 
     @property
     def packed(self) -> PackedLayer:

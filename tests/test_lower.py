@@ -226,22 +226,3 @@ def test_cli_lower_and_inspect(pruned, tmp_path):
     r = run("lower", str(pruned["opt"]), "--out", str(tmp_path / "ck"))
     assert r.returncode == 2 and "--overwrite" in r.stderr
 
-
-def test_packed_tensors_are_static_for_cuda_graphs_after_moves_and_stacking():
-    """cudagraphs copies graph inputs it does not know to be static into a second allocation (a second copy of
-    every packed weight, seen on the H100): HybridLinear marks its packed tensors static, also after .to()
-    and after patchc.lower.stack_groups_ replaces them with views of one allocation."""
-    from patchc.format import PACKED_FIELDS, pack_layer
-    from patchc.lower import stack_groups_
-    from patchc.runtime import HybridLinear
-
-    def layer():
-        w = torch.randn(64, 64)
-        return HybridLinear(pack_layer(w, torch.tensor([[1, 0], [0, 0]]), torch.randint(0, 6, (64, 16), dtype=torch.uint8), 32))
-
-    model = torch.nn.Sequential(layer(), layer()).to(torch.float64)
-    assert stack_groups_(model, [["0", "1"]]) == 1
-    for m in model:
-        for k in PACKED_FIELDS:
-            assert getattr(getattr(m, k), "_dynamo_static_input_type", None) == "unguarded", k
-    assert model[0].values.untyped_storage().data_ptr() == model[1].values.untyped_storage().data_ptr()
