@@ -7,9 +7,10 @@
 // stored: no decompression instruction at all. Dense tiles use plain mma.sync.
 //
 // The weight is the A operand ("swap AB"): A = 16 output rows x K, B = x^T (K x 8 batch rows a block),
-// C = y^T. One CTA owns 16 output rows (a slice of one row-tile) and all of K; its warps take that
-// row-tile's tiles round-robin (dense first, then 2:4, in storage order) and reduce through shared
-// memory at the end, so the output is written once, in the output dtype, by one launch.
+// C = y^T. One CTA owns R 16-row slices of one row-tile (R = 1 or 2: each load of x then serves R
+// slices) and all of K; its warps take that row-tile's tiles round-robin (dense first, then 2:4, in
+// storage order) and reduce through shared memory at the end, so the output is written once, in the
+// output dtype, by one launch.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16" and "... sparse mma.m16n8k32"):
 // lane = 4 * g + t (g = groupID, t = threadID_in_group). A (16 x 16 dense, or 16 x 32 sparse stored as
