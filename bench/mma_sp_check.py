@@ -19,13 +19,12 @@ from patchc.codegen.launch import default_config, graph_time_ms, launch
 from patchc.codegen.schedule import build_schedule
 from patchc.format import pack_layer
 
+from kernels import random_bitmap  # bench/kernels.py
+
 
 def make(n, k, m, s, tile=128, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r, c = n // tile, k // tile
-    bm = torch.ones(r * c, dtype=torch.bool)
-    bm[torch.randperm(r * c, generator=g)[:hm.sparse_tile_budget(r * c, s)]] = False
-    bm = bm.reshape(r, c)
+    bm = random_bitmap(n // tile, k // tile, s, g)
     w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
     pat = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
     p = pack_layer(w, bm, pat, tile)

@@ -166,7 +166,6 @@ class MaskedGraph:
     tile: int
     state: MaskState
     capture_s: float
-    capture_strategy: str
 
 
 def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor, device, *, init: dict[str, dict] | None = None,
@@ -187,7 +186,7 @@ def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor, device, *, init: di
     if init is None:
         init = init_masks(model, plan, tile, cfg, calib, device, log)
     gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
-    return MaskedGraph(gm, mask_nodes(gm), plan, tile, state, cap.seconds, cap.strategy)
+    return MaskedGraph(gm, mask_nodes(gm), plan, tile, state, cap.seconds)
 
 
 # ---------------------------------------------------------------------------------------------
