@@ -37,13 +37,62 @@ def err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def ab(old, a):
+    """Old vs current kernel, interleaved in one run on the same packed weights (default launch of each case)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("N x K M s | old us | new us | new/old", flush=True)
+    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+        for m in map(int, a.ms.split(",")):
+            for s in map(float, a.sparsities.split(",")):
+                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
+                warps, sl = mma_sp.default_launch(m, n, sms)
+                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+                ys = [torch.empty(m, n, dtype=x.dtype, device="cuda") for _ in copies]
+
+                def call(ext, c, y):
+                    ext.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
+                                      None, y, sched.tile, warps, sl)
+                for ext in (old, mma_sp.extension()):
+                    call(ext, copies[0], ys[0])
+                    assert err(ys[0], ref) < 1.5e-2, (n, k, m, s)
+                t = {}
+                for rep in range(2):  # old, new, old, new: the better of each
+                    for name, ext in (("old", old), ("new", mma_sp.extension())):
+                        us = graph_time_ms([lambda c=c, y=y, ext=ext: call(ext, c, y) for c, y in zip(copies, ys)]) * 1e3
+                        t[name] = min(t.get(name, 1e9), us)
+                print(f"{n}x{k} M={m} s={s} ({warps}w{sl}s) | {t['old']:.2f} | {t['new']:.2f} | "
+                      f"{t['new'] / t['old']:.3f}", flush=True)
+                del copies, ys
+                torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,16,32")
+    ap.add_argument("--warps", default="4,8,16", help="warps a CTA to try")
+    ap.add_argument("--sparsities", default="0,0.25,0.5")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,1024x4096")
+    ap.add_argument("--ab", default=None, metavar="OLD.cu",
+                    help="time this older mma_sp.cu against the current one (default launches, same run, same data)")
+    ap.add_argument("--only", default=None, metavar="NxK:M:S",
+                    help="just run the default launch of one case 20 times (e.g. under ncu), e.g. 4096x4096:16:0.5")
     a = ap.parse_args()
     t0 = time.time()
     ext = mma_sp.extension()
     print(f"build/load {time.time() - t0:.1f}s ext={ext is not None}", flush=True)
+    if a.ab:
+        ab(mma_sp.build(open(a.ab).read()), a)
+        return
+    if a.only:
+        nk, m, s = a.only.split(":")
+        n, k = map(int, nk.split("x"))
+        x, d, v, e, sched, ref, _, _ = make(n, k, int(m), float(s))
+        warps, sl = mma_sp.default_launch(int(m), n, torch.cuda.get_device_properties(0).multi_processor_count)
+        for _ in range(20):
+            y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl)
+        torch.cuda.synchronize()
+        print(f"{a.only} warps={warps} slices={sl} rel err {err(y, ref):.2e}")
+        return
     for _ in range(1):
         res = []
         for (n, k, m, s, tile, dt) in [(256, 512, 16, 0.0, 128, torch.bfloat16), (256, 512, 16, 0.5, 128, torch.bfloat16),
@@ -57,21 +106,21 @@ def main():
               f"{[f'{r:.1e}' for r in res]}", flush=True)
     bw = 3.0e12
     print("N x K M s | mma us (best warps) | triton us | cublas us | floor us | mma/floor | vs cuBLAS")
-    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096)]:
+    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
         for m in map(int, a.ms.split(",")):
             wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             wds = [wd.clone() for _ in range(max(2, math.ceil((200 << 20) / wd.nbytes)))]
             xx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_cub = graph_time_ms([lambda w=w: F.linear(xx, w) for w in wds]) * 1e3
             del wds, wd
-            for s in (0.0, 0.25, 0.5):
+            for s in map(float, a.sparsities.split(",")):
                 x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
                 copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
                 best = (1e9, 0)
                 allt = {}
-                for warps in (4, 8, 16):
+                for warps in map(int, a.warps.split(",")):
                     for sl in (1, 2):
-                        if sl == 2 and m > 16:
+                        if mma_sp.launch_error(m, n, 128, warps, sl):
                             continue
                         y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True)
                         assert err(y, ref) < 1.5e-2, (n, k, m, s, warps, sl, err(y, ref))

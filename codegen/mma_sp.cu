@@ -46,9 +46,19 @@ PATCHC_MMA(__nv_bfloat16, "bf16", __bfloat162float, __float2bfloat16_rn)
 PATCHC_MMA(__half, "f16", __half2float, __float2half_rn)
 #undef PATCHC_MMA
 
+// x: read-only, cached in L1 (every warp of the CTA reads it again). Weights: read once, so they bypass L1
+// (L1::no_allocate) and leave it to x.
 __device__ __forceinline__ uint4 ld128(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-__device__ __forceinline__ uint2 ld64(const void* p) { return __ldg(reinterpret_cast<const uint2*>(p)); }
-
+__device__ __forceinline__ uint4 ld128_once(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint2 ld64_once(const void* p) {
+  uint2 r;
+  asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+  return r;
+}
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
 // slices, so one load of x serves R slices); TILE: the tile size (64 or 128).
 template <typename T, int MB, int R, int TILE>
@@ -81,13 +91,22 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     for (int b = 0; b < MB; ++b) acc[r][b][0] = acc[r][b][1] = acc[r][b][2] = acc[r][b][3] = 0.f;
   const uint4 zero = make_uint4(0, 0, 0, 0);
 
-  for (int j = warp; j < nd + ns; j += warps) {
+  // Each warp keeps the K columns of its next 32 tiles in a register (one load, then shuffles), so x's loads
+  // do not wait on a dependent load of the tile's column every turn.
+  const int n_tiles = nd + ns;
+  int col_next = 0;  // K column of tile warp + (it0 + lane) * warps, for this warp's turns it0..it0+31
+
+  for (int it = 0, j = warp; j < n_tiles; ++it, j += warps) {
+    if ((it & 31) == 0) {
+      const int jj = j + lane * warps;
+      col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
+    }
+    const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
     if (j < nd) {
       // Dense tile: each slice's 16 rows are 16 * TILE contiguous weights. Each 32-column span is two k16
       // steps; lane t reads columns 8t..8t+7 of the span from A's rows g, g+8 and from x (one 16-byte load
       // each) and feeds 8t..8t+3 to step 0, 8t+4..8t+7 to step 1: a permutation of K applied to A and B alike.
       const int i = d0 + j;
-      const int kc = dense_col[i] * TILE;
       const T* w = dense + ((int64_t)i * TILE + r0) * TILE;  // [16 * R, TILE]
 #pragma unroll
       for (int s = 0; s < TILE / 32; ++s) {
@@ -96,8 +115,8 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
         for (int b = 0; b < MB; ++b) xb[b] = xok[b] ? ld128(xrow[b] + kc + 32 * s + 8 * t) : zero;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          lo[r] = ld128(w + (16 * r + g) * TILE + 32 * s + 8 * t);
-          hi[r] = ld128(w + (16 * r + g + 8) * TILE + 32 * s + 8 * t);
+          lo[r] = ld128_once(w + (16 * r + g) * TILE + 32 * s + 8 * t);
+          hi[r] = ld128_once(w + (16 * r + g + 8) * TILE + 32 * s + 8 * t);
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -116,7 +135,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       // steps (step c: t <- group 4t+c, 4+t <- group 4t+2+c). That permutes whole groups of K, so the
       // metadata nibbles and the x columns are gathered to match (byte permutes and selects, no memory).
       const int i = s0 + (j - nd);
-      const int kc = sparse_col[i] * TILE;
       const T* v = values + ((int64_t)i * TILE + r0) * (TILE / 2);           // [16 * R, TILE / 2]
       const uint8_t* e = meta + ((int64_t)i * TILE + r0) * (TILE / 8);       // [16 * R, TILE / 8]
       const bool odd = t & 1;
@@ -129,10 +147,10 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
         uint32_t x0[MB][4], x1[MB][4];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          vg[r] = ld128(v + (16 * r + g) * (TILE / 2) + 32 * d + 8 * t);
-          vh[r] = ld128(v + (16 * r + g + 8) * (TILE / 2) + 32 * d + 8 * t);
-          eg[r] = ld64(e + (16 * r + g) * (TILE / 8) + 8 * d);                 // 16 groups of row g
-          eh[r] = ld64(e + (16 * r + g + 8) * (TILE / 8) + 8 * d);             // and of row g + 8
+          vg[r] = ld128_once(v + (16 * r + g) * (TILE / 2) + 32 * d + 8 * t);
+          vh[r] = ld128_once(v + (16 * r + g + 8) * (TILE / 2) + 32 * d + 8 * t);
+          eg[r] = ld64_once(e + (16 * r + g) * (TILE / 8) + 8 * d);            // 16 groups of row g
+          eh[r] = ld64_once(e + (16 * r + g + 8) * (TILE / 8) + 8 * d);        // and of row g + 8
         }
 #pragma unroll
         for (int b = 0; b < MB; ++b) {

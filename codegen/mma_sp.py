@@ -44,24 +44,29 @@ def extension():
         if _ext is not None or _build_error is not None:
             return _ext
         try:
-            from torch.utils.cpp_extension import load_inline
-
-            src = SOURCE.read_text()
-            name = "patchc_mma_sp_" + hashlib.sha256(src.encode()).hexdigest()[:12]
-            if not _built(name):
-                print("patchc: building the mma.sp decode kernel with nvcc (once per machine and version, about a "
-                      "minute; cached in ~/.cache/torch_extensions)", file=sys.stderr, flush=True)
-            decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
-                    "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
-                    "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
-                    "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices);")
-            _ext = load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
-                               extra_cuda_cflags=["-O3"], verbose=False)
+            _ext = build(SOURCE.read_text())
         except Exception as e:  # noqa: BLE001 - no nvcc / no compiler: the Triton kernels still run
             _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             warnings.warn(f"patchc: the mma.sp decode kernel could not be built ({_build_error}); decode runs "
                           "on the Triton kernels. Set PATCHC_MMA_SP=0 to silence this.", stacklevel=2)
     return _ext
+
+
+def build(src: str):
+    """Compile (or load from torch's extension cache) the kernel source `src`; named by its hash, so an edited
+    kernel builds anew and bench/mma_sp_check.py --ab can load an older version beside the current one."""
+    from torch.utils.cpp_extension import load_inline
+
+    name = "patchc_mma_sp_" + hashlib.sha256(src.encode()).hexdigest()[:12]
+    if not _built(name):
+        print("patchc: building the mma.sp decode kernel with nvcc (once per machine and version, about a "
+              "minute; cached in ~/.cache/torch_extensions)", file=sys.stderr, flush=True)
+    decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
+            "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
+            "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
+            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices);")
+    return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
+                       extra_cuda_cflags=["-O3"], verbose=False)
 
 
 def _built(name: str) -> bool:
