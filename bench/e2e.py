@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +106,43 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
+    """Build the model of one row (dense or hybrid at a sparsity), time generate(), measure memory."""
+    cuda = str(a.device).startswith("cuda")
+    torch._dynamo.reset()
+    start_gb = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
+    model = build(shape, a.device, dtype)
+    info = {}
+    backend = "inductor"
+    if label.startswith("patch"):
+        import patchc  # noqa: F401  (registers the backend)
+
+        info = hybridize_(model, float(label.split("-")[1]), a.tile)
+        backend = "patch"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        weights_gb = torch.cuda.memory_allocated() / 1e9 - start_gb
+    if a.compile == "hf":  # generate()'s own compile of the decode step (static cache, CUDA graphs)
+        from transformers import CompileConfig
+
+        model.generation_config.compile_config = CompileConfig(backend=backend, mode=mode or "default")
+    else:
+        compiled = torch.compile(model.forward, backend=backend, mode=mode)
+
+        def forward(*args, _compiled=compiled, **kwargs):
+            if mode == "reduce-overhead":  # generate() keeps reading the static cache the last replay wrote
+                torch.compiler.cudagraph_mark_step_begin()
+            return _compiled(*args, **kwargs)
+        model.forward = forward
+    disable[0] = a.compile != "hf"
+    r = {"row": label, **time_generate(model, ids, a.new, a.device), "per_layer_sparsity": info}
+    if cuda:
+        r["weights_GB"] = round(weights_gb, 2)         # the model as loaded (weights, packed or dense)
+        r["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9 - start_gb, 2)  # generate()'s peak
+        r["leftover_at_start_GB"] = round(start_gb, 2)  # memory an earlier row left allocated (in-process runs)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -118,53 +157,38 @@ def main() -> None:
                     help="hf: generate() compiles its decode step with our backend (CompileConfig); "
                          "manual: torch.compile(model.forward)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds (rows resume)")
+    ap.add_argument("--in-process", action="store_true", help="on CUDA, run every row in this process (default: "
+                    "one child process a row, so that peak memory is the row's own)")
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # a child process runs this one row
     a = ap.parse_args()
     shape = QUICK if a.quick else SEVEN_B
     if a.quick:
         a.batch, a.prompt, a.new, a.tile = 2, 16, 6, 64
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     mode = "reduce-overhead" if a.device.startswith("cuda") else None
+    torch.manual_seed(0)
     ids = torch.randint(0, shape["vocab"], (a.batch, a.prompt), device=a.device)
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    for label in ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]:
+    labels = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
+    for label in labels if a.row is None else [a.row]:
         dest = out / "rows" / f"{label}.json"
         if dest.is_file():  # rows are written one by one: a run cut short continues here
             continue
         if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
             print(f"budget spent, stopping before {label}", flush=True)
             break
-        torch._dynamo.reset()
-        model = build(shape, a.device, dtype)
-        info = {}
-        backend = "inductor"
-        if label.startswith("patch"):
-            import patchc  # noqa: F401  (registers the backend)
-
-            info = hybridize_(model, float(label.split("-")[1]), a.tile)
-            backend = "patch"
-        if str(a.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        if a.compile == "hf":  # generate()'s own compile of the decode step (static cache, CUDA graphs)
-            from transformers import CompileConfig
-
-            model.generation_config.compile_config = CompileConfig(backend=backend, mode=mode or "default")
-        else:
-            compiled = torch.compile(model.forward, backend=backend, mode=mode)
-
-            def forward(*args, _compiled=compiled, **kwargs):
-                if mode == "reduce-overhead":  # generate() keeps reading the static cache the last replay wrote
-                    torch.compiler.cudagraph_mark_step_begin()
-                return _compiled(*args, **kwargs)
-            model.forward = forward
-        disable[0] = a.compile != "hf"
-        r = {"row": label, **time_generate(model, ids, a.new, a.device), "per_layer_sparsity": info}
-        if str(a.device).startswith("cuda"):
-            r["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if a.row is None and a.device.startswith("cuda") and not a.in_process:
+            # one process a row: what one model costs, with nothing left over from the row before (compiled
+            # graphs and CUDA-graph pools of an earlier model outlive torch._dynamo.reset() in one process)
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", label], check=True)
+            continue
+        r = run_row(label, a, shape, ids, dtype, mode)
         dest.write_text(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)
-        del model
+    if a.row is not None:
+        return
     order = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
     rows = [json.loads((out / "rows" / f"{x}.json").read_text()) for x in order if (out / "rows" / f"{x}.json").is_file()]
     if not any(r["row"] in ("dense-inductor", "patch-0") for r in rows):
@@ -176,7 +200,7 @@ def main() -> None:
            "mode": mode, "compile": a.compile}
     cols = [("row", "row"), ("tokens/s", "new_tokens_per_s"), ("total ms", "total_ms"), ("prefill ms", "prefill_ms"),
             ("decode ms/token", "decode_ms_per_token"), ("first call s", "first_call_s"),
-            ("speedup vs best dense", "speedup_vs_best_dense")]
+            ("speedup vs best dense", "speedup_vs_best_dense"), ("weights GB", "weights_GB"), ("peak GB", "peak_mem_GB")]
     print(write_report(Path(a.out), "e2e", f"End to end ({env['device']}, torch {env['torch']}, batch {a.batch}, "
                        f"{a.prompt}+{a.new} tokens)", cols, rows, env))
 

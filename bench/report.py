@@ -32,7 +32,7 @@ def write_report(out: Path, name: str, title: str, columns: list[tuple[str, obje
     out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "rows": rows} if env is not None else rows
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    cell = lambda r, k: k(r) if callable(k) else r[k]  # noqa: E731
+    cell = lambda r, k: k(r) if callable(k) else r.get(k, "")  # noqa: E731
     md = [f"# {title}", ""] + ([note, ""] if note else [])
     md += ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(str(cell(r, k)) for _, k in columns) + " |" for r in rows]
