@@ -175,8 +175,9 @@ def main() -> None:
     title = (f"Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})")
     cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"),
-            ("kernel", lambda r: r["config"].get("engine", "triton") if r["config"]["split_k"] or
-             r["config"].get("engine") == "mma_sp" else "decompress+cuBLAS"), ("patch us", "patch_us"),
+            ("kernel", lambda r: (r["config"].get("engine", "triton") + (" staged" if r["config"].get("staged") else ""))
+             if r["config"]["split_k"] or r["config"].get("engine") == "mma_sp" else "decompress+cuBLAS"),
+            ("patch us", "patch_us"),
             ("cuBLAS us", "cublas_us"), ("compiled us", lambda r: r.get("compiled_us", "")),
             ("cuSPARSELt 2:4 us", lambda r: r.get("cslt_us", "") if r["sparsity"] == 0.5 else ""),
             ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),

@@ -45,13 +45,14 @@ def ab(old, a):
         for m in map(int, a.ms.split(",")):
             for s in map(float, a.sparsities.split(",")):
                 x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
-                warps, sl = mma_sp.default_launch(m, n, sms)
+                warps, sl = mma_sp.default_launch(m, n, sms, 128, bool(a.ab_staged))
                 copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
                 ys = [torch.empty(m, n, dtype=x.dtype, device="cuda") for _ in copies]
 
                 def call(ext, c, y):
+                    extra = (int(a.ab_staged),) if ext is not old else ()
                     ext.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
-                                      None, y, sched.tile, warps, sl)
+                                      None, y, sched.tile, warps, sl, *extra)
                 for ext in (old, mma_sp.extension()):
                     call(ext, copies[0], ys[0])
                     assert err(ys[0], ref) < 1.5e-2, (n, k, m, s)
@@ -70,10 +71,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,16,32")
     ap.add_argument("--warps", default="4,8,16", help="warps a CTA to try")
+    ap.add_argument("--staged", default="0,1", help="weights by direct loads (0) and/or through shared memory (1)")
     ap.add_argument("--sparsities", default="0,0.25,0.5")
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,1024x4096")
     ap.add_argument("--ab", default=None, metavar="OLD.cu",
                     help="time this older mma_sp.cu against the current one (default launches, same run, same data)")
+    ap.add_argument("--ab-staged", type=int, default=0, help="--ab: run the current kernel staged (1) or not (0)")
     ap.add_argument("--only", default=None, metavar="NxK:M:S",
                     help="just run the default launch of one case 20 times (e.g. under ncu), e.g. 4096x4096:16:0.5")
     a = ap.parse_args()
@@ -87,11 +90,13 @@ def main():
         nk, m, s = a.only.split(":")
         n, k = map(int, nk.split("x"))
         x, d, v, e, sched, ref, _, _ = make(n, k, int(m), float(s))
-        warps, sl = mma_sp.default_launch(int(m), n, torch.cuda.get_device_properties(0).multi_processor_count)
+        staged = mma_sp.staged_available(x, e)
+        warps, sl = mma_sp.default_launch(int(m), n, torch.cuda.get_device_properties(0).multi_processor_count, 128,
+                                          staged)
         for _ in range(20):
             y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl)
         torch.cuda.synchronize()
-        print(f"{a.only} warps={warps} slices={sl} rel err {err(y, ref):.2e}")
+        print(f"{a.only} warps={warps} slices={sl} staged={staged} rel err {err(y, ref):.2e}")
         return
     for _ in range(1):
         res = []
@@ -100,8 +105,9 @@ def main():
                                        (128, 256, 3, 0.25, 64, torch.float16), (128, 640, 9, 0.3, 128, torch.bfloat16)]:
             x, d, v, e, sched, ref, _, _ = make(n, k, m, s, tile, dt)
             for warps, sl in ((1, 1), (4, 2 if m <= 16 else 1), (3, 2 if m <= 16 else 1)):
-                y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True)
-                res.append(err(y, ref))
+                for st in (False, True):
+                    y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, staged=st)
+                    res.append(err(y, ref))
         print(f"small cases: max rel err {max(res):.2e} {'OK' if max(res) < 1.5e-2 else 'WRONG'} "
               f"{[f'{r:.1e}' for r in res]}", flush=True)
     bw = 3.0e12
@@ -118,21 +124,23 @@ def main():
                 copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
                 best = (1e9, 0)
                 allt = {}
-                for warps in map(int, a.warps.split(",")):
-                    for sl in (1, 2):
-                        if mma_sp.launch_error(m, n, 128, warps, sl):
-                            continue
-                        y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True)
-                        assert err(y, ref) < 1.5e-2, (n, k, m, s, warps, sl, err(y, ref))
-                        us = graph_time_ms([lambda c=c, w_=warps, s_=sl: mma_sp.run(x, *c, sched, None, n, w_, s_)
-                                            for c in copies]) * 1e3
-                        allt[f"{warps}w{sl}s"] = round(us, 1)
-                        best = min(best, (us, f"{warps}w{sl}s"))
+                for st in map(int, a.staged.split(",")):
+                    dflt = mma_sp.default_launch(m, n, 132, 128, bool(st))
+                    for warps in sorted({*map(int, a.warps.split(",")), dflt[0]}):
+                        for sl in (1, 2):
+                            if mma_sp.launch_error(m, n, 128, warps, sl, bool(st)):
+                                continue
+                            y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, staged=bool(st))
+                            assert err(y, ref) < 1.5e-2, (n, k, m, s, warps, sl, st, err(y, ref))
+                            us = graph_time_ms([lambda c=c, w_=warps, s_=sl, st_=bool(st): mma_sp.run(
+                                x, *c, sched, None, n, w_, s_, staged=st_) for c in copies]) * 1e3
+                            name = f"{warps}w{sl}s{'S' if st else ''}" + ("*" if (warps, sl) == dflt else "")
+                            allt[name] = round(us, 1)
+                            best = min(best, (us, name))
                 cfg = default_config(m, sched, n)
                 t_tri = graph_time_ms([lambda c=c: launch(x, *c, sched, None, n, cfg) for c in copies]) * 1e3
                 floor = (p.nbytes + x.nbytes + m * n * 2) / bw * 1e6
-                dw = mma_sp.default_launch(m, n, 132)
-                print(f"{n}x{k} M={m} s={s} | {best[0]:.2f} ({best[1]}, default {dw}) | {t_tri:.2f} | {t_cub:.2f} | "
+                print(f"{n}x{k} M={m} s={s} | {best[0]:.2f} ({best[1]}; * = default) | {t_tri:.2f} | {t_cub:.2f} | "
                       f"{floor:.2f} | {best[0] / floor:.2f} | {t_cub / best[0]:.2f}x {allt}", flush=True)
                 del copies
                 torch.cuda.empty_cache()

@@ -37,6 +37,7 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8
     engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32)
+    staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
 
 
 def m_bucket(m: int) -> int:
@@ -47,14 +48,16 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False) -> list[KernelConfig]:
+def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
-    with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices."""
+    with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices,
+    and with staged=True (sm_90+) its staged variant at those and at its default warps."""
     t = sched.tile
     k_tiles = sched.k // t
-    out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp") for w in (4, 8, 16) for sl in (1, 2)
-           if mma and mma_sp.launch_error(m, n_out, t, w, sl) is None]
+    out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp", staged=stg) for stg in (False, True)
+           for w in sorted({4, 8, 16, mma_sp.default_launch(m, n_out, 132, t, stg)[0]}) for sl in (1, 2)
+           if mma and (staged or not stg) and mma_sp.launch_error(m, n_out, t, w, sl, stg) is None]
     if m <= FUSED_MAX_M:
         # BLOCK_M 128 with 2:4 tiles fails to compile in Triton 3.6 on Hopper ("Illegal shared layout", seen
         # on the H100 in the 7B-shape property tests): the fused kernel above DECODE_MAX_M uses 64 only, and
@@ -89,15 +92,27 @@ def graph_time_ms(fns: list, reps: int = 10) -> float:
     return ms / (reps * len(fns))
 
 
-def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False) -> KernelConfig:
-    """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel.
+def staged_by_default(m: int, sched: Schedule) -> bool:
+    """Whether the untuned mma_sp launch stages the weights through shared memory: at M <= 8 on layers with at
+    least half their tiles dense (H100, bench/results/mma_sp/sweep_staged*.log, default launches: M=1 at 0%
+    0.90-0.97x the time of direct loads on the 7B shapes, at 50% 1.02-1.17x; M=16 with 2:4 tiles, best
+    launches, 1.03-1.17x)."""
+    n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
+    return m <= 8 and sched.dense_col.numel() >= 0.5 * n_tiles
+
+
+def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
+                   staged: bool = False) -> KernelConfig:
+    """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
+    staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
     mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
     (at most 8); prefill decompresses and calls the vendor GEMM."""
     t = sched.tile
     if mma and m <= mma_sp.DEFAULT_MAX_M:
-        warps, slices = mma_sp.default_launch(m, n_out, num_sms)
-        return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp")
+        stg = staged and staged_by_default(m, sched)
+        warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg)
+        return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
     if m > DECODE_MAX_M:
         return KernelConfig(0, 0, 0, 4, 1)
     n_tiles = (sched.n // t) * (sched.k // t)
@@ -122,7 +137,8 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     t = sched.tile
     assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
     if cfg.engine == "mma_sp":
-        return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison)
+        return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
+                          staged=cfg.staged)
     if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
         w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
         y = torch.nn.functional.linear(x, w, bias)  # [M, K] @ [K, N]
@@ -197,13 +213,14 @@ def _save_disk(entries: dict) -> None:
         pass  # a read-only cache folder costs re-tuning, not correctness
 
 
-def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False) -> str:
+def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False,
+               staged: bool = False) -> str:
     """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
     return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
-            f"|silu{int(silu_mul)}|mma{int(mma)}")
+            f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else ""))
 
 
 def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
@@ -227,7 +244,8 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     tune = autotune_enabled() if tune is None else tune
     m = x.shape[0]
     mma = mma_available(x, dense, values, sched, silu_mul)
-    key = config_key(sched, m, x.dtype, silu_mul, mma)
+    staged = mma and mma_sp.staged_available(x, meta)
+    key = config_key(sched, m, x.dtype, silu_mul, mma, staged)
     if key in _memory and (_memory[key][1] or not tune):  # the hot path: a few attribute checks and a dict lookup
         return _memory[key][0]
     with _lock:
@@ -238,17 +256,17 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged), False)
         return _memory[key][0]
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, mma):
+    for cfg in candidates(m, sched, n_out, mma, staged):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma)
+    best = best or default_config(m, sched, n_out, sms, mma, staged)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

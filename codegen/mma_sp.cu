@@ -10,7 +10,9 @@
 // C = y^T. One CTA owns R 16-row slices of one row-tile (R = 1 or 2: each load of x then serves R
 // slices) and all of K; its warps take that row-tile's tiles round-robin (dense first, then 2:4, in
 // storage order) and reduce through shared memory at the end, so the output is written once, in the
-// output dtype, by one launch.
+// output dtype, by one launch. Weights reach the registers either by direct loads (bypassing L1), or
+// (STAGED, sm_90+) through a ring of two shared-memory buffers per warp that the bulk copy engine fills a
+// tile ahead: faster at M <= 8 on mostly-dense layers, slower with many 2:4 tiles (bench/NOTES.md, v7).
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16" and "... sparse mma.m16n8k32"):
 // lane = 4 * g + t (g = groupID, t = threadID_in_group). A (16 x 16 dense, or 16 x 32 sparse stored as
@@ -59,16 +61,77 @@ __device__ __forceinline__ uint2 ld64_once(const void* p) {
   asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
   return r;
 }
+// Staged path (sm_90+): each warp streams its tiles into a ring of STAGES shared-memory buffers with the
+// bulk-copy engine (cp.async.bulk, completion on an mbarrier), so the loads in flight are held in shared
+// memory rather than registers, and the next tiles' bytes arrive while the tensor cores run this one.
+constexpr int STAGES = 2;
+// A tile's rows of this CTA are one contiguous span per field, fetched with one bulk copy each (row by row
+// into a padded pitch was 1.1-1.4x slower with 2:4 tiles on the H100: many 128-byte copies). Unpadded, the
+// two rows a quarter-warp reads share banks (2-way conflicts on ld.shared.v4).
+__host__ __device__ constexpr int smem_pitch(int bytes) { return bytes; }
+template <typename T, int R, int TILE>
+struct Stage {
+  static constexpr int DENSE_PITCH = smem_pitch(TILE * (int)sizeof(T));        // a dense row
+  static constexpr int VALUE_PITCH = smem_pitch(TILE / 2 * (int)sizeof(T));    // a 2:4 row's kept values
+  static constexpr int DENSE_BYTES = 16 * R * TILE * (int)sizeof(T);           // bytes a dense tile brings
+  static constexpr int SPARSE_BYTES = 16 * R * (TILE / 2 * (int)sizeof(T) + TILE / 8);
+  static constexpr int META_OFFSET = 16 * R * VALUE_PITCH;                     // codes after the values
+  static constexpr int SIZE = (16 * R * DENSE_PITCH > META_OFFSET + 16 * R * TILE / 8
+                                   ? 16 * R * DENSE_PITCH : META_OFFSET + 16 * R * TILE / 8);
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
+  return r;
+}
+__device__ __forceinline__ uint2 lds64(uint32_t a) {
+  uint2 r;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(a));
+  return r;
+}
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(uint32_t bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred P1;\n"
+      "WAIT:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "\t@!P1 bra WAIT;\n}" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+// Shared-memory reads of a buffer (generic proxy) before the bulk copy engine (async proxy) refills it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+#else
+__device__ __forceinline__ void mbar_init(uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void fence_proxy_async() {}
+#endif
+
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
-// slices, so one load of x serves R slices); TILE: the tile size (64 or 128).
-template <typename T, int MB, int R, int TILE>
+// slices, so one load of x serves R slices); TILE: the tile size (64 or 128); STAGED: weights through the
+// shared-memory ring (sm_90+) instead of direct loads.
+template <typename T, int MB, int R, int TILE, bool STAGED>
 __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ x, int M, int64_t stride_xm,
     const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
     const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
     const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
     const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym) {
-  extern __shared__ float partial[];                     // [warps, 16 * R rows, 8 * MB batch rows]
+  // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
+  // tile loop, the cross-warp reduction's [warps, 16 * R rows, 8 * MB batch rows] fp32 partials (aliasing it).
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* partial = reinterpret_cast<float*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * (16 * R);                  // first output feature of this CTA
@@ -96,12 +159,41 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
   const int n_tiles = nd + ns;
   int col_next = 0;  // K column of tile warp + (it0 + lane) * warps, for this warp's turns it0..it0+31
 
+  using S = Stage<T, R, TILE>;
+  const uint32_t ring = smem_u32(smem) + warp * STAGES * S::SIZE;               // this warp's buffers
+  const uint32_t bars = smem_u32(smem) + warps * STAGES * S::SIZE + warp * STAGES * 8;
+  // Ask the bulk copy engine for tile jj's rows of this CTA into buffer `buf` (one copy per field).
+  auto fetch = [&](int jj, int buf) {
+    if (jj >= n_tiles) return;
+    const uint32_t dst = ring + buf * S::SIZE, bar = bars + buf * 8;
+    if (lane == 0) mbar_expect(bar, jj < nd ? S::DENSE_BYTES : S::SPARSE_BYTES);
+    __syncwarp();
+    if (lane == 0) {
+      if (jj < nd) {
+        bulk_copy(dst, dense + ((int64_t)(d0 + jj) * TILE + r0) * TILE, S::DENSE_BYTES, bar);
+      } else {
+        const int64_t i = s0 + (jj - nd);
+        bulk_copy(dst, values + (i * TILE + r0) * (TILE / 2), 16 * R * TILE / 2 * sizeof(T), bar);
+        bulk_copy(dst + S::META_OFFSET, meta + (i * TILE + r0) * (TILE / 8), 16 * R * TILE / 8, bar);
+      }
+    }
+  };
+  if constexpr (STAGED) {
+    if (lane == 0)
+      for (int b = 0; b < STAGES; ++b) mbar_init(bars + b * 8);
+    __syncwarp();
+    for (int b = 0; b < STAGES; ++b) fetch(warp + b * warps, b);
+  }
+
   for (int it = 0, j = warp; j < n_tiles; ++it, j += warps) {
     if ((it & 31) == 0) {
       const int jj = j + lane * warps;
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
+    const int buf = it % STAGES;
+    const uint32_t sb = ring + buf * S::SIZE;                                     // this tile's buffer (STAGED)
+    if constexpr (STAGED) mbar_wait(bars + buf * 8, (it / STAGES) & 1);
     if (j < nd) {
       // Dense tile: each slice's 16 rows are 16 * TILE contiguous weights. Each 32-column span is two k16
       // steps; lane t reads columns 8t..8t+7 of the span from A's rows g, g+8 and from x (one 16-byte load
@@ -115,8 +207,13 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
         for (int b = 0; b < MB; ++b) xb[b] = xok[b] ? ld128(xrow[b] + kc + 32 * s + 8 * t) : zero;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          lo[r] = ld128_once(w + (16 * r + g) * TILE + 32 * s + 8 * t);
-          hi[r] = ld128_once(w + (16 * r + g + 8) * TILE + 32 * s + 8 * t);
+          if constexpr (STAGED) {
+            lo[r] = lds128(sb + (16 * r + g) * S::DENSE_PITCH + (32 * s + 8 * t) * sizeof(T));
+            hi[r] = lds128(sb + (16 * r + g + 8) * S::DENSE_PITCH + (32 * s + 8 * t) * sizeof(T));
+          } else {
+            lo[r] = ld128_once(w + (16 * r + g) * TILE + 32 * s + 8 * t);
+            hi[r] = ld128_once(w + (16 * r + g + 8) * TILE + 32 * s + 8 * t);
+          }
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -147,10 +244,17 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
         uint32_t x0[MB][4], x1[MB][4];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          vg[r] = ld128_once(v + (16 * r + g) * (TILE / 2) + 32 * d + 8 * t);
-          vh[r] = ld128_once(v + (16 * r + g + 8) * (TILE / 2) + 32 * d + 8 * t);
-          eg[r] = ld64_once(e + (16 * r + g) * (TILE / 8) + 8 * d);            // 16 groups of row g
-          eh[r] = ld64_once(e + (16 * r + g + 8) * (TILE / 8) + 8 * d);        // and of row g + 8
+          if constexpr (STAGED) {
+            vg[r] = lds128(sb + (16 * r + g) * S::VALUE_PITCH + (32 * d + 8 * t) * sizeof(T));
+            vh[r] = lds128(sb + (16 * r + g + 8) * S::VALUE_PITCH + (32 * d + 8 * t) * sizeof(T));
+            eg[r] = lds64(sb + S::META_OFFSET + (16 * r + g) * (TILE / 8) + 8 * d);
+            eh[r] = lds64(sb + S::META_OFFSET + (16 * r + g + 8) * (TILE / 8) + 8 * d);
+          } else {
+            vg[r] = ld128_once(v + (16 * r + g) * (TILE / 2) + 32 * d + 8 * t);
+            vh[r] = ld128_once(v + (16 * r + g + 8) * (TILE / 2) + 32 * d + 8 * t);
+            eg[r] = ld64_once(e + (16 * r + g) * (TILE / 8) + 8 * d);          // 16 groups of row g
+            eh[r] = ld64_once(e + (16 * r + g + 8) * (TILE / 8) + 8 * d);      // and of row g + 8
+          }
         }
 #pragma unroll
         for (int b = 0; b < MB; ++b) {
@@ -186,9 +290,13 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
         }
       }
     }
+    if constexpr (STAGED) {  // every lane has read this buffer: refill it with the tile STAGES turns ahead
+      __syncwarp();
+      fence_proxy_async();
+      fetch(j + STAGES * warps, buf);
+    }
   }
-
-  // Reduce the warps' partial sums, add the bias, write y once.
+  if constexpr (STAGED) __syncthreads();  // the partials below alias other warps' buffers
   constexpr int ROWS = 16 * R, COLS = 8 * MB;
   float* mine = partial + warp * ROWS * COLS;
 #pragma unroll
@@ -221,24 +329,46 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
 
 namespace patchc {
 
+// Dynamic shared memory of a launch: the cross-warp partials, or for STAGED the ring (which they alias) + barriers.
+template <typename T, int R, int TILE>
+size_t smem_bytes(bool staged, int warps, int mb) {
+  const size_t partial = sizeof(float) * warps * 16 * R * 8 * mb;
+  if (!staged) return partial;
+  const size_t ring = (size_t)warps * STAGES * Stage<T, R, TILE>::SIZE;
+  return (ring > partial ? ring : partial) + (size_t)warps * STAGES * 8;
+}
+
+template <typename T, int MB, int R, int TILE, bool STAGED>
+void launch_kernel(int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm, const T* dense,
+                   const T* values, const uint8_t* meta, const int* dcol, const int* scol, const int* dstart,
+                   const int* sstart, const T* bias, T* y, int64_t sym) {
+  auto kernel = hybrid_mma_sp_kernel<T, MB, R, TILE, STAGED>;
+  const size_t smem = smem_bytes<T, R, TILE>(STAGED, warps, MB);
+  if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  kernel<<<grid, dim3(32 * warps), smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y,
+                                                   sym);
+}
+
 template <typename T, int MB, int R>
-void launch_tile(int tile, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const T* x, int M,
-                 int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
-                 const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
-  if (tile == 64)
-    hybrid_mma_sp_kernel<T, MB, R, 64><<<grid, block, smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol,
-                                                                     dstart, sstart, bias, y, sym);
-  else
-    hybrid_mma_sp_kernel<T, MB, R, 128><<<grid, block, smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol,
-                                                                      dstart, sstart, bias, y, sym);
+void launch_tile(int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm,
+                 const T* dense, const T* values, const uint8_t* meta, const int* dcol, const int* scol,
+                 const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
+#define PATCHC_K(TILE_, STAGED_) \
+  launch_kernel<T, MB, R, TILE_, STAGED_>(warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
+  if (tile == 64) {
+    if (staged) PATCHC_K(64, true); else PATCHC_K(64, false);
+  } else {
+    if (staged) PATCHC_K(128, true); else PATCHC_K(128, false);
+  }
+#undef PATCHC_K
 }
 
 template <typename T>
-void launch_typed(int mb, int rows, int tile, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const T* x,
+void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x,
                   int M, int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
                   const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
 #define PATCHC_LAUNCH(MB_, R_) \
-  launch_tile<T, MB_, R_>(tile, grid, block, smem, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
+  launch_tile<T, MB_, R_>(tile, staged, warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
   if (rows == 1) {
     if (mb == 1) PATCHC_LAUNCH(1, 1); else if (mb == 2) PATCHC_LAUNCH(2, 1); else PATCHC_LAUNCH(4, 1);
   } else {
@@ -254,7 +384,7 @@ void launch_typed(int mb, int rows, int tile, dim3 grid, dim3 block, size_t smem
 void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
                    torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
                    torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
-                   int64_t tile, int64_t warps, int64_t slices) {
+                   int64_t tile, int64_t warps, int64_t slices, int64_t staged) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
   // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
   // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
@@ -269,9 +399,9 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   const int mb = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
   TORCH_CHECK(slices == 1 || mb <= 2, "hybrid_mma_sp: 2 slices a CTA need M <= 16");
   const c10::cuda::CUDAGuard guard(x.device());
-  const dim3 grid(n_out / (16 * slices)), block(32 * warps);
-  const size_t smem = sizeof(float) * warps * 16 * slices * 8 * mb;
-  TORCH_CHECK(smem <= 48 * 1024, "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
+  const dim3 grid(n_out / (16 * slices));
+  TORCH_CHECK(staged || sizeof(float) * warps * 16 * slices * 8 * mb <= 48 * 1024,
+              "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int* dcol = dense_col.data_ptr<int>();
   const int* scol = sparse_col.data_ptr<int>();
@@ -281,14 +411,14 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   if (x.scalar_type() == at::kBFloat16) {
     using T = __nv_bfloat16;
     auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
-    patchc::launch_typed<T>(mb, slices, tile, grid, block, smem, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
                             dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
                             reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
   } else {
     TORCH_CHECK(x.scalar_type() == at::kHalf, "hybrid_mma_sp: x must be bfloat16 or float16");
     using T = __half;
     auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
-    patchc::launch_typed<T>(mb, slices, tile, grid, block, smem, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
                             dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
                             reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
   }

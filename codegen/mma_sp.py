@@ -5,7 +5,8 @@ instruction bound (bench/NOTES.md, v4: ~8 instructions a weight, 1.9-2.7x the by
 The packed format's 4-bit codes are exactly mma.sp's metadata, so this kernel (mma_sp.cu, CUDA C++
 built once per machine with torch.utils.cpp_extension) feeds the stored values and codes to the
 tensor cores as they lie. It serves 16-bit activations with M <= 32 on sm_80+ GPUs; everything else
-keeps the Triton kernels. PATCHC_MMA_SP=0 turns it off.
+keeps the Triton kernels. PATCHC_MMA_SP=0 turns it off. On sm_90+ a staged variant streams the weights
+through shared memory with bulk copies (codegen/launch.py decides where; PATCHC_MMA_SP_STAGED=0 turns it off).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def build(src: str):
     decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
             "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
             "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
-            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices);")
+            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged);")
     return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
                        extra_cuda_cflags=["-O3"], verbose=False)
 
@@ -102,14 +103,40 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul
     return None
 
 
-def smem_bytes(m: int, warps: int, slices: int) -> int:
-    """Shared memory of the final cross-warp reduction: [warps, 16 * slices rows, 8 * MB batch rows] fp32."""
+STAGES = 2                # buffers a warp streams its tiles through (mma_sp.cu STAGES)
+SM_SMEM = 228 * 1024      # shared memory of an SM (sm_90), less 1 KB a resident CTA
+MAX_SMEM = 227 * 1024     # dynamic shared memory one CTA may opt in to (sm_90)
+
+
+def _pitch(nbytes: int) -> int:
+    return nbytes  # mma_sp.cu smem_pitch
+
+
+def stage_bytes(tile: int, slices: int) -> int:
+    """One buffer of the staged ring: the CTA's rows of a dense tile (padded pitch), or of a 2:4 tile's values
+    (padded) and codes."""
+    rows = 16 * slices
+    return max(rows * _pitch(2 * tile), rows * _pitch(tile) + rows * tile // 8)
+
+
+def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = False) -> int:
+    """Dynamic shared memory of a launch: the final cross-warp reduction's [warps, 16 * slices rows, 8 * MB
+    batch rows] fp32 partials, or for the staged kernel the ring they alias plus its mbarriers."""
     mb = 1 if m <= 8 else 2 if m <= 16 else 4
-    return 4 * warps * 16 * slices * 8 * mb
+    partial = 4 * warps * 16 * slices * 8 * mb
+    if not staged:
+        return partial
+    return max(partial, warps * STAGES * stage_bytes(tile, slices)) + warps * STAGES * 8
 
 
-def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int) -> str | None:
-    """Why (m, n_out, tile, warps, slices) is not a valid launch (None: it is)."""
+def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
+    """The staged kernel (bulk copies into shared memory) needs sm_90+ and 16-byte aligned codes."""
+    return (torch.cuda.get_device_capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
+            and (meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0))
+
+
+def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged: bool = False) -> str | None:
+    """Why (m, n_out, tile, warps, slices, staged) is not a valid launch (None: it is)."""
     if not 1 <= m <= MAX_M:
         return f"M={m} outside 1..{MAX_M}"
     if tile not in TILES:
@@ -120,19 +147,30 @@ def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int) -> str 
         return f"warps={warps} outside 1..16"
     if n_out % (16 * slices):
         return f"n_out={n_out} is not a multiple of {16 * slices}"
-    if smem_bytes(m, warps, slices) > 48 * 1024:
-        return f"{warps} warps x {slices} slices at M={m} need {smem_bytes(m, warps, slices)} B of shared memory (max 48 KB)"
+    need, cap = smem_bytes(m, warps, slices, tile, staged), MAX_SMEM if staged else 48 * 1024
+    if need > cap:
+        return f"{warps} warps x {slices} slices at M={m} need {need} B of shared memory (max {cap})"
     return None
 
 
-def default_launch(m: int, n_out: int, num_sms: int) -> tuple[int, int]:
-    """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp): M <= 8 uses 16
-    warps on one 16-row slice; M <= 16 gives each CTA two slices (one x load serves both) when that still
-    leaves ~100+ CTAs, and ~16 resident warps an SM."""
+def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
+    """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp). M <= 16 gives each
+    CTA two slices (one x load serves both) when that still leaves ~100+ CTAs. Direct loads: M <= 8 uses 16
+    warps on one slice, else warps up to ~16 resident an SM. Staged: the most warps a CTA such that every CTA
+    is resident at once (one wave), with at most 16 warps an SM."""
+    slices = 2 if 8 < m <= 16 and n_out % 32 == 0 and n_out // 32 >= 96 else 1
+    ctas = n_out // (16 * slices)
+    if staged:
+        for warps in range(16, 0, -1):
+            smem = smem_bytes(m, warps, slices, tile, True)
+            if smem > MAX_SMEM:
+                continue
+            per_sm = min(SM_SMEM // (smem + 1024), 16 // warps)
+            if per_sm * num_sms >= ctas:
+                return warps, slices
+        return 1, slices
     if m <= 8:
         return 16, 1
-    slices = 2 if m <= 16 and n_out % 32 == 0 and n_out // 32 >= 96 else 1
-    ctas = n_out // (16 * slices)
     warps = 4
     while warps < 16 and 2 * warps * ctas <= 16 * num_sms:
         warps *= 2
@@ -140,15 +178,20 @@ def default_launch(m: int, n_out: int, num_sms: int) -> tuple[int, int]:
 
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
-        bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False) -> torch.Tensor:
+        bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False,
+        staged: bool = False) -> torch.Tensor:
     """y [M, n_out] = x [M, K] @ W^T + bias on the sparse tensor cores, one CTA per `slices` x 16 output
-    rows with `warps` warps splitting its K-tiles. The caller checked `unsupported`.
+    rows with `warps` warps splitting its K-tiles; staged=True streams the weights through shared memory with
+    bulk copies (sm_90+, see staged_available). The caller checked `unsupported`.
     poison=True fills y with NaN first, so an element the kernel misses shows."""
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the mma.sp kernel is unavailable: {_build_error}")
     m = x.shape[0]
-    why = launch_error(m, n_out, sched.tile, warps, slices)
+    if staged and not staged_available(x, meta):
+        raise ValueError("mma_sp.run: staged needs an sm_90+ GPU and 16-byte aligned codes (PATCHC_MMA_SP_STAGED=0 "
+                         "turns it off)")
+    why = launch_error(m, n_out, sched.tile, warps, slices, staged)
     if why:
         raise ValueError(f"mma_sp.run: {why}")
     for name, t, align in (("dense", dense, 16), ("values", values, 16), ("meta", meta, 8)):
@@ -159,5 +202,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     ext.hybrid_mma_sp(x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
-                      sched.sparse_start, bias, y, sched.tile, warps, slices)
+                      sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged))
     return y

@@ -159,17 +159,19 @@ def mma_case(draw):
     m = draw(st.integers(1, mma_sp.MAX_M))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     slices = draw(st.sampled_from([1, 2] if m <= 16 else [1]))
-    warps = draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
-    if mma_sp.launch_error(m, bitmap.shape[0] * t, t, warps, slices):
+    warps = draw(st.sampled_from([1, 2, 3, 4, 8, 11, 16]))
+    staged = draw(st.booleans()) and torch.cuda.get_device_capability() >= (9, 0)
+    if mma_sp.launch_error(m, bitmap.shape[0] * t, t, warps, slices, staged):
         warps, slices = 4, 1
-    return t, bitmap, m, dtype, bias, seed, warps, slices
+    return t, bitmap, m, dtype, bias, seed, warps, slices, staged
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
 @given(mma_case())
 def test_mma_sp_kernel_matches_float64_reference(c):
-    t, bitmap, m, dtype, bias, seed, warps, slices = c
-    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp")
+    """Direct loads and (sm_90+) the staged variant, whose warps each refill a ring of shared-memory buffers."""
+    t, bitmap, m, dtype, bias, seed, warps, slices, staged = c
+    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged)
     run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg)
 
 
@@ -191,8 +193,17 @@ def test_mma_sp_launch_rules():
 
     for m in range(1, mma_sp.MAX_M + 1):
         for n_out in (1024, 4096, 6144, 11008, 14336, 22016):
-            warps, slices = mma_sp.default_launch(m, n_out, 132)
-            assert mma_sp.launch_error(m, n_out, 128, warps, slices) is None, (m, n_out, warps, slices)
+            for tile in mma_sp.TILES:
+                for staged in (False, True):
+                    warps, slices = mma_sp.default_launch(m, n_out, 132, tile, staged)
+                    assert mma_sp.launch_error(m, n_out, tile, warps, slices, staged) is None, (m, n_out, warps, slices)
+                    if staged:  # every CTA resident at once: one wave
+                        per_sm = min(mma_sp.SM_SMEM // (mma_sp.smem_bytes(m, warps, slices, tile, True) + 1024),
+                                     16 // warps)
+                        assert per_sm * 132 >= n_out // (16 * slices) or warps == 1
+    # the staged ring: 2 buffers a warp of the CTA's rows of a dense tile, 16 warps x 2 slices do not fit
+    assert mma_sp.smem_bytes(16, 8, 2, 128, True) == 8 * 2 * 32 * 128 * 2 + 8 * 2 * 8
+    assert "shared memory" in mma_sp.launch_error(16, 4096, 128, 16, 2, staged=True)
     assert "M=33" in mma_sp.launch_error(33, 4096, 128, 4, 1)
     assert "slices" in mma_sp.launch_error(17, 4096, 128, 4, 2)
     assert "warps=17" in mma_sp.launch_error(8, 4096, 128, 17, 1)
