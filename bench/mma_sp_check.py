@@ -67,6 +67,34 @@ def ab(old, a):
                 torch.cuda.empty_cache()
 
 
+def silu(a):
+    """The MLP's gate/up: one fused launch vs the stacked launch followed by SiLU * mul (two kernels)."""
+    from patchc.codegen.launch import get_config
+
+    print("stacked N x K M s | fused us (config) | stacked + silu*mul us | fused/unfused", flush=True)
+    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+        for m in map(int, a.ms.split(",")):
+            for s in map(float, a.sparsities.split(",")):
+                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
+                h = n // 2
+                want = F.silu(ref[:, :h]) * ref[:, h:]
+                cf = get_config(x, d, v, e, sched, None, h, silu_mul=True, tune=False)
+                cu = get_config(x, d, v, e, sched, None, n, tune=False)
+                y = launch(x, d, v, e, sched, None, h, cf, silu_mul=True, poison=True)
+                assert err(y, want) < 1.5e-2, (n, k, m, s, err(y, want))
+                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+
+                def unfused(c):
+                    z = launch(x, *c, sched, None, n, cu)
+                    return F.silu(z[:, :h]) * z[:, h:]
+                t_f = graph_time_ms([lambda c=c: launch(x, *c, sched, None, h, cf, silu_mul=True) for c in copies]) * 1e3
+                t_u = graph_time_ms([lambda c=c: unfused(c) for c in copies]) * 1e3
+                print(f"{n}x{k} M={m} s={s} | {t_f:.2f} ({cf.engine} {cf.num_warps}w {cf.block_n // 16}s"
+                      f"{' staged' if cf.staged else ''}) | {t_u:.2f} | {t_f / t_u:.3f}", flush=True)
+                del copies
+                torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,16,32")
@@ -77,6 +105,9 @@ def main():
     ap.add_argument("--ab", default=None, metavar="OLD.cu",
                     help="time this older mma_sp.cu against the current one (default launches, same run, same data)")
     ap.add_argument("--ab-staged", type=int, default=0, help="--ab: run the current kernel staged (1) or not (0)")
+    ap.add_argument("--silu", action="store_true",
+                    help="SiLU(gate) * up fused in the kernel vs the stacked [gate; up] launch + SiLU * mul (default "
+                         "configs, same run); --shapes give the stacked N x K")
     ap.add_argument("--only", default=None, metavar="NxK:M:S",
                     help="just run the default launch of one case 20 times (e.g. under ncu), e.g. 4096x4096:16:0.5")
     a = ap.parse_args()
@@ -85,6 +116,9 @@ def main():
     print(f"build/load {time.time() - t0:.1f}s ext={ext is not None}", flush=True)
     if a.ab:
         ab(mma_sp.build(open(a.ab).read()), a)
+        return
+    if a.silu:
+        silu(a)
         return
     if a.only:
         nk, m, s = a.only.split(":")

@@ -48,7 +48,8 @@ def _pow2_floor(v: int) -> int:
     return 1 << (max(1, v).bit_length() - 1)
 
 
-def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False) -> list[KernelConfig]:
+def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False,
+               silu_mul: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
     with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices,
@@ -56,8 +57,8 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
     t = sched.tile
     k_tiles = sched.k // t
     out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp", staged=stg) for stg in (False, True)
-           for w in sorted({4, 8, 16, mma_sp.default_launch(m, n_out, 132, t, stg)[0]}) for sl in (1, 2)
-           if mma and (staged or not stg) and mma_sp.launch_error(m, n_out, t, w, sl, stg) is None]
+           for w in sorted({4, 8, 16, mma_sp.default_launch(m, n_out, 132, t, stg, silu_mul)[0]}) for sl in (1, 2)
+           if mma and (staged or not stg) and mma_sp.launch_error(m, n_out, t, w, sl, stg, silu_mul) is None]
     if m <= FUSED_MAX_M:
         # BLOCK_M 128 with 2:4 tiles fails to compile in Triton 3.6 on Hopper ("Illegal shared layout", seen
         # on the H100 in the 7B-shape property tests): the fused kernel above DECODE_MAX_M uses 64 only, and
@@ -102,7 +103,7 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
 
 
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
-                   staged: bool = False) -> KernelConfig:
+                   staged: bool = False, silu_mul: bool = False) -> KernelConfig:
     """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
     staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
@@ -111,7 +112,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
     t = sched.tile
     if mma and m <= mma_sp.DEFAULT_MAX_M:
         stg = staged and staged_by_default(m, sched)
-        warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg)
+        warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
         return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
     if m > DECODE_MAX_M:
         return KernelConfig(0, 0, 0, 4, 1)
@@ -138,7 +139,7 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
     if cfg.engine == "mma_sp":
         return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
-                          staged=cfg.staged)
+                          staged=cfg.staged, silu_mul=silu_mul)
     if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
         w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
         y = torch.nn.functional.linear(x, w, bias)  # [M, K] @ [K, N]
@@ -256,17 +257,17 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul), False)
         return _memory[key][0]
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, mma, staged):
+    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma, staged)
+    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

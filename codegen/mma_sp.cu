@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
     const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
     const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
-    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym) {
+    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt) {
   // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
   // tile loop, the cross-warp reduction's [warps, 16 * R rows, 8 * MB batch rows] fp32 partials (aliasing it).
   extern __shared__ __align__(16) unsigned char smem[];
@@ -135,7 +135,12 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * (16 * R);                  // first output feature of this CTA
-  const int rt = n0 / TILE, r0 = n0 % TILE;              // its row-tile and first row inside the tile
+  // SiLU(gate) * up (up_rt > 0: W is gate rows then up rows, up_rt row-tiles in): the first half of the warps
+  // run the gate row-tile's tiles, the second half the up row-tile's, and the reduction combines the halves.
+  const bool silu = up_rt > 0;
+  const int team = silu ? warps / 2 : warps;             // warps sharing one row-tile's tiles
+  const int wid = silu ? warp % team : warp;             // this warp's place in its team
+  const int rt = n0 / TILE + (silu && warp >= team ? up_rt : 0), r0 = n0 % TILE;  // row-tile, first row in it
   const int d0 = dense_start[rt], nd = dense_start[rt + 1] - d0;
   const int s0 = sparse_start[rt], ns = sparse_start[rt + 1] - s0;
 
@@ -182,12 +187,12 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     if (lane == 0)
       for (int b = 0; b < STAGES; ++b) mbar_init(bars + b * 8);
     __syncwarp();
-    for (int b = 0; b < STAGES; ++b) fetch(warp + b * warps, b);
+    for (int b = 0; b < STAGES; ++b) fetch(wid + b * team, b);
   }
 
-  for (int it = 0, j = warp; j < n_tiles; ++it, j += warps) {
+  for (int it = 0, j = wid; j < n_tiles; ++it, j += team) {
     if ((it & 31) == 0) {
-      const int jj = j + lane * warps;
+      const int jj = j + lane * team;
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
@@ -293,7 +298,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     if constexpr (STAGED) {  // every lane has read this buffer: refill it with the tile STAGES turns ahead
       __syncwarp();
       fence_proxy_async();
-      fetch(j + STAGES * warps, buf);
+      fetch(j + STAGES * team, buf);
     }
   }
   if constexpr (STAGED) __syncthreads();  // the partials below alias other warps' buffers
@@ -313,8 +318,14 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const int row = o % ROWS, m = o / ROWS;              // neighbouring threads write neighbouring features
     if (m >= M) continue;
     float sum = 0.f;
-    for (int w = 0; w < warps; ++w) sum += partial[(w * ROWS + row) * COLS + m];
+    for (int w = 0; w < team; ++w) sum += partial[(w * ROWS + row) * COLS + m];
     if (bias != nullptr) sum += Mma<T>::to_float(bias[n0 + row]);
+    if (silu) {  // sum is the gate: SiLU(gate) * up, up from the second team (and the bias's second half)
+      float up = 0.f;
+      for (int w = team; w < warps; ++w) up += partial[(w * ROWS + row) * COLS + m];
+      if (bias != nullptr) up += Mma<T>::to_float(bias[up_rt * TILE + n0 + row]);
+      sum = sum / (1.f + __expf(-sum)) * up;
+    }
     y[(int64_t)m * stride_ym + n0 + row] = Mma<T>::from_float(sum);
   }
 }
@@ -341,20 +352,20 @@ size_t smem_bytes(bool staged, int warps, int mb) {
 template <typename T, int MB, int R, int TILE, bool STAGED>
 void launch_kernel(int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm, const T* dense,
                    const T* values, const uint8_t* meta, const int* dcol, const int* scol, const int* dstart,
-                   const int* sstart, const T* bias, T* y, int64_t sym) {
+                   const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
   auto kernel = hybrid_mma_sp_kernel<T, MB, R, TILE, STAGED>;
   const size_t smem = smem_bytes<T, R, TILE>(STAGED, warps, MB);
   if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   kernel<<<grid, dim3(32 * warps), smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y,
-                                                   sym);
+                                                   sym, up_rt);
 }
 
 template <typename T, int MB, int R>
 void launch_tile(int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm,
                  const T* dense, const T* values, const uint8_t* meta, const int* dcol, const int* scol,
-                 const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
+                 const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
 #define PATCHC_K(TILE_, STAGED_) \
-  launch_kernel<T, MB, R, TILE_, STAGED_>(warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
+  launch_kernel<T, MB, R, TILE_, STAGED_>(warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym, up_rt)
   if (tile == 64) {
     if (staged) PATCHC_K(64, true); else PATCHC_K(64, false);
   } else {
@@ -366,9 +377,9 @@ void launch_tile(int tile, bool staged, int warps, dim3 grid, cudaStream_t strea
 template <typename T>
 void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x,
                   int M, int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
-                  const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym) {
+                  const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
 #define PATCHC_LAUNCH(MB_, R_) \
-  launch_tile<T, MB_, R_>(tile, staged, warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym)
+  launch_tile<T, MB_, R_>(tile, staged, warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym, up_rt)
   if (rows == 1) {
     if (mb == 1) PATCHC_LAUNCH(1, 1); else if (mb == 2) PATCHC_LAUNCH(2, 1); else PATCHC_LAUNCH(4, 1);
   } else {
@@ -384,7 +395,7 @@ void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid,
 void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
                    torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
                    torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
-                   int64_t tile, int64_t warps, int64_t slices, int64_t staged) {
+                   int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
   // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
   // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
@@ -398,6 +409,12 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   TORCH_CHECK(M >= 1 && M <= 32, "hybrid_mma_sp: M must be in 1..32");
   const int mb = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
   TORCH_CHECK(slices == 1 || mb <= 2, "hybrid_mma_sp: 2 slices a CTA need M <= 16");
+  // silu_mul: the weights are [gate; up], 2 * n_out rows, and y = SiLU(x @ gate^T) * (x @ up^T)
+  const int64_t w_rows = (dense_start.size(0) - 1) * tile;
+  TORCH_CHECK(w_rows == (silu_mul ? 2 : 1) * n_out, "hybrid_mma_sp: the schedule's rows do not match n_out");
+  TORCH_CHECK(!silu_mul || (warps % 2 == 0 && n_out % tile == 0),
+              "hybrid_mma_sp: SiLU*up needs an even number of warps and n_out a multiple of the tile");
+  const int up_rt = silu_mul ? (int)(n_out / tile) : 0;
   const c10::cuda::CUDAGuard guard(x.device());
   const dim3 grid(n_out / (16 * slices));
   TORCH_CHECK(staged || sizeof(float) * warps * 16 * slices * 8 * mb <= 48 * 1024,
@@ -413,14 +430,14 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
     auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
     patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
                             dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
-                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kHalf, "hybrid_mma_sp: x must be bfloat16 or float16");
     using T = __half;
     auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
     patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
                             dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
-                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0));
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -65,7 +65,7 @@ def build(src: str):
     decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
             "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
             "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
-            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged);")
+            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul);")
     return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
                        extra_cuda_cflags=["-O3"], verbose=False)
 
@@ -96,8 +96,6 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul
         return f"M={x.shape[0]} outside 1..{MAX_M}"
     if sched.tile not in TILES:
         return f"tile {sched.tile} not in {TILES}"
-    if silu_mul:
-        return "no SiLU*up epilogue"
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         return "x is not 16-byte aligned row-major"
     return None
@@ -135,8 +133,9 @@ def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
             and (meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0))
 
 
-def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged: bool = False) -> str | None:
-    """Why (m, n_out, tile, warps, slices, staged) is not a valid launch (None: it is)."""
+def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged: bool = False,
+                 silu_mul: bool = False) -> str | None:
+    """Why (m, n_out, tile, warps, slices, staged, silu_mul) is not a valid launch (None: it is)."""
     if not 1 <= m <= MAX_M:
         return f"M={m} outside 1..{MAX_M}"
     if tile not in TILES:
@@ -147,13 +146,31 @@ def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged:
         return f"warps={warps} outside 1..16"
     if n_out % (16 * slices):
         return f"n_out={n_out} is not a multiple of {16 * slices}"
+    if silu_mul and (warps % 2 or n_out % tile):
+        return f"SiLU*up needs an even number of warps (got {warps}) and n_out a multiple of {tile} (got {n_out})"
     need, cap = smem_bytes(m, warps, slices, tile, staged), MAX_SMEM if staged else 48 * 1024
     if need > cap:
         return f"{warps} warps x {slices} slices at M={m} need {need} B of shared memory (max {cap})"
     return None
 
 
-def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
+def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False,
+                   silu_mul: bool = False) -> tuple[int, int]:
+    """(warps, slices) a CTA (default_launch_). SiLU*up: a CTA runs the gate and the up row-tiles of its rows
+    with half its warps each, so it gets the warps two CTAs of the stacked [gate; up] launch would have had
+    (rounded to even, fewer where shared memory or the slices rule forbid)."""
+    if not silu_mul:
+        return default_launch_(m, n_out, num_sms, tile, staged)
+    warps, slices = default_launch_(m, 2 * n_out, num_sms, tile, staged)
+    if n_out % (16 * slices):
+        slices = 1
+    warps = min(16, 2 * warps)
+    while warps > 2 and launch_error(m, n_out, tile, warps, slices, staged, True):
+        warps -= 2
+    return warps, slices
+
+
+def default_launch_(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
     """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp). M <= 16 gives each
     CTA two slices (one x load serves both) when that still leaves ~100+ CTAs. Direct loads: M <= 8 uses 16
     warps on one slice, else warps up to ~16 resident an SM. Staged: the most warps a CTA such that every CTA
@@ -179,10 +196,11 @@ def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bo
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
         bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False,
-        staged: bool = False) -> torch.Tensor:
+        staged: bool = False, silu_mul: bool = False) -> torch.Tensor:
     """y [M, n_out] = x [M, K] @ W^T + bias on the sparse tensor cores, one CTA per `slices` x 16 output
     rows with `warps` warps splitting its K-tiles; staged=True streams the weights through shared memory with
-    bulk copies (sm_90+, see staged_available). The caller checked `unsupported`.
+    bulk copies (sm_90+, see staged_available). silu_mul=True: W is [gate; up] (2 * n_out rows) and
+    y = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up), one launch. The caller checked `unsupported`.
     poison=True fills y with NaN first, so an element the kernel misses shows."""
     ext = extension()
     if ext is None:
@@ -191,7 +209,7 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     if staged and not staged_available(x, meta):
         raise ValueError("mma_sp.run: staged needs an sm_90+ GPU and 16-byte aligned codes (PATCHC_MMA_SP_STAGED=0 "
                          "turns it off)")
-    why = launch_error(m, n_out, sched.tile, warps, slices, staged)
+    why = launch_error(m, n_out, sched.tile, warps, slices, staged, silu_mul)
     if why:
         raise ValueError(f"mma_sp.run: {why}")
     for name, t, align in (("dense", dense, 16), ("values", values, 16), ("meta", meta, 8)):
@@ -202,5 +220,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     ext.hybrid_mma_sp(x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
-                      sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged))
+                      sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged), int(silu_mul))
     return y

@@ -6,11 +6,14 @@ schedule (codegen.schedule) into the runtime's registry under a content hash of 
 rewrites the node to `patchc::hybrid_mm` naming that key, whose CUDA implementation runs the kernel generated for
 that layer. Layers reading one input whose packed tiles patchc.load stored in one allocation (q/k/v,
 gate/up) become one hybrid_mm over that storage (the stacked schedule is the concatenation), each
-layer's output a slice of it: one launch, more programs for small layers. A layer that cannot run the
-kernel keeps the reference op, with one warning naming it.
+layer's output a slice of it: one launch, more programs for small layers. Where the graph then computes
+SiLU(gate) * up from the two slices (LLaMA-style MLPs), that becomes one hybrid_mm_silu_mul: the epilogue
+runs in the kernel and the [gate; up] output is never written. A layer that cannot run the kernel keeps
+the reference op, with one warning naming it.
 """
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ class SwapReport:
     reference: dict[str, str] = field(default_factory=dict)          # layer -> why it runs the reference op
     shared_input_groups: list[list[str]] = field(default_factory=list)
     stacked: list[list[str]] = field(default_factory=list)           # groups run as one launch
+    fused_silu_mul: list[list[str]] = field(default_factory=list)    # [gate, up] run as SiLU(gate) * up, one launch
     seconds: float = 0.0                                             # time the pass took
 
 
@@ -66,6 +70,34 @@ def _stackable(infos: list[dict]) -> bool:
     return True
 
 
+_SILU = (torch.nn.functional.silu, torch.ops.aten.silu.default, torch.ops.aten.silu)
+_MUL = (operator.mul, torch.mul, torch.ops.aten.mul.Tensor)
+
+
+def _fuse_silu_mul(gm: torch.fx.GraphModule, y: torch.fx.Node, parts: list[torch.fx.Node], names: list[str],
+                   report: SwapReport) -> None:
+    """y = hybrid_mm([gate; up]) whose only use is SiLU(y[..., :n]) * y[..., n:] (a LLaMA-style MLP) becomes
+    one hybrid_mm_silu_mul: the epilogue runs in the kernel, and y is never written."""
+    if len(parts) != 2 or len(y.users) != 2 or parts[0].args[3] - parts[0].args[2] != parts[1].args[3] - parts[1].args[2]:
+        return
+    gate, up = parts
+    if len(gate.users) != 1 or len(up.users) != 1:
+        return
+    act = next(iter(gate.users))
+    if act.target not in _SILU or act.kwargs.get("inplace") or len(act.users) != 1:
+        return
+    mul = next(iter(act.users))
+    if mul.target not in _MUL or mul.kwargs or set(mul.args) != {act, up} or len(mul.args) != 2:
+        return
+    with gm.graph.inserting_before(mul):
+        fused = gm.graph.call_function(torch.ops.patchc.hybrid_mm_silu_mul.default, y.args)
+    fused.meta.update(mul.meta)
+    mul.replace_all_uses_with(fused)
+    for node in (mul, act, gate, up, y):
+        gm.graph.erase_node(node)
+    report.fused_silu_mul.append(names)
+
+
 def _stack(gm: torch.fx.GraphModule, infos: list[dict], report: SwapReport) -> None:
     """One hybrid_mm over the group's shared storage, each member's output a slice of it. The stacked tiles
     are an as_strided view of the first member's buffer over the whole allocation (no copy); the bitmaps
@@ -90,6 +122,7 @@ def _stack(gm: torch.fx.GraphModule, infos: list[dict], report: SwapReport) -> N
             node0.args[0], bm, views["dense"], views["values"], views["meta"], bias, sum(i["n"] for i in infos),
             first["k"], first["tile"], sched.key))
     start = 0
+    parts = []
     for i in infos:
         with gm.graph.inserting_after(y):
             part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + i["n"]))
@@ -97,8 +130,10 @@ def _stack(gm: torch.fx.GraphModule, infos: list[dict], report: SwapReport) -> N
         i["node"].replace_all_uses_with(part)
         gm.graph.erase_node(i["node"])
         start += i["n"]
+        parts.append(part)
         report.swapped.append(i["name"])
     report.stacked.append([i["name"] for i in infos])
+    _fuse_silu_mul(gm, y, parts, [i["name"] for i in infos], report)
 
 
 def swap_hybrid_linears(gm: torch.fx.GraphModule, example_inputs: list) -> SwapReport:

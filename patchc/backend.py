@@ -14,6 +14,7 @@ import torch
 from patchc.passes.swap_kernels import SwapReport, swap_hybrid_linears
 
 LAST_REPORT: SwapReport | None = None   # what the last compiled graph did (for tests and --verbose)
+LAST_GRAPH: torch.fx.GraphModule | None = None  # the last graph after the pass (what inductor was given)
 _warned_cpu = False
 
 
@@ -32,13 +33,13 @@ def _config_patches(mode: str | None, options: dict | None) -> dict:
 
 
 def patch_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    global LAST_REPORT, _warned_cpu
+    global LAST_REPORT, LAST_GRAPH, _warned_cpu
     from torch._inductor.compile_fx import compile_fx
 
     t0 = time.perf_counter()
     report = swap_hybrid_linears(gm, example_inputs)
     report.seconds = time.perf_counter() - t0
-    LAST_REPORT = report
+    LAST_REPORT, LAST_GRAPH = report, gm
     from patchc import runtime
 
     if report.swapped and not _warned_cpu and not runtime.KERNELS_ON_CPU and not any(

@@ -143,3 +143,29 @@ def hybrid_mm(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values
 @hybrid_mm.register_fake
 def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("patchc::hybrid_mm_silu_mul", mutates_args=())
+def hybrid_mm_silu_mul(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values: torch.Tensor,
+                       meta: torch.Tensor, bias: torch.Tensor | None, out_features: int, in_features: int, tile: int,
+                       key: str) -> torch.Tensor:
+    """SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up), gate and up packed as one stacked layer of
+    `out_features` = 2 x the result's width rows (gate first): what the `patch` backend emits for an MLP whose
+    gate and up projections read one input. One launch, one [..., out_features / 2] write on the kernels;
+    CPU tensors run the reference decompression."""
+    n = out_features // 2
+    if not _kernel_device(x):
+        y = hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
+        return F.silu(y[..., :n]) * y[..., n:]
+    from patchc.codegen.launch import get_config, launch
+
+    sched = schedule_for(bitmap, tile, key)
+    x2 = x.reshape(-1, in_features)  # [M, K]
+    cfg = get_config(x2, dense, values, meta, sched, bias, n, silu_mul=True)
+    y = launch(x2, dense, values, meta, sched, bias, n, cfg, silu_mul=True)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@hybrid_mm_silu_mul.register_fake
+def _(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key):
+    return x.new_empty((*x.shape[:-1], out_features // 2))

@@ -42,6 +42,9 @@ def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
         sizes = sorted(len(g) for g in rep.shared_input_groups)
         assert sizes == [2, 2, 3, 3]
         assert sorted(len(g) for g in rep.stacked) == [2, 2, 3, 3]
+        # SiLU(gate) * up of both MLPs runs in the kernel's epilogue (one op, the [gate; up] output never written)
+        assert sorted(g[0].rsplit(".", 1)[-1] for g in rep.fused_silu_mul) == ["gate_proj", "gate_proj"]
+        assert sum(n.target == torch.ops.patchc.hybrid_mm_silu_mul.default for n in backend.LAST_GRAPH.graph.nodes) == 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -75,6 +78,7 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     assert n_eager == len(hybrid_layers(model))  # every layer eagerly; compiled: one launch per stacked group
     assert len(calls) - n_eager == n_eager - sum(len(g) - 1 for g in stacked)
     assert (len(stacked) == 4) == (arch == "llama")  # q/k/v and gate/up of 2 layers; GPT-2's c_attn is one layer
+    assert len(backend.LAST_REPORT.fused_silu_mul) == (2 if arch == "llama" else 0)  # GPT-2's MLP has no gate
     torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled, ref, rtol=1e-4, atol=1e-4)
     assert sorted(backend.LAST_REPORT.swapped) == sorted(hybrid_layers(model))

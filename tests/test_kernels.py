@@ -161,18 +161,23 @@ def mma_case(draw):
     slices = draw(st.sampled_from([1, 2] if m <= 16 else [1]))
     warps = draw(st.sampled_from([1, 2, 3, 4, 8, 11, 16]))
     staged = draw(st.booleans()) and torch.cuda.get_device_capability() >= (9, 0)
-    if mma_sp.launch_error(m, bitmap.shape[0] * t, t, warps, slices, staged):
+    silu = draw(st.booleans())
+    if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
+        bitmap = torch.cat([bitmap, bitmap.flip(1)], 0)
+    n_out = bitmap.shape[0] * t // (2 if silu else 1)
+    if mma_sp.launch_error(m, n_out, t, warps, slices, staged, silu):
         warps, slices = 4, 1
-    return t, bitmap, m, dtype, bias, seed, warps, slices, staged
+    return t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
 @given(mma_case())
 def test_mma_sp_kernel_matches_float64_reference(c):
-    """Direct loads and (sm_90+) the staged variant, whose warps each refill a ring of shared-memory buffers."""
-    t, bitmap, m, dtype, bias, seed, warps, slices, staged = c
+    """Direct loads and (sm_90+) the staged variant, whose warps each refill a ring of shared-memory buffers;
+    plain outputs and SiLU(gate) * up (half the warps on the gate row-tile, half on the up one)."""
+    t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu = c
     cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged)
-    run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg)
+    run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu)
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
@@ -208,6 +213,11 @@ def test_mma_sp_launch_rules():
     assert "slices" in mma_sp.launch_error(17, 4096, 128, 4, 2)
     assert "warps=17" in mma_sp.launch_error(8, 4096, 128, 17, 1)
     assert "multiple of 32" in mma_sp.launch_error(8, 4112, 128, 4, 2)
+    assert "even number of warps" in mma_sp.launch_error(8, 4096, 128, 3, 1, silu_mul=True)
+    for m in (1, 8, 16):
+        for n_out in (1024, 11008, 14336):
+            warps, slices = mma_sp.default_launch(m, n_out, 132, 128, False, silu_mul=True)
+            assert mma_sp.launch_error(m, n_out, 128, warps, slices, False, True) is None
     x = torch.randn(4, 256)
     sched = build_schedule(torch.ones(1, 2, dtype=torch.bool), 128)
     assert mma_sp.unsupported(x, torch.float32, sched) in ("not a CUDA tensor", "PATCHC_MMA_SP=0")
