@@ -156,12 +156,12 @@ def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged:
 
 def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False,
                    silu_mul: bool = False) -> tuple[int, int]:
-    """(warps, slices) a CTA (default_launch_). SiLU*up: a CTA runs the gate and the up row-tiles of its rows
+    """(warps, slices) a CTA (_default_launch). SiLU*up: a CTA runs the gate and the up row-tiles of its rows
     with half its warps each, so it gets the warps two CTAs of the stacked [gate; up] launch would have had
     (rounded to even, fewer where shared memory or the slices rule forbid)."""
     if not silu_mul:
-        return default_launch_(m, n_out, num_sms, tile, staged)
-    warps, slices = default_launch_(m, 2 * n_out, num_sms, tile, staged)
+        return _default_launch(m, n_out, num_sms, tile, staged)
+    warps, slices = _default_launch(m, 2 * n_out, num_sms, tile, staged)
     if n_out % (16 * slices):
         slices = 1
     warps = min(16, 2 * warps)
@@ -170,7 +170,7 @@ def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bo
     return warps, slices
 
 
-def default_launch_(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
+def _default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
     """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp). M <= 16 gives each
     CTA two slices (one x load serves both) when that still leaves ~100+ CTAs. Direct loads: M <= 8 uses 16
     warps on one slice, else warps up to ~16 resident an SM. Staged: the most warps a CTA such that every CTA
