@@ -131,13 +131,19 @@ def hybrid_mm(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values
     with its tuned config; CPU tensors the reference decompression."""
     if not _kernel_device(x):
         return hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
+    return _run_kernel(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key, silu_mul=False)
+
+
+def _run_kernel(x, bitmap, dense, values, meta, bias, n_out: int, in_features: int, tile: int, key: str,
+                silu_mul: bool) -> torch.Tensor:
+    """The layer's kernel with its config for this M: x [..., in] -> y [..., n_out]."""
     from patchc.codegen.launch import get_config, launch
 
     sched = schedule_for(bitmap, tile, key)
     x2 = x.reshape(-1, in_features)  # [M, K]
-    cfg = get_config(x2, dense, values, meta, sched, bias, out_features)
-    y = launch(x2, dense, values, meta, sched, bias, out_features, cfg)
-    return y.reshape(*x.shape[:-1], out_features)
+    cfg = get_config(x2, dense, values, meta, sched, bias, n_out, silu_mul=silu_mul)
+    y = launch(x2, dense, values, meta, sched, bias, n_out, cfg, silu_mul=silu_mul)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 @hybrid_mm.register_fake
@@ -157,13 +163,7 @@ def hybrid_mm_silu_mul(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tenso
     if not _kernel_device(x):
         y = hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
         return F.silu(y[..., :n]) * y[..., n:]
-    from patchc.codegen.launch import get_config, launch
-
-    sched = schedule_for(bitmap, tile, key)
-    x2 = x.reshape(-1, in_features)  # [M, K]
-    cfg = get_config(x2, dense, values, meta, sched, bias, n, silu_mul=True)
-    y = launch(x2, dense, values, meta, sched, bias, n, cfg, silu_mul=True)
-    return y.reshape(*x.shape[:-1], n)
+    return _run_kernel(x, bitmap, dense, values, meta, bias, n, in_features, tile, key, silu_mul=True)
 
 
 @hybrid_mm_silu_mul.register_fake
