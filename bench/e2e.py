@@ -189,8 +189,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     if a.row is not None:
         return
-    order = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
-    rows = [json.loads((out / "rows" / f"{x}.json").read_text()) for x in order if (out / "rows" / f"{x}.json").is_file()]
+    rows = [json.loads((out / "rows" / f"{x}.json").read_text()) for x in labels if (out / "rows" / f"{x}.json").is_file()]
     if not any(r["row"] in ("dense-inductor", "patch-0") for r in rows):
         return
     base = min(r["total_ms"] for r in rows if r["row"] in ("dense-inductor", "patch-0"))

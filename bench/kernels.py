@@ -57,13 +57,34 @@ def random_bitmap(r: int, c: int, sparsity: float, g: torch.Generator) -> torch.
     return bm.reshape(r, c)
 
 
-def time_baselines(n, k, m, compiled: bool, seed=0, l2_bytes=200 << 20) -> dict:
+L2_ROTATION = 200 << 20  # timed calls cycle over weight copies this large together, so none is served from L2
+
+
+def rotating_copies(tensors: tuple, nbytes: int, l2_bytes: int = L2_ROTATION) -> list[tuple]:
+    """Clones of `tensors` (`nbytes` together), enough that cycling over them reads DRAM, not L2."""
+    return [tuple(t.clone() for t in tensors) for _ in range(max(2, math.ceil(l2_bytes / max(1, nbytes))))]
+
+
+def make_layer(n: int, k: int, m: int, sparsity: float, tile: int = 128, dtype=torch.bfloat16, seed: int = 0):
+    """A random packed layer on the GPU (exact share of 2:4 tiles, random patterns), an input x [M, K], and the
+    float64 reference x @ (W * M)^T: (x, dense, values, meta, schedule, ref, packed layer)."""
+    g = torch.Generator().manual_seed(seed)
+    bitmap = random_bitmap(n // tile, k // tile, sparsity, g)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    pattern = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
+    p = pack_layer(w, bitmap, pattern, tile)
+    x = torch.randn(m, k, generator=g).to(dtype).cuda()
+    ref = x.double() @ hm.apply_hybrid(w.cuda().double(), bitmap.cuda(), hm.pattern_to_mask(pattern.cuda()), tile).T
+    return x, p.dense.cuda(), p.values.cuda(), p.meta.cuda(), build_schedule(bitmap, tile).to("cuda"), ref, p
+
+
+def time_baselines(n, k, m, compiled: bool, seed=0, l2_bytes=L2_ROTATION) -> dict:
     """cuBLAS, compiled dense and cuSPARSELt 2:4 for one (shape, M); each rotating over weight copies > L2."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     dt = torch.bfloat16
     x = torch.randn(m, k, device="cuda", dtype=dt, generator=g)
     w = torch.randn(n, k, device="cuda", dtype=dt, generator=g) * 0.02
-    ws = [w.clone() for _ in range(max(2, math.ceil(l2_bytes / w.nbytes)))]
+    ws = [c for (c,) in rotating_copies((w,), w.nbytes, l2_bytes)]
     out = {"cublas_us": round(graph_time_us([lambda t=t: F.linear(x, t) for t in ws]), 2)}
     if compiled:
         try:
@@ -89,26 +110,15 @@ def time_baselines(n, k, m, compiled: bool, seed=0, l2_bytes=200 << 20) -> dict:
     return out
 
 
-def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_bytes=200 << 20):
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.bfloat16
-    bitmap = random_bitmap(n // tile, k // tile, sparsity, g)
-    w = (torch.randn(n, k, generator=g) * 0.02).to(dt)
-    pattern = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
-    p = pack_layer(w, bitmap, pattern, tile)
-    sched = build_schedule(bitmap, tile).to("cuda")
-    x = torch.randn(m, k, generator=g).to(dt).cuda()
-    dense, values, meta = p.dense.cuda(), p.values.cuda(), p.meta.cuda()
+def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_bytes=L2_ROTATION):
+    x, dense, values, meta, sched, ref, p = make_layer(n, k, m, sparsity, tile, seed=seed)
     # correctness first: float64 reference of x @ (W * M)^T
     cfg = get_config(x, dense, values, meta, sched, None, n, tune=tune)
     y = launch(x, dense, values, meta, sched, None, n, cfg, poison=True)
-    wm = hm.apply_hybrid(w.cuda().double(), bitmap.cuda(), hm.pattern_to_mask(pattern.cuda()), tile)
-    ref = x.double() @ wm.T
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert math.isfinite(err) and err < 1.5e-2, f"N={n} K={k} M={m} s={sparsity}: rel err {err}"
     # timing, rotating over copies that together exceed L2
-    copies = max(2, math.ceil(l2_bytes / (p.nbytes + 1)))
-    packs = [(dense.clone(), values.clone(), meta.clone()) for _ in range(copies)]
+    packs = rotating_copies((dense, values, meta), p.nbytes, l2_bytes)
     t_patch = graph_time_us([lambda d=d, v=v, e=e: launch(x, d, v, e, sched, None, n, cfg) for d, v, e in packs])
     t_cublas = base["cublas_us"]
     bytes_moved = p.nbytes + x.nbytes + m * n * 2
@@ -119,7 +129,7 @@ def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_b
     extra = {k_: v for k_, v in base.items() if k_ != "cublas_us"}
     if "compiled_us" in base:
         extra["speedup_vs_compiled"] = round(base["compiled_us"] / t_patch, 3)
-    return {**extra, "N": n, "K": k, "M": m, "sparsity": sparsity, "achieved": round(hm.layer_sparsity(bitmap), 4),
+    return {**extra, "N": n, "K": k, "M": m, "sparsity": sparsity, "achieved": round(hm.layer_sparsity(p.bitmap), 4),
             "rel_err": err, "config": cfg.__dict__, "patch_us": round(t_patch, 2), "cublas_us": round(t_cublas, 2),
             "floor_us": round(floor, 2), "patch_over_floor": round(t_patch / floor, 3),
             "speedup_vs_cublas": round(t_cublas / t_patch, 3), "patch_tflops": round(flops / t_patch / 1e6, 1),

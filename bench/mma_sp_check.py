@@ -7,30 +7,19 @@ LLaMA-2-7B shapes (and 1024x4096) against the Triton kernel and cuBLAS.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from patchc import mask as hm
 from patchc.codegen import mma_sp
-from patchc.codegen.launch import default_config, graph_time_ms, launch
-from patchc.codegen.schedule import build_schedule
-from patchc.format import pack_layer
+from patchc.codegen.launch import default_config, get_config, graph_time_ms, launch
 
-from kernels import random_bitmap  # bench/kernels.py
+from kernels import make_layer, rotating_copies  # bench/kernels.py
 
 
-def make(n, k, m, s, tile=128, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    bm = random_bitmap(n // tile, k // tile, s, g)
-    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
-    pat = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
-    p = pack_layer(w, bm, pat, tile)
-    x = torch.randn(m, k, generator=g).to(dtype).cuda()
-    ref = x.double() @ hm.apply_hybrid(w.double(), bm, hm.pattern_to_mask(pat), tile).cuda().T
-    return x, p.dense.cuda(), p.values.cuda(), p.meta.cuda(), build_schedule(bm, tile).to("cuda"), ref, p, w
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, nk.split("x"))) for nk in spec.split(",")]
 
 
 def err(y, ref):
@@ -41,12 +30,12 @@ def ab(old, a):
     """Old vs current kernel, interleaved in one run on the same packed weights (default launch of each case)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("N x K M s | old us | new us | new/old", flush=True)
-    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+    for n, k in parse_shapes(a.shapes):
         for m in map(int, a.ms.split(",")):
             for s in map(float, a.sparsities.split(",")):
-                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
+                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
                 warps, sl = mma_sp.default_launch(m, n, sms, 128, bool(a.ab_staged))
-                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+                copies = rotating_copies((d, v, e), p.nbytes)
                 ys = [torch.empty(m, n, dtype=x.dtype, device="cuda") for _ in copies]
 
                 def call(ext, c, y):
@@ -69,20 +58,18 @@ def ab(old, a):
 
 def silu(a):
     """The MLP's gate/up: one fused launch vs the stacked launch followed by SiLU * mul (two kernels)."""
-    from patchc.codegen.launch import get_config
-
     print("stacked N x K M s | fused us (config) | stacked + silu*mul us | fused/unfused", flush=True)
-    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+    for n, k in parse_shapes(a.shapes):
         for m in map(int, a.ms.split(",")):
             for s in map(float, a.sparsities.split(",")):
-                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
+                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
                 h = n // 2
                 want = F.silu(ref[:, :h]) * ref[:, h:]
                 cf = get_config(x, d, v, e, sched, None, h, silu_mul=True, tune=False)
                 cu = get_config(x, d, v, e, sched, None, n, tune=False)
                 y = launch(x, d, v, e, sched, None, h, cf, silu_mul=True, poison=True)
                 assert err(y, want) < 1.5e-2, (n, k, m, s, err(y, want))
-                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+                copies = rotating_copies((d, v, e), p.nbytes)
 
                 def unfused(c):
                     z = launch(x, *c, sched, None, n, cu)
@@ -123,39 +110,36 @@ def main():
     if a.only:
         nk, m, s = a.only.split(":")
         n, k = map(int, nk.split("x"))
-        x, d, v, e, sched, ref, _, _ = make(n, k, int(m), float(s))
-        staged = mma_sp.staged_available(x, e)
-        warps, sl = mma_sp.default_launch(int(m), n, torch.cuda.get_device_properties(0).multi_processor_count, 128,
-                                          staged)
+        x, d, v, e, sched, ref, _ = make_layer(n, k, int(m), float(s))
+        cfg = get_config(x, d, v, e, sched, None, n, tune=False)  # the launch users get, staged or not
         for _ in range(20):
-            y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl)
+            y = launch(x, d, v, e, sched, None, n, cfg)
         torch.cuda.synchronize()
-        print(f"{a.only} warps={warps} slices={sl} staged={staged} rel err {err(y, ref):.2e}")
+        print(f"{a.only} {cfg} rel err {err(y, ref):.2e}")
         return
-    for _ in range(1):
-        res = []
-        for (n, k, m, s, tile, dt) in [(256, 512, 16, 0.0, 128, torch.bfloat16), (256, 512, 16, 0.5, 128, torch.bfloat16),
-                                       (512, 384, 5, 0.25, 128, torch.float16), (128, 256, 32, 0.25, 64, torch.bfloat16),
-                                       (128, 256, 3, 0.25, 64, torch.float16), (128, 640, 9, 0.3, 128, torch.bfloat16)]:
-            x, d, v, e, sched, ref, _, _ = make(n, k, m, s, tile, dt)
-            for warps, sl in ((1, 1), (4, 2 if m <= 16 else 1), (3, 2 if m <= 16 else 1)):
-                for st in (False, True):
-                    y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, staged=st)
-                    res.append(err(y, ref))
-        print(f"small cases: max rel err {max(res):.2e} {'OK' if max(res) < 1.5e-2 else 'WRONG'} "
-              f"{[f'{r:.1e}' for r in res]}", flush=True)
+    res = []
+    for (n, k, m, s, tile, dt) in [(256, 512, 16, 0.0, 128, torch.bfloat16), (256, 512, 16, 0.5, 128, torch.bfloat16),
+                                   (512, 384, 5, 0.25, 128, torch.float16), (128, 256, 32, 0.25, 64, torch.bfloat16),
+                                   (128, 256, 3, 0.25, 64, torch.float16), (128, 640, 9, 0.3, 128, torch.bfloat16)]:
+        x, d, v, e, sched, ref, _ = make_layer(n, k, m, s, tile, dt)
+        for warps, sl in ((1, 1), (4, 2 if m <= 16 else 1), (3, 2 if m <= 16 else 1)):
+            for st in (False, True):
+                y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, staged=st)
+                res.append(err(y, ref))
+    print(f"small cases: max rel err {max(res):.2e} {'OK' if max(res) < 1.5e-2 else 'WRONG'} "
+          f"{[f'{r:.1e}' for r in res]}", flush=True)
     bw = 3.0e12
     print("N x K M s | mma us (best warps) | triton us | cublas us | floor us | mma/floor | vs cuBLAS")
-    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+    for n, k in parse_shapes(a.shapes):
         for m in map(int, a.ms.split(",")):
             wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            wds = [wd.clone() for _ in range(max(2, math.ceil((200 << 20) / wd.nbytes)))]
+            wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
             xx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_cub = graph_time_ms([lambda w=w: F.linear(xx, w) for w in wds]) * 1e3
             del wds, wd
             for s in map(float, a.sparsities.split(",")):
-                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
-                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((200 << 20) / p.nbytes)))]
+                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
+                copies = rotating_copies((d, v, e), p.nbytes)
                 best = (1e9, 0)
                 allt = {}
                 for st in map(int, a.staged.split(",")):

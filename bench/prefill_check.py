@@ -8,11 +8,11 @@ the prefill path runs the fused kernel (bench/NOTES.md).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
-from mma_sp_check import err, make  # bench/mma_sp_check.py
+from kernels import make_layer, rotating_copies  # bench/kernels.py
+from mma_sp_check import err, parse_shapes  # bench/mma_sp_check.py
 
 from patchc.codegen.launch import KernelConfig, graph_time_ms, launch
 
@@ -26,15 +26,15 @@ def main():
     ap.add_argument("--sparsities", default="0,0.05")
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     a = ap.parse_args()
-    for n, k in [tuple(map(int, nk.split("x"))) for nk in a.shapes.split(",")]:
+    for n, k in parse_shapes(a.shapes):
         for m in map(int, a.ms.split(",")):
             wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             xx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_cub = graph_time_ms([lambda: F.linear(xx, wd)]) * 1e3
+            t_cub = graph_time_ms([lambda w=wd: F.linear(xx, w)]) * 1e3
             del wd
             for s in map(float, a.sparsities.split(",")):
-                x, d, v, e, sched, ref, p, _ = make(n, k, m, s)
-                copies = [(d.clone(), v.clone(), e.clone()) for _ in range(max(2, math.ceil((100 << 20) / p.nbytes)))]
+                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
+                copies = rotating_copies((d, v, e), p.nbytes, 100 << 20)
                 res = {}
                 for cfg in CONFIGS + [KernelConfig(0, 0, 0, 4, 1)]:
                     name = "decompress+cuBLAS" if cfg.split_k == 0 else \
