@@ -65,19 +65,17 @@ __device__ __forceinline__ uint2 ld64_once(const void* p) {
 // bulk-copy engine (cp.async.bulk, completion on an mbarrier), so the loads in flight are held in shared
 // memory rather than registers, and the next tiles' bytes arrive while the tensor cores run this one.
 constexpr int STAGES = 2;
-// A tile's rows of this CTA are one contiguous span per field, fetched with one bulk copy each (row by row
-// into a padded pitch was 1.1-1.4x slower with 2:4 tiles on the H100: many 128-byte copies). Unpadded, the
-// two rows a quarter-warp reads share banks (2-way conflicts on ld.shared.v4).
-__host__ __device__ constexpr int smem_pitch(int bytes) { return bytes; }
+// A tile's rows of this CTA are one contiguous span per field, fetched with one bulk copy each and laid out
+// as stored (row by row into a padded pitch was 1.1-1.4x slower with 2:4 tiles on the H100: many 128-byte
+// copies). Unpadded, the two rows a quarter-warp reads share banks (2-way conflicts on ld.shared.v4).
 template <typename T, int R, int TILE>
 struct Stage {
-  static constexpr int DENSE_PITCH = smem_pitch(TILE * (int)sizeof(T));        // a dense row
-  static constexpr int VALUE_PITCH = smem_pitch(TILE / 2 * (int)sizeof(T));    // a 2:4 row's kept values
-  static constexpr int DENSE_BYTES = 16 * R * TILE * (int)sizeof(T);           // bytes a dense tile brings
-  static constexpr int SPARSE_BYTES = 16 * R * (TILE / 2 * (int)sizeof(T) + TILE / 8);
+  static constexpr int DENSE_PITCH = TILE * (int)sizeof(T);                    // a dense row
+  static constexpr int VALUE_PITCH = TILE / 2 * (int)sizeof(T);                // a 2:4 row's kept values
+  static constexpr int DENSE_BYTES = 16 * R * DENSE_PITCH;                     // bytes a dense tile brings
   static constexpr int META_OFFSET = 16 * R * VALUE_PITCH;                     // codes after the values
-  static constexpr int SIZE = (16 * R * DENSE_PITCH > META_OFFSET + 16 * R * TILE / 8
-                                   ? 16 * R * DENSE_PITCH : META_OFFSET + 16 * R * TILE / 8);
+  static constexpr int SPARSE_BYTES = META_OFFSET + 16 * R * TILE / 8;         // bytes a 2:4 tile brings
+  static constexpr int SIZE = DENSE_BYTES > SPARSE_BYTES ? DENSE_BYTES : SPARSE_BYTES;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
@@ -171,14 +169,13 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
   auto fetch = [&](int jj, int buf) {
     if (jj >= n_tiles) return;
     const uint32_t dst = ring + buf * S::SIZE, bar = bars + buf * 8;
-    if (lane == 0) mbar_expect(bar, jj < nd ? S::DENSE_BYTES : S::SPARSE_BYTES);
-    __syncwarp();
     if (lane == 0) {
+      mbar_expect(bar, jj < nd ? S::DENSE_BYTES : S::SPARSE_BYTES);
       if (jj < nd) {
         bulk_copy(dst, dense + ((int64_t)(d0 + jj) * TILE + r0) * TILE, S::DENSE_BYTES, bar);
       } else {
         const int64_t i = s0 + (jj - nd);
-        bulk_copy(dst, values + (i * TILE + r0) * (TILE / 2), 16 * R * TILE / 2 * sizeof(T), bar);
+        bulk_copy(dst, values + (i * TILE + r0) * (TILE / 2), S::META_OFFSET, bar);
         bulk_copy(dst + S::META_OFFSET, meta + (i * TILE + r0) * (TILE / 8), 16 * R * TILE / 8, bar);
       }
     }

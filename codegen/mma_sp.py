@@ -106,15 +106,11 @@ SM_SMEM = 228 * 1024      # shared memory of an SM (sm_90), less 1 KB a resident
 MAX_SMEM = 227 * 1024     # dynamic shared memory one CTA may opt in to (sm_90)
 
 
-def _pitch(nbytes: int) -> int:
-    return nbytes  # mma_sp.cu smem_pitch
-
-
 def stage_bytes(tile: int, slices: int) -> int:
-    """One buffer of the staged ring: the CTA's rows of a dense tile (padded pitch), or of a 2:4 tile's values
-    (padded) and codes."""
+    """One buffer of the staged ring (mma_sp.cu Stage::SIZE): the CTA's rows of a dense tile, or of a 2:4
+    tile's values and codes, as stored."""
     rows = 16 * slices
-    return max(rows * _pitch(2 * tile), rows * _pitch(tile) + rows * tile // 8)
+    return max(rows * 2 * tile, rows * tile + rows * tile // 8)
 
 
 def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = False) -> int:
