@@ -185,14 +185,25 @@ def main() -> None:
     title = (f"Hybrid kernel vs cuBLAS ({env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
              f"copy {env['copy_bandwidth_GBps']} GB/s, tile {a.tile}, bf16, {env['date']})")
     cols = [("N x K", lambda r: f"{r['N']}x{r['K']}"), ("M", "M"), ("sparsity", "sparsity"),
-            ("kernel", lambda r: (r["config"].get("engine", "triton") + (" staged" if r["config"].get("staged") else ""))
-             if r["config"]["split_k"] or r["config"].get("engine") == "mma_sp" else "decompress+cuBLAS"),
+            ("kernel", kernel_name),
             ("patch us", "patch_us"),
             ("cuBLAS us", "cublas_us"), ("compiled us", lambda r: r.get("compiled_us", "")),
             ("cuSPARSELt 2:4 us", lambda r: r.get("cslt_us", "") if r["sparsity"] == 0.5 else ""),
             ("floor us", "floor_us"), ("patch/floor", "patch_over_floor"),
             ("speedup vs cuBLAS", "speedup_vs_cublas"), ("rel err", lambda r: f"{r['rel_err']:.1e}")]
     print(write_report(out, "kernels", title, cols, rows, env))
+
+def kernel_name(r: dict) -> str:
+    c = r["config"]
+    engine = c.get("engine", "triton")
+    if engine == "mma_sp":
+        return "mma_sp staged" if c.get("staged") else "mma_sp"
+    if engine == "tma":
+        return f"tma split{c['split_k']}" if c["split_k"] > 1 else "tma"
+    if c["split_k"] == 0:
+        return f"decompress {c['chunk_n']} rows+cuBLAS" if c.get("chunk_n") else "decompress+cuBLAS"
+    return "triton"
+
 
 def plot(path, rows, env) -> None:
     """Time vs sparsity, one panel per (shape, M): patch, cuBLAS, compiled, cuSPARSELt (50%), byte floor."""

@@ -56,7 +56,15 @@ def _sparse_tile_words(values_ptr, meta_ptr, i, rows, T: tl.constexpr, OUT: tl.c
     offs_j = tl.arange(0, T // 8)
     qp = values_ptr.to(tl.pointer_type(tl.int64))
     q = tl.load(qp + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_j[None, :])      # [BLOCK_N, T/8] int64
-    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_j[None, :]).to(tl.int32)
+    e = tl.load(meta_ptr + i * (T * (T // 8)) + rows[:, None] * (T // 8) + offs_j[None, :])
+    return _expand_words(q, e, OUT)
+
+
+@triton.jit
+def _expand_words(q, e, OUT: tl.constexpr):
+    """2:4 weights as dense [BLOCK_N, 8 J]: q int64 [BLOCK_N, J] (the 4 kept values of groups 2j, 2j+1), e uint8
+    [BLOCK_N, J] (their metadata byte)."""
+    e = e.to(tl.int32)
     a01, a23 = _group_pairs((q & 0xFFFFFFFF).to(tl.int32), e & 0xF)                       # group 2j
     b01, b23 = _group_pairs((q >> 32).to(tl.int32), e >> 4)                               # group 2j + 1
     w0, w1 = _halves(a01, OUT)
@@ -65,7 +73,7 @@ def _sparse_tile_words(values_ptr, meta_ptr, i, rows, T: tl.constexpr, OUT: tl.c
     w6, w7 = _halves(b23, OUT)
     # element 4a + 2b + c of the 8: the innermost join picks a, the outermost c
     w = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
-    return tl.reshape(w, [q.shape[0], T])                                                  # [BLOCK_N, T]
+    return tl.reshape(w, [q.shape[0], 8 * q.shape[1]])                                     # [BLOCK_N, 8 J]
 
 
 @triton.jit
@@ -168,20 +176,87 @@ def hybrid_mm_kernel(
 
 @triton.jit
 def decompress_kernel(dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr,
-                      sparse_start_ptr, w_ptr, K, T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W[N, K] (row-major) from the packed tiles: one program writes BLOCK_N rows of one row-tile."""
+                      sparse_start_ptr, w_ptr, ROW0, K, T: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Rows [ROW0, ROW0 + rows) of W[N, K] from the packed tiles into w [rows, K] (row-major): program (p, s)
+    writes BLOCK_N rows of one row-tile, the tiles of split s of SPLIT of that row-tile's tile lists."""
     pid = tl.program_id(0)
-    n0 = pid * BLOCK_N
+    pid_k = tl.program_id(1)
+    n0 = ROW0 + pid * BLOCK_N
     rt = n0 // T
     rows = n0 % T + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
-    out_rows = (n0 + tl.arange(0, BLOCK_N))[:, None] * K
-    lo, hi = _split_range(dense_start_ptr, rt, 0, 1)
+    out_rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N))[:, None].to(tl.int64) * K
+    lo, hi = _split_range(dense_start_ptr, rt, pid_k, SPLIT)
     for i in range(lo, hi):
         c = tl.load(dense_col_ptr + i)
         w = tl.load(dense_ptr + i * (T * T) + rows[:, None] * T + offs_t[None, :])
         tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], w)
-    lo, hi = _split_range(sparse_start_ptr, rt, 0, 1)
+    lo, hi = _split_range(sparse_start_ptr, rt, pid_k, SPLIT)
     for i in range(lo, hi):
         c = tl.load(sparse_col_ptr + i)
         tl.store(w_ptr + out_rows + (c * T + offs_t)[None, :], _sparse_tile(values_ptr, meta_ptr, i, rows, T))
+
+
+@triton.jit
+def hybrid_mm_tma_kernel(
+    x_desc, dense_desc, values_desc, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
+    bias_ptr, out_ptr,
+    M, N_OUT, stride_os, stride_om,
+    T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Large M (16-bit, sm_90+): the hybrid matmul as a TMA-fed tensor-core GEMM over the row-tile's tile
+    lists. Dense tiles are read in place by TMA (dense viewed as [n_dense * T, T]); 2:4 tiles by TMA as int64
+    words (values viewed as [n_sparse * T, T / 8]) plus their metadata bytes, expanded in registers. The
+    accumulator is W-major (acc^T [BLOCK_N, BLOCK_M] = W @ x^T) so the expanded 2:4 weights are the register
+    operand of the MMA. With SPLIT_K > 1, program (p, s) takes split s of the row-tile's tiles and writes fp32
+    partials [SPLIT_K, M, N] that the launcher reduces."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = N_OUT // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rt = n0 // T                                   # row-tile of this program
+    r0 = n0 % T                                    # first row inside the tile
+    KT: tl.constexpr = T // BLOCK_K                # K-steps a tile
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if HAS_DENSE:
+        lo, hi = _split_range(dense_start_ptr, rt, pid_k, SPLIT_K)
+        for j in tl.range(lo * KT, hi * KT, num_stages=NUM_STAGES):
+            i = j // KT
+            kk = (j % KT) * BLOCK_K
+            c = tl.load(dense_col_ptr + i)
+            w = dense_desc.load([i * T + r0, kk])                   # [BLOCK_N, BLOCK_K]
+            x = x_desc.load([m0, c * T + kk])                       # [BLOCK_M, BLOCK_K]
+            acc = tl.dot(w, x.T, acc)                               # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_M]
+    if HAS_SPARSE:
+        OUT: tl.constexpr = x_desc.dtype
+        offs_r = r0 + tl.arange(0, BLOCK_N)
+        offs_j = tl.arange(0, BLOCK_K // 8)
+        lo, hi = _split_range(sparse_start_ptr, rt, pid_k, SPLIT_K)
+        for j in tl.range(lo * KT, hi * KT, num_stages=NUM_STAGES):
+            i = j // KT
+            kk = (j % KT) * BLOCK_K
+            c = tl.load(sparse_col_ptr + i)
+            q = values_desc.load([i * T + r0, kk // 8])             # [BLOCK_N, BLOCK_K / 8] int64
+            e = tl.load(meta_ptr + (i * T + offs_r)[:, None] * (T // 8) + (kk // 8 + offs_j)[None, :])
+            x = x_desc.load([m0, c * T + kk])                       # [BLOCK_M, BLOCK_K]
+            acc = tl.dot(_expand_words(q, e, OUT), x.T, acc)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask = (offs_m < M)[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n)[:, None].to(tl.float32)
+        y = tl.trans(acc).to(out_ptr.dtype.element_ty)              # [BLOCK_M, BLOCK_N]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask)
+    else:
+        ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(ptrs, tl.trans(acc), mask=mask)

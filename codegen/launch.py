@@ -4,8 +4,10 @@
 Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
-Prefill (M > 64) decompresses the layer into a transient dense weight and calls the vendor GEMM; up to
-FUSED_MAX_M the tuner also tries the fused kernel.
+Above that (M > 64): up to M=256 on sm_90+ the TMA kernel (the tile lists as a tensor-core GEMM, dense tiles
+read in place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
+weight (in CHUNK_N-row pieces for tall layers at M >= 1024) for the vendor GEMM. The tuner also tries the
+pointer-load fused kernel up to FUSED_MAX_M and the TMA kernel up to TMA_MAX_M.
 """
 from __future__ import annotations
 
@@ -21,23 +23,29 @@ import triton
 from patchc.models import dtype_name
 
 from . import mma_sp
-from .kernels import decompress_kernel, hybrid_mm_kernel
+from .kernels import decompress_kernel, hybrid_mm_kernel, hybrid_mm_tma_kernel
 from .schedule import Schedule
 
 DECODE_MAX_M = 64
 FUSED_MAX_M = 256
+TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the default up to TMA_DEFAULT_MAX_M
+TMA_DEFAULT_MAX_M = 256
+CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int
     block_n: int
-    split_k: int        # 0 = decompress to a transient dense weight + vendor GEMM (prefill)
+    split_k: int        # triton/tma: K split over programs; triton 0 = decompress + vendor GEMM (prefill)
     num_warps: int
     num_stages: int
     group_m: int = 8
-    engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32)
+    engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32);
+                            # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
+    block_k: int = 64       # tma: K-step (divides the tile)
+    chunk_n: int = 0        # decompress + GEMM (split_k 0): rows decompressed at a time (0 = the whole weight)
 
 
 def m_bucket(m: int) -> int:
@@ -49,11 +57,12 @@ def _pow2_floor(v: int) -> int:
 
 
 def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False,
-               silu_mul: bool = False) -> list[KernelConfig]:
+               silu_mul: bool = False, tma: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
     with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices,
-    and with staged=True (sm_90+) its staged variant at those and at its default warps."""
+    and with staged=True (sm_90+) its staged variant at those and at its default warps; with tma=True (sm_90+,
+    16-bit) and M <= TMA_MAX_M the TMA kernel at a few block shapes and splits."""
     t = sched.tile
     k_tiles = sched.k // t
     out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp", staged=stg) for stg in (False, True)
@@ -74,6 +83,11 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
                             out.append(KernelConfig(bm, bn, split, warps, stages))
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
+        if sched.n > CHUNK_N:
+            out.append(KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N))
+        if tma and m <= TMA_MAX_M:
+            for bm, bn, split in ((64, 64, 1), (64, 64, 2), (64, 64, 4), (128, 64, 1), (128, 128, 1), (128, 128, 2)):
+                out.append(KernelConfig(bm, bn, split, 4, 4, engine="tma", block_k=64))
     return out
 
 
@@ -102,20 +116,32 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
     return m <= 8 and sched.dense_col.numel() >= 0.5 * n_tiles
 
 
+def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False) -> KernelConfig:
+    """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): up to TMA_DEFAULT_MAX_M the
+    TMA kernel with 64 x 64 blocks and split-K for ~4 programs an SM (M=128: 0.46-0.69x cuBLAS against
+    0.36-0.45x for decompress + cuBLAS); above, decompress + cuBLAS, CHUNK_N rows at a time on taller layers
+    from M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90)."""
+    if tma and m <= TMA_DEFAULT_MAX_M:
+        programs = triton.cdiv(m, 64) * (sched.n // 64)
+        split = max(1, min(4, sched.k // sched.tile, _pow2_floor(max(1, 4 * num_sms // programs))))
+        return KernelConfig(64, 64, split, 4, 4, engine="tma", block_k=64)
+    return KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N if m >= 1024 and sched.n > CHUNK_N else 0)
+
+
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
-                   staged: bool = False, silu_mul: bool = False) -> KernelConfig:
+                   staged: bool = False, silu_mul: bool = False, tma: bool = False) -> KernelConfig:
     """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
     staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
     mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
-    (at most 8); prefill decompresses and calls the vendor GEMM."""
+    (at most 8); prefill: prefill_default."""
     t = sched.tile
     if mma and m <= mma_sp.DEFAULT_MAX_M:
         stg = staged and staged_by_default(m, sched)
         warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
         return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
     if m > DECODE_MAX_M:
-        return KernelConfig(0, 0, 0, 4, 1)
+        return prefill_default(m, sched, n_out, num_sms, tma)
     n_tiles = (sched.n // t) * (sched.k // t)
     mostly_dense = sched.dense_col.numel() >= 0.6 * n_tiles
     bn = min(t, 64 if mostly_dense and t >= 64 else 128)
@@ -140,9 +166,11 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     if cfg.engine == "mma_sp":
         return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
                           staged=cfg.staged, silu_mul=silu_mul)
+    if cfg.engine == "tma":
+        y = _launch_tma(x, dense, values, meta, sched, bias, sched.n, cfg, poison)
+        return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul else y
     if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
-        w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
-        y = torch.nn.functional.linear(x, w, bias)  # [M, K] @ [K, N]
+        y = decompress_mm(x, dense, values, meta, sched, bias, cfg.chunk_n, poison)
         return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul else y
     fp32 = x.dtype == torch.float32
     grid = (triton.cdiv(m, cfg.block_m) * (n_out // cfg.block_n), cfg.split_k)
@@ -172,16 +200,102 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     return y.to(x.dtype)
 
 
-def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False, block_n: int = 32) -> torch.Tensor:
-    """The dense [N, K] weight W * M from packed tiles (memory bound: packed bytes in, dense bytes out)."""
+def tma_error(x: torch.Tensor, sched: Schedule, cfg: KernelConfig) -> str | None:
+    """Why the TMA prefill kernel cannot run this call with cfg (None: it can)."""
     t = sched.tile
-    w = torch.empty((sched.n, sched.k), device=values.device if values.numel() else dense.device, dtype=dtype)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the TMA kernel takes 16-bit activations, got {x.dtype}"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "the TMA kernel needs sm_90+"
+    if t % cfg.block_k or cfg.block_k % 64 or t % cfg.block_n:
+        return f"block_k {cfg.block_k} / block_n {cfg.block_n} must divide the tile {t} (block_k a multiple of 64)"
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+        return "x must be row-contiguous and 16-byte aligned for TMA"
+    return None
+
+
+def _launch_tma(x, dense, values, meta, sched: Schedule, bias, n_out: int, cfg: KernelConfig, poison: bool = False):
+    """y [M, n_out] = x @ W^T (+ bias) on hybrid_mm_tma_kernel (n_out = all stacked rows)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)                 # TMA wants 16-byte aligned rows
+    reason = tma_error(x, sched, cfg)
+    if reason:
+        raise ValueError(reason)
+    m, k = x.shape
+    t, bm, bn, bk = sched.tile, cfg.block_m, cfg.block_n, cfg.block_k
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
+    d = dense.reshape(-1, t) if dense.numel() else torch.zeros(bn, bk, device=x.device, dtype=x.dtype)
+    dense_desc = TensorDescriptor(d, list(d.shape), [d.shape[1], 1], [bn, bk])
+    q = values.reshape(-1, t // 2).view(torch.int64) if values.numel() else \
+        torch.zeros(bn, bk // 8, device=x.device, dtype=torch.int64)         # [n_sparse * T, T / 8] int64 words
+    values_desc = TensorDescriptor(q, list(q.shape), [q.shape[1], 1], [bn, bk // 8])
+    split = max(1, cfg.split_k)
+    if split == 1:
+        out = torch.empty((m, n_out), device=x.device, dtype=x.dtype)
+        s_os, s_om = 0, out.stride(0)
+    else:
+        out = torch.empty((split, m, n_out), device=x.device, dtype=torch.float32)
+        s_os, s_om = out.stride(0), out.stride(1)
+    if poison:
+        out.fill_(float("nan"))
+    grid = (triton.cdiv(m, bm) * (n_out // bn), split)
+    hybrid_mm_tma_kernel[grid](
+        x_desc, dense_desc, values_desc, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
+        sched.sparse_start, bias if bias is not None else x, out, m, n_out, s_os, s_om,
+        T=t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HAS_DENSE=not sched.all_sparse,
+        HAS_SPARSE=not sched.all_dense, HAS_BIAS=bias is not None, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split == 1:
+        return out
+    acc = out.sum(0)                                                       # [M, n_out] fp32
+    return (acc if bias is None else acc + bias.float()).to(x.dtype)
+
+
+def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False, block_n: int = 16,
+               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [r0, r1) (default: all) of the dense weight W * M from packed tiles, as [r1 - r0, K] (into `out`
+    if given). Memory bound: packed bytes in, dense bytes out; split over the K-tiles so that ~8 programs
+    an SM stream at once."""
+    t = sched.tile
+    r0, r1 = rows or (0, sched.n)
+    assert r0 % t == 0 and r1 % t == 0 and 0 <= r0 < r1 <= sched.n, (rows, t, sched.n)
+    dev = values.device if values.numel() else dense.device
+    w = out if out is not None else torch.empty((r1 - r0, sched.k), device=dev, dtype=dtype)
+    assert tuple(w.shape) == (r1 - r0, sched.k) and w.is_contiguous(), (tuple(w.shape), r1 - r0, sched.k)
     if poison:
         w.fill_(float("nan"))
     bn = min(block_n, t)
-    decompress_kernel[(sched.n // bn,)](dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
-                                        sched.sparse_start, w, sched.k, T=t, BLOCK_N=bn, num_warps=4)
+    programs = (r1 - r0) // bn
+    split = max(1, min(sched.k // t, _pow2_floor(max(1, 8 * 132 // programs))))
+    decompress_kernel[(programs, split)](dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
+                                         sched.sparse_start, w, r0, sched.k, T=t, BLOCK_N=bn, SPLIT=split,
+                                         num_warps=4)
     return w
+
+
+def decompress_mm(x, dense, values, meta, sched: Schedule, bias, chunk: int = 0, poison: bool = False):
+    """y [M, N] = x @ W^T (+ bias) with W decompressed `chunk` rows at a time (0: all at once) into one reused
+    buffer: a chunk that fits in L2 is written there and read back from there by the vendor GEMM, so the
+    decompression costs about its reads of packed bytes rather than a dense weight's write and re-read."""
+    n = sched.n
+    chunk = n if chunk <= 0 or chunk >= n else chunk
+    if chunk == n:
+        w = decompress(dense, values, meta, sched, x.dtype, poison=poison)
+        return torch.nn.functional.linear(x, w, bias)                       # [M, K] @ [K, N]
+    assert chunk % sched.tile == 0, (chunk, sched.tile)
+    y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+    buf = torch.empty((chunk, sched.k), device=x.device, dtype=x.dtype)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        w = decompress(dense, values, meta, sched, x.dtype, poison=poison, rows=(r0, r1), out=buf[: r1 - r0])
+        if bias is None:
+            torch.mm(x, w.T, out=y[:, r0:r1])                                # [M, K] @ [K, chunk]
+        else:
+            torch.addmm(bias[r0:r1], x, w.T, out=y[:, r0:r1])
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +329,13 @@ def _save_disk(entries: dict) -> None:
 
 
 def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False,
-               staged: bool = False) -> str:
+               staged: bool = False, tma: bool = False) -> str:
     """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
     return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
-            f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else ""))
+            f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else "") + ("|tma" if tma else ""))
 
 
 def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
@@ -230,6 +344,16 @@ def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
         return False
     w_dtype = values.dtype if values.numel() else dense.dtype
     return mma_sp.unsupported(x, w_dtype, sched, silu_mul) is None and mma_sp.extension() is not None
+
+
+def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
+    """Whether this call can run on the TMA kernel: 16-bit activations, a tile that 64 divides, and an sm_90+
+    GPU (or Triton's interpreter, for the CPU tests)."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or sched.tile % 64:
+        return False
+    if x.is_cuda:
+        return torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def autotune_enabled() -> bool:
@@ -246,7 +370,8 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     m = x.shape[0]
     mma = mma_available(x, dense, values, sched, silu_mul)
     staged = mma and mma_sp.staged_available(x, meta)
-    key = config_key(sched, m, x.dtype, silu_mul, mma, staged)
+    tma = m > DECODE_MAX_M and tma_available(x, sched)
+    key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma)
     if key in _memory and (_memory[key][1] or not tune):  # the hot path: a few attribute checks and a dict lookup
         return _memory[key][0]
     with _lock:
@@ -257,17 +382,17 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma), False)
         return _memory[key][0]
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul):
+    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul)
+    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

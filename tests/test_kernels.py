@@ -98,6 +98,46 @@ def test_fused_silu_gate_up(c):
     run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=default_config, silu=True)
 
 
+@st.composite
+def tma_case(draw):
+    """The TMA kernel (sm_90+ / the interpreter): 16-bit, tiles 64 | 128, any M, a drawn block shape and split."""
+    t, bitmap, m, _, bias, seed = draw(case())
+    if t % 64:
+        t = 64
+    dtype = draw(st.sampled_from([torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])))
+    bn = draw(st.sampled_from(sorted({64, t})))
+    cfg = KernelConfig(draw(st.sampled_from([64, 128])), bn, draw(st.sampled_from([1, 2, 4])), 4,
+                       draw(st.sampled_from([2, 4])), engine="tma", block_k=draw(st.sampled_from(sorted({64, t}))))
+    return (t, bitmap, m, dtype, bias, seed), cfg
+
+
+def _tma_ready() -> bool:
+    return DEVICE == "cpu" or torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not _tma_ready(), reason="the TMA kernel needs sm_90+")
+@given(tma_case())
+def test_tma_kernel_matches_float64_reference(c):
+    args, cfg = c
+    run_case(*args, cfg_fn=lambda m, s, n: cfg)
+
+
+def test_prefill_defaults_and_chunked_decompress_are_correct():
+    """M above the decode range: the default config (the TMA kernel where it can run) and decompress + GEMM a
+    row-tile at a time (what tall layers use at M >= 1024) both match the float64 reference."""
+    from patchc.codegen.launch import tma_available
+
+    t, bitmap = 64, torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    for dtype in (torch.float16, torch.float32):
+        run_case(t, bitmap, 70, dtype, True, 1,
+                 cfg_fn=lambda m, s, n: default_config(m, s, n, tma=tma_available(torch.empty(0, dtype=dtype,
+                                                                                               device=DEVICE), s)))
+        run_case(t, bitmap, 70, dtype, True, 2, cfg_fn=lambda m, s, n: KernelConfig(0, 0, 0, 4, 1, chunk_n=t))
+    sched = build_schedule(bitmap, t)
+    assert default_config(200, sched, 3 * t, tma=True).engine == "tma"
+    assert default_config(2048, sched, 3 * t, tma=True).engine == "triton"
+
+
 def test_split_k_is_correct_and_poisoned_output_is_overwritten():
     t, bitmap = (16 if DEVICE == "cpu" else 128), torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
     for split in (1, 2, 4):
