@@ -85,9 +85,10 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
         if sched.n > CHUNK_N:
             out.append(KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N))
-        if tma and m <= TMA_MAX_M:
+        if tma and m <= TMA_MAX_M and t % 64 == 0:
             for bm, bn, split in ((64, 64, 1), (64, 64, 2), (64, 64, 4), (128, 64, 1), (128, 128, 1), (128, 128, 2)):
-                out.append(KernelConfig(bm, bn, split, 4, 4, engine="tma", block_k=64))
+                if t % bn == 0 and split <= k_tiles:
+                    out.append(KernelConfig(bm, bn, split, 4, 4, engine="tma", block_k=64))
     return out
 
 
