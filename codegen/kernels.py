@@ -120,6 +120,17 @@ def _accumulate(acc, x_ptr, stride_xm, stride_xk, offs_m, mask_m, rows,
 
 
 @triton.jit
+def _grouped_pid(pid, M, N_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program -> (m block, n block), grouped along M so neighbouring programs share weight tiles in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = N_OUT // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
 def hybrid_mm_kernel(
     x_ptr, dense_ptr, values_ptr, meta_ptr, dense_col_ptr, sparse_col_ptr, dense_start_ptr, sparse_start_ptr,
     bias_ptr, out_ptr,
@@ -129,16 +140,9 @@ def hybrid_mm_kernel(
     HAS_DENSE: tl.constexpr, HAS_SPARSE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Program -> (m block, n block), grouped along M so neighbouring programs share weight tiles in L2.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = N_OUT // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _grouped_pid(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -214,13 +218,7 @@ def hybrid_mm_tma_kernel(
     partials [SPLIT_K, M, N] that the launcher reduces."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = N_OUT // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _grouped_pid(pid, M, N_OUT, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     rt = n0 // T                                   # row-tile of this program
