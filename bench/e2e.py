@@ -48,8 +48,9 @@ def build(shape: dict, device, dtype, seed: int = 0):
 
 
 @torch.no_grad()
-def hybridize_(model, sparsity: float, tile: int, seed: int = 0) -> dict:
-    """Replace every decoder linear by a HybridLinear at an exact global sparsity (non-uniform per layer)."""
+def hybridize_(model, sparsity: float, tile: int, seed: int = 0, plain_dense: bool = True) -> dict:
+    """Replace every decoder linear by a HybridLinear at an exact global sparsity (non-uniform per layer); layers
+    left with no 2:4 tile run as plain dense linears unless plain_dense=False (as patchc.load does)."""
     g = torch.Generator().manual_seed(seed)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     scores = []
@@ -65,7 +66,7 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0) -> dict:
         pattern = torch.randint(0, 6, (w.shape[0], w.shape[1] // 4), generator=g, dtype=torch.uint8)
         p = pack_layer(w, bm.to(w.device), pattern.to(w.device), tile)
         parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent), child, HybridLinear(p, lin.bias, name=n))
+        setattr(model.get_submodule(parent), child, HybridLinear(p, lin.bias, name=n, plain_dense=plain_dense))
         per_layer.append(p.sparsity)
         del lin
     # as patchc.load does for a lowered checkpoint: q/k/v and gate/up share one allocation each (one launch)
@@ -75,7 +76,8 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0) -> dict:
         groups += [[f"{pre}.self_attn.{x}_proj" for x in "qkv"], [f"{pre}.mlp.gate_proj", f"{pre}.mlp.up_proj"]]
     stacked = stack_groups_(model, groups)
     return {"layers": len(names), "min": min(per_layer), "max": max(per_layer),
-            "mean": sum(per_layer) / len(per_layer), "stacked_groups": stacked}
+            "mean": sum(per_layer) / len(per_layer), "stacked_groups": stacked,
+            "plain_dense_layers": sum(p_ == 0 for p_ in per_layer) if plain_dense else 0}
 
 
 disable = [False]  # generate(disable_compile=...): True when the forward is compiled by us (--compile manual)
@@ -117,7 +119,7 @@ def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
     if label.startswith("patch"):
         import patchc  # noqa: F401  (registers the backend)
 
-        info = hybridize_(model, float(label.split("-")[1]), a.tile)
+        info = hybridize_(model, float(label.split("-")[1]), a.tile, plain_dense=not a.no_plain_dense)
         backend = "patch"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -153,6 +155,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45")
     ap.add_argument("--tile", type=int, default=128)
+    ap.add_argument("--no-plain-dense", action="store_true",
+                    help="keep layers with no 2:4 tile packed, on the hybrid kernels (default: plain F.linear)")
     ap.add_argument("--compile", choices=["hf", "manual"], default="hf",
                     help="hf: generate() compiles its decode step with our backend (CompileConfig); "
                          "manual: torch.compile(model.forward)")

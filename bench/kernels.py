@@ -28,7 +28,7 @@ import triton
 from patchc import mask as hm
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.codegen.schedule import build_schedule
-from patchc.format import pack_layer
+from patchc.format import from_tiles, pack_layer
 
 from report import write_report  # bench/report.py
 
@@ -110,16 +110,28 @@ def time_baselines(n, k, m, compiled: bool, seed=0, l2_bytes=L2_ROTATION) -> dic
     return out
 
 
-def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_bytes=L2_ROTATION):
+def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_bytes=L2_ROTATION, plain_dense=True):
+    """One (shape, M, sparsity): what the runtime runs for such a layer, checked against float64, then timed. A
+    layer with no 2:4 tile runs as HybridLinear(plain_dense=True) does (F.linear on its row-major weight) unless
+    plain_dense=False."""
     x, dense, values, meta, sched, ref, p = make_layer(n, k, m, sparsity, tile, seed=seed)
+    if plain_dense and sched.all_dense:
+        w = from_tiles(dense, n // tile, k // tile)                       # the plain-dense layer's weight [N, K]
+        config = {"engine": "dense-linear", "split_k": 0}
+        run = lambda w_: F.linear(x, w_)  # noqa: E731
+        y, packs = run(w), rotating_copies((w,), p.nbytes, l2_bytes)
+        del dense
+    else:
+        cfg = get_config(x, dense, values, meta, sched, None, n, tune=tune)
+        config = cfg.__dict__
+        run = lambda d, v, e: launch(x, d, v, e, sched, None, n, cfg)  # noqa: E731
+        y = launch(x, dense, values, meta, sched, None, n, cfg, poison=True)
+        packs = rotating_copies((dense, values, meta), p.nbytes, l2_bytes)
     # correctness first: float64 reference of x @ (W * M)^T
-    cfg = get_config(x, dense, values, meta, sched, None, n, tune=tune)
-    y = launch(x, dense, values, meta, sched, None, n, cfg, poison=True)
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert math.isfinite(err) and err < 1.5e-2, f"N={n} K={k} M={m} s={sparsity}: rel err {err}"
     # timing, rotating over copies that together exceed L2
-    packs = rotating_copies((dense, values, meta), p.nbytes, l2_bytes)
-    t_patch = graph_time_us([lambda d=d, v=v, e=e: launch(x, d, v, e, sched, None, n, cfg) for d, v, e in packs])
+    t_patch = graph_time_us([lambda c=c: run(*c) for c in packs])
     t_cublas = base["cublas_us"]
     bytes_moved = p.nbytes + x.nbytes + m * n * 2
     floor = bytes_moved / bw * 1e6
@@ -130,7 +142,7 @@ def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_b
     if "compiled_us" in base:
         extra["speedup_vs_compiled"] = round(base["compiled_us"] / t_patch, 3)
     return {**extra, "N": n, "K": k, "M": m, "sparsity": sparsity, "achieved": round(hm.layer_sparsity(p.bitmap), 4),
-            "rel_err": err, "config": cfg.__dict__, "patch_us": round(t_patch, 2), "cublas_us": round(t_cublas, 2),
+            "rel_err": err, "config": config, "patch_us": round(t_patch, 2), "cublas_us": round(t_cublas, 2),
             "floor_us": round(floor, 2), "patch_over_floor": round(t_patch / floor, 3),
             "speedup_vs_cublas": round(t_cublas / t_patch, 3), "patch_tflops": round(flops / t_patch / 1e6, 1),
             "cublas_tflops": round(flops / t_cublas / 1e6, 1), "bytes_ratio": round(p.nbytes / (n * k * 2), 4)}
@@ -146,6 +158,8 @@ def main() -> None:
     ap.add_argument("--compiled-ms", default="16,2048", help="M values that also time torch.compile max-autotune")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--tune", action="store_true", help="autotune each case (default: the config users get)")
+    ap.add_argument("--no-plain-dense", action="store_true",
+                    help="0%%: time the hybrid kernels on the all-dense layer (default: F.linear, as the runtime runs it)")
     ap.add_argument("--budget-s", type=float, default=None)
     a = ap.parse_args()
     from pathlib import Path
@@ -173,7 +187,7 @@ def main() -> None:
                     continue
                 base = time_baselines(n, k, m, m in compiled_ms)
                 for s in map(float, a.sparsities.split(",")):
-                    r = bench_case(n, k, m, s, a.tile, bw, base, tune=a.tune)
+                    r = bench_case(n, k, m, s, a.tile, bw, base, tune=a.tune, plain_dense=not a.no_plain_dense)
                     r["shapes"] = shapes
                     rows.append(r)
                     print(f"{n:>6}x{k:<6} M={m:<5} s={s:.2f} patch {r['patch_us']:>8.2f}us cublas {r['cublas_us']:>8.2f}us "
@@ -198,6 +212,8 @@ def kernel_name(r: dict) -> str:
     engine = c.get("engine", "triton")
     if engine == "mma_sp":
         return "mma_sp staged" if c.get("staged") else "mma_sp"
+    if engine == "dense-linear":
+        return "dense linear (cuBLAS)"
     if engine == "tma":
         return f"tma split{c['split_k']}" if c["split_k"] > 1 else "tma"
     if c["split_k"] == 0:

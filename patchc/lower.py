@@ -152,11 +152,15 @@ def stack_groups_(model: torch.nn.Module, groups: list[list[str]]) -> int:
     """Make the packed buffers of each group's HybridLinears consecutive views of one allocation per field
     (concatenated along the stored tiles, in group order): no extra memory, and the backend's pass sees
     one storage it can launch over once. Groups that differ in tile, input size, dtype or bias-ness are
-    left alone. Returns how many groups were stacked. Moving the model afterwards (.to) undoes it."""
+    left alone; plain-dense members (HybridLinear.weight) are left out and the rest stacked. Returns how many
+    groups were stacked. Moving the model afterwards (.to) undoes it."""
     n = 0
     for names in groups:
         mods = [model.get_submodule(m) for m in names]
         if not all(isinstance(m, HybridLinear) for m in mods):
+            continue
+        mods = [m for m in mods if m.weight is None]  # plain-dense members run as F.linear: stack the rest
+        if len(mods) < 2:
             continue
         first = mods[0]
         if any((m.tile, m.in_features, m.dense.dtype, m.dense.device, m.bias is None) !=
@@ -246,8 +250,10 @@ def _build_empty(d: Path, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True):
-    """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True, plain_dense: bool = True):
+    """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules.
+    plain_dense: layers with no 2:4 tile hold a row-major weight and run as F.linear (the vendor GEMM; see
+    HybridLinear); False keeps them packed, on the hybrid kernels."""
     d = Path(path)
     manifest = read_manifest(d)
     dtype = parse_dtype(manifest["dtype"])
@@ -268,7 +274,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
                                   f"{list(want)}: manifest and config.json do not match")
         try:
             p = PackedLayer(*(packed[f"{mod_name}.{k}"] for k in PACKED_FIELDS), out_f, in_f, manifest["tile"])
-            hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name)
+            hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name, plain_dense=plain_dense)
         except (KeyError, FormatError) as e:
             raise CheckpointError(f"{mod_name}: packed tensors missing or inconsistent ({e})") from e
         parent, _, child = mod_name.rpartition(".")
@@ -279,7 +285,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
             raise CheckpointError(f"alias {alias} -> {target}: {target} is not in {REST_FILE}")
         rest[alias] = rest[target]
     result = model.load_state_dict(rest, strict=False)
-    hybrid_keys = {f"{l['module']}.{k}" for l in manifest["layers"] for k in PACKED_FIELDS}
+    hybrid_keys = {f"{l['module']}.{k}" for l in manifest["layers"] for k in (*PACKED_FIELDS, "weight")}
     missing = [k for k in result.missing_keys if k not in hybrid_keys]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{REST_FILE} does not match the model: missing {missing[:4]}, "

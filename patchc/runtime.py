@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from patchc.format import PACKED_FIELDS, PackedLayer, unpack_layer, validate_packed
+from patchc.format import PACKED_FIELDS, PackedLayer, from_tiles, unpack_layer, validate_packed
 
 # PATCHC_EAGER_KERNELS=0 keeps eager GPU calls on the reference op (decompress + F.linear)
 EAGER_KERNELS = os.environ.get("PATCHC_EAGER_KERNELS", "1").lower() not in ("0", "false", "no")
@@ -59,15 +59,26 @@ def _exporting() -> bool:
 
 
 class HybridLinear(torch.nn.Module):
-    """A linear layer whose weight lives only in the packed hybrid format (buffers, not parameters)."""
+    """A linear layer whose weight lives only in the packed hybrid format (buffers, not parameters).
 
-    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None = None, name: str = "layer"):
+    plain_dense=True on a layer with no 2:4 tile (training kept every tile dense) holds the same bytes as a
+    row-major `weight` [out, in] instead of dense tiles, and runs as a plain F.linear: the vendor GEMM at
+    every M, which on the H100 is 1.07-1.15x the hybrid kernel at M=16, ~2x at M=128 and 1.16-1.19x at
+    M=2048, and 0.86-0.91x at M=1 (bench/results/kernels). `dense` is then empty."""
+
+    def __init__(self, packed: PackedLayer, bias: torch.Tensor | None = None, name: str = "layer",
+                 plain_dense: bool = False):
         super().__init__()
         validate_packed(packed, name)
         self.in_features, self.out_features, self.tile = packed.in_features, packed.out_features, packed.tile
         self.name = name
         for k in PACKED_FIELDS:
             self.register_buffer(k, getattr(packed, k))
+        self.register_buffer("weight", None)
+        if plain_dense and packed.values.shape[0] == 0:
+            t = packed.tile
+            self.weight = from_tiles(packed.dense, self.out_features // t, self.in_features // t)  # [out, in]
+            self.dense = packed.dense.new_empty((0, t, t))
         if bias is not None:
             self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -81,8 +92,9 @@ class HybridLinear(torch.nn.Module):
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes holding the weight in memory: packed tiles + metadata + bitmap."""
-        return self.packed.nbytes + self.bitmap.numel()
+        """Bytes holding the weight in memory: packed tiles + metadata (or the plain dense weight) + bitmap."""
+        w = self.weight.numel() * self.weight.element_size() if self.weight is not None else 0
+        return self.packed.nbytes + w + self.bitmap.numel()
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
@@ -91,6 +103,8 @@ class HybridLinear(torch.nn.Module):
                 and not torch.compiler.is_compiling() and not _exporting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return F.linear(x, self.weight, self.bias)
         if self._use_kernel(x):
             if self._schedule_key is None:  # built once per layer from its bitmap (one small device->host copy)
                 self._schedule_key = schedule_for(self.bitmap, self.tile).key
@@ -102,11 +116,14 @@ class HybridLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         n = self.bitmap.numel()
         return (f"in_features={self.in_features}, out_features={self.out_features}, tile={self.tile}, "
-                f"dense_tiles={int(self.bitmap.sum())}/{n}, sparsity={self.packed.sparsity:.3f}")
+                f"dense_tiles={int(self.bitmap.sum())}/{n}, sparsity={self.packed.sparsity:.3f}"
+                + (", plain_dense=True" if self.weight is not None else ""))
 
 
-def hybrid_layers(model: torch.nn.Module) -> dict[str, HybridLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, HybridLinear)}
+def hybrid_layers(model: torch.nn.Module, packed_only: bool = False) -> dict[str, HybridLinear]:
+    """The model's HybridLinears (packed_only: without the plain-dense ones, i.e. those on the hybrid kernels)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, HybridLinear) and not (packed_only and m.weight is not None)}
 
 
 _SCHEDULES: dict[tuple[str, str], object] = {}   # (layer key, device) -> codegen.schedule.Schedule

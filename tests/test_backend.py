@@ -37,7 +37,7 @@ def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
         out = torch.compile(model, backend="patch", fullgraph=True)(input_ids=ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     rep = backend.LAST_REPORT
-    assert sorted(rep.swapped) == sorted(hybrid_layers(model)) and not rep.reference
+    assert sorted(rep.swapped) == sorted(hybrid_layers(model, packed_only=True)) and not rep.reference
     if arch == "llama":  # q/k/v and gate/up read one input each: each group runs as one launch
         sizes = sorted(len(g) for g in rep.shared_input_groups)
         assert sizes == [2, 2, 3, 3]
@@ -75,13 +75,13 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     n_eager = len(calls)
     compiled = torch.compile(model, backend="patch", fullgraph=True)(input_ids=ids).logits
     stacked = backend.LAST_REPORT.stacked
-    assert n_eager == len(hybrid_layers(model))  # every layer eagerly; compiled: one launch per stacked group
+    assert n_eager == len(hybrid_layers(model, packed_only=True))  # every packed layer eagerly; compiled: one launch per stacked group
     assert len(calls) - n_eager == n_eager - sum(len(g) - 1 for g in stacked)
     assert (len(stacked) == 4) == (arch == "llama")  # q/k/v and gate/up of 2 layers; GPT-2's c_attn is one layer
     assert len(backend.LAST_REPORT.fused_silu_mul) == (2 if arch == "llama" else 0)  # GPT-2's MLP has no gate
     torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled, ref, rtol=1e-4, atol=1e-4)
-    assert sorted(backend.LAST_REPORT.swapped) == sorted(hybrid_layers(model))
+    assert sorted(backend.LAST_REPORT.swapped) == sorted(hybrid_layers(model, packed_only=True))
 
 
 def test_generate_on_the_compiled_model(ckpts):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHS
+from patchc.format import unpack_layer
 from patchc.lower import CheckpointError, load, lower, memory_report, verify
 from patchc.models import load_model
 from patchc.prune_dir import PruneDirError, apply_hard_masks_, read_prune_dir
@@ -169,12 +170,30 @@ def test_no_pickle_anywhere(ck):
         assert f.suffix in {".json", ".safetensors", ".txt", ".jinja"} or f.name.startswith("tokenizer"), f.name
 
 
+def test_layers_without_2_4_tiles_run_as_plain_dense_linears(pruned, tmp_path):
+    """A layer the training kept all dense loads as a row-major weight (same bytes, empty dense tiles) and runs as
+    F.linear; the model's logits are those of the fully packed model; plain_dense=False keeps it packed."""
+    manifest = lower(pruned["llama"], tmp_path / "ck")
+    all_dense = {l["module"] for l in manifest["layers"] if l["dense_tiles"] == l["tiles"]}
+    assert all_dense, "the 45% tiny-llama prune keeps at least one layer all dense (this test's premise)"
+    plain, packed = load(tmp_path / "ck"), load(tmp_path / "ck", plain_dense=False)
+    for name, m in hybrid_layers(plain).items():
+        p = packed.get_submodule(name)
+        assert (m.weight is not None) == (name in all_dense) and p.weight is None
+        if m.weight is not None:
+            assert m.dense.numel() == 0 and torch.equal(m.weight, unpack_layer(p.packed))
+            assert m.weight_nbytes == p.weight_nbytes
+    assert memory_report(plain) == memory_report(packed)
+    ids = torch.randint(0, 256, (2, 17))
+    torch.testing.assert_close(plain(input_ids=ids).logits, packed(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_op_traces_as_one_node(ck):
     model = load(ck)
     ids = torch.randint(0, 256, (1, 12))
     ep = torch.export.export(model, (ids,), kwargs={"use_cache": False}, strict=False)
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert sum("patchc.hybrid_linear" in t for t in targets) == len(hybrid_layers(model))
+    assert sum("patchc.hybrid_linear" in t for t in targets) == len(hybrid_layers(model, packed_only=True)) > 0
     m = next(iter(hybrid_layers(model).values()))
     assert isinstance(m, HybridLinear)
 
@@ -190,7 +209,7 @@ def test_eager_gpu_path_calls_the_kernel_op_with_the_layer_schedule(ck, monkeypa
     monkeypatch.setattr(HybridLinear, "_use_kernel", lambda self, x: True)
     got = model(ids).logits
     torch.testing.assert_close(got, want)
-    for m in hybrid_layers(model).values():
+    for m in hybrid_layers(model, packed_only=True).values():
         assert m._schedule_key == build_schedule(m.bitmap, m.tile).key
 
 
@@ -198,16 +217,21 @@ def test_shared_input_groups_are_stored_in_one_allocation(pruned, tmp_path):
     """q/k/v and gate/up (from the prune graph) are recorded in the manifest; patchc.load stores each group's
     packed tiles as consecutive views of one allocation (no extra bytes) and the model is unchanged."""
     lower(pruned["llama"], tmp_path / "ck")
-    model = load(tmp_path / "ck")
-    groups = model.patchc_manifest["groups"]
-    assert sorted(len(g) for g in groups) == [2, 2, 3, 3]
-    for g in groups:
-        mods = [model.get_submodule(n) for n in g]
-        for k in ("dense", "values", "meta"):
-            ts = [getattr(m, k) for m in mods]
-            assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
-            assert all(t.storage_offset() + t.numel() == u.storage_offset() for t, u in zip(ts, ts[1:]))
-            assert ts[0].untyped_storage().nbytes() == sum(t.nbytes for t in ts)
+    for plain_dense in (False, True):
+        model = load(tmp_path / "ck", plain_dense=plain_dense)
+        groups = model.patchc_manifest["groups"]
+        assert sorted(len(g) for g in groups) == [2, 2, 3, 3]
+        for g in groups:
+            mods = [model.get_submodule(n) for n in g]
+            packed = [m for m in mods if m.weight is None]   # plain-dense members run as F.linear, unstacked
+            assert len(packed) == len(mods) or plain_dense
+            if len(packed) < 2:
+                continue
+            for k in ("dense", "values", "meta"):
+                ts = [getattr(m, k) for m in packed]
+                assert len({t.untyped_storage().data_ptr() for t in ts}) == 1
+                assert all(t.storage_offset() + t.numel() == u.storage_offset() for t, u in zip(ts, ts[1:]))
+                assert ts[0].untyped_storage().nbytes() == sum(t.nbytes for t in ts)
     m = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     m["groups"] = [["no.such.layer", g[0]] for g in groups]
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(m))
