@@ -63,8 +63,9 @@ class HybridLinear(torch.nn.Module):
 
     plain_dense=True on a layer with no 2:4 tile (training kept every tile dense) holds the same bytes as a
     row-major `weight` [out, in] instead of dense tiles, and runs as a plain F.linear: the vendor GEMM at
-    every M, which on the H100 is 1.07-1.15x the hybrid kernel at M=16, ~2x at M=128 and 1.16-1.19x at
-    M=2048, and 0.86-0.91x at M=1 (bench/results/kernels). `dense` is then empty."""
+    every M, which on the H100 ran the 7B shapes 1.08-1.15x as fast as the hybrid kernels at M=16, 1.5-2.0x at
+    M=128, 1.15-1.19x at M=2048, and 0.86-0.91x at M=1 (bench/results/kernels_v8, 0% rows). `dense` is then
+    empty."""
 
     def __init__(self, packed: PackedLayer, bias: torch.Tensor | None = None, name: str = "layer",
                  plain_dense: bool = False):
