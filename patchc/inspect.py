@@ -22,6 +22,10 @@ def table(manifest: dict) -> str:
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:-1]]
     lines += ["  ".join("-" * w for w in widths), fmt(rows[-1])]
+    plain = sum(l["dense_tiles"] == l["tiles"] for l in manifest["layers"])
+    if plain:
+        lines.append(f"{plain} of {len(manifest['layers'])} layers have no 2:4 tile: patchc.load runs them as plain dense "
+                     "linears (plain_dense=False keeps them on the hybrid kernels)")
     head = (f"{manifest['model']['spec']} ({manifest['model']['architecture']}), tile {manifest['tile']}, "
             f"{manifest['dtype']}, format {manifest['format']} v{manifest['version']}")
     return head + "\n" + "\n".join(lines)

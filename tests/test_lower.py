@@ -176,6 +176,8 @@ def test_layers_without_2_4_tiles_run_as_plain_dense_linears(pruned, tmp_path):
     manifest = lower(pruned["llama"], tmp_path / "ck")
     all_dense = {l["module"] for l in manifest["layers"] if l["dense_tiles"] == l["tiles"]}
     assert all_dense, "the 45% tiny-llama prune keeps at least one layer all dense (this test's premise)"
+    from patchc.inspect import table
+    assert f"{len(all_dense)} of {len(manifest['layers'])} layers have no 2:4 tile" in table(manifest)
     plain, packed = load(tmp_path / "ck"), load(tmp_path / "ck", plain_dense=False)
     for name, m in hybrid_layers(plain).items():
         p = packed.get_submodule(name)
