@@ -210,16 +210,20 @@ def tma_error(x: torch.Tensor, sched: Schedule, cfg: KernelConfig) -> str | None
         return "the TMA kernel needs sm_90+"
     if t % cfg.block_k or cfg.block_k % 64 or t % cfg.block_n:
         return f"block_k {cfg.block_k} / block_n {cfg.block_n} must divide the tile {t} (block_k a multiple of 64)"
-    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+    if not _tma_aligned(x):
         return "x must be row-contiguous and 16-byte aligned for TMA"
     return None
+
+
+def _tma_aligned(x: torch.Tensor) -> bool:
+    return x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
 def _launch_tma(x, dense, values, meta, sched: Schedule, bias, n_out: int, cfg: KernelConfig, poison: bool = False):
     """y [M, n_out] = x @ W^T (+ bias) on hybrid_mm_tma_kernel (n_out = all stacked rows)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+    if not _tma_aligned(x):
         x = x.clone(memory_format=torch.contiguous_format)                 # TMA wants 16-byte aligned rows
     reason = tma_error(x, sched, cfg)
     if reason:
@@ -270,7 +274,8 @@ def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False
         w.fill_(float("nan"))
     bn = min(block_n, t)
     programs = (r1 - r0) // bn
-    split = max(1, min(sched.k // t, _pow2_floor(max(1, 8 * 132 // programs))))
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if w.is_cuda else 132
+    split = max(1, min(sched.k // t, _pow2_floor(max(1, 8 * sms // programs))))
     decompress_kernel[(programs, split)](dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
                                          sched.sparse_start, w, r0, sched.k, T=t, BLOCK_N=bn, SPLIT=split,
                                          num_warps=4)
@@ -279,8 +284,8 @@ def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False
 
 def decompress_mm(x, dense, values, meta, sched: Schedule, bias, chunk: int = 0, poison: bool = False):
     """y [M, N] = x @ W^T (+ bias) with W decompressed `chunk` rows at a time (0: all at once) into one reused
-    buffer: a chunk that fits in L2 is written there and read back from there by the vendor GEMM, so the
-    decompression costs about its reads of packed bytes rather than a dense weight's write and re-read."""
+    buffer of chunk x K (a chunk that fits in L2 can be read back from there by the vendor GEMM). On the H100
+    it helped 11008-row layers at M=2048 and lost below M=1024 (bench/NOTES.md): see CHUNK_N."""
     n = sched.n
     chunk = n if chunk <= 0 or chunk >= n else chunk
     if chunk == n:

@@ -13,7 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from patchc.format import PACKED_FIELDS, PackedLayer, from_tiles, unpack_layer, validate_packed
+from patchc.format import PACKED_FIELDS, PackedLayer, from_tiles, to_tiles, unpack_layer, validate_packed
+from patchc.mask import layer_sparsity
 
 # PATCHC_EAGER_KERNELS=0 keeps eager GPU calls on the reference op (decompress + F.linear)
 EAGER_KERNELS = os.environ.get("PATCHC_EAGER_KERNELS", "1").lower() not in ("0", "false", "no")
@@ -88,14 +89,15 @@ class HybridLinear(torch.nn.Module):
 
     @property
     def packed(self) -> PackedLayer:
-        return PackedLayer(self.bitmap, self.dense, self.values, self.meta, self.out_features, self.in_features,
-                           self.tile)
+        """The layer in the packed format (a plain-dense layer's tiles are cut from its weight: a copy)."""
+        dense = self.dense if self.weight is None else to_tiles(self.weight, self.tile)
+        return PackedLayer(self.bitmap, dense, self.values, self.meta, self.out_features, self.in_features, self.tile)
 
     @property
     def weight_nbytes(self) -> int:
         """Bytes holding the weight in memory: packed tiles + metadata (or the plain dense weight) + bitmap."""
-        w = self.weight.numel() * self.weight.element_size() if self.weight is not None else 0
-        return self.packed.nbytes + w + self.bitmap.numel()
+        held = (self.weight if self.weight is not None else self.dense, self.values, self.meta)
+        return sum(t.numel() * t.element_size() for t in held) + self.bitmap.numel()
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
@@ -117,7 +119,7 @@ class HybridLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         n = self.bitmap.numel()
         return (f"in_features={self.in_features}, out_features={self.out_features}, tile={self.tile}, "
-                f"dense_tiles={int(self.bitmap.sum())}/{n}, sparsity={self.packed.sparsity:.3f}"
+                f"dense_tiles={int(self.bitmap.sum())}/{n}, sparsity={layer_sparsity(self.bitmap):.3f}"
                 + (", plain_dense=True" if self.weight is not None else ""))
 
 

@@ -184,6 +184,7 @@ def test_layers_without_2_4_tiles_run_as_plain_dense_linears(pruned, tmp_path):
         assert (m.weight is not None) == (name in all_dense) and p.weight is None
         if m.weight is not None:
             assert m.dense.numel() == 0 and torch.equal(m.weight, unpack_layer(p.packed))
+            assert torch.equal(m.packed.dense, p.dense)                       # the packed view is still the format
             assert m.weight_nbytes == p.weight_nbytes
     assert memory_report(plain) == memory_report(packed)
     ids = torch.randint(0, 256, (2, 17))
