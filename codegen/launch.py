@@ -4,8 +4,8 @@
 Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
-Above that (M > 64): up to M=256 on sm_90+ the TMA kernel (the tile lists as a tensor-core GEMM, dense tiles
-read in place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
+Above that (M > 64): up to M=128 (M=256 on layers taller than CHUNK_N) on sm_90+ the TMA kernel (the tile lists
+as a tensor-core GEMM, dense tiles read in place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
 weight (in CHUNK_N-row pieces for tall layers at M >= 1024) for the vendor GEMM. The tuner also tries the
 pointer-load fused kernel up to FUSED_MAX_M and the TMA kernel up to TMA_MAX_M.
 """
@@ -118,14 +118,17 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
 
 
 def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False) -> KernelConfig:
-    """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): up to TMA_DEFAULT_MAX_M the
-    TMA kernel with 64 x 64 blocks and split-K for ~4 programs an SM (M=128: 0.46-0.69x cuBLAS against
-    0.36-0.45x for decompress + cuBLAS); above, decompress + cuBLAS, CHUNK_N rows at a time on taller layers
-    from M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90)."""
-    if tma and m <= TMA_DEFAULT_MAX_M:
-        programs = triton.cdiv(m, 64) * (sched.n // 64)
+    """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): the TMA kernel with 64-row
+    blocks and split-K for ~4 programs an SM up to M=128 (0.46-0.69x cuBLAS against 0.36-0.45x for
+    decompress + cuBLAS), and with 128-row blocks up to TMA_DEFAULT_MAX_M on layers taller than CHUNK_N
+    (11008x4096 at M=256: 0.46-0.52x against 0.39-0.40x; on 4096-row layers decompress + cuBLAS won there,
+    0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
+    M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90)."""
+    if tma and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
+        bm = 64 if m <= 128 else 128
+        programs = triton.cdiv(m, bm) * (sched.n // 64)
         split = max(1, min(4, sched.k // sched.tile, _pow2_floor(max(1, 4 * num_sms // programs))))
-        return KernelConfig(64, 64, split, 4, 4, engine="tma", block_k=64)
+        return KernelConfig(bm, 64, split, 4, 4, engine="tma", block_k=64)
     return KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N if m >= 1024 and sched.n > CHUNK_N else 0)
 
 

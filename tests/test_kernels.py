@@ -135,8 +135,11 @@ def test_prefill_defaults_and_chunked_decompress_are_correct():
                                                                                                device=DEVICE), s)))
         run_case(t, bitmap, 70, dtype, True, 2, cfg_fn=lambda m, s, n: KernelConfig(0, 0, 0, 4, 1, chunk_n=t))
     sched = build_schedule(bitmap, t)
-    assert default_config(200, sched, 3 * t, tma=True).engine == "tma"
-    assert default_config(2048, sched, 3 * t, tma=True).engine == "triton"
+    assert default_config(100, sched, 3 * t, tma=True).engine == "tma"
+    assert default_config(200, sched, 3 * t, tma=True).engine == "triton"      # short layer: decompress + GEMM
+    tall = build_schedule(torch.ones(4608 // t, 2, dtype=torch.bool), t)
+    assert default_config(200, tall, 4608, tma=True).engine == "tma"
+    assert default_config(2048, tall, 4608, tma=True).chunk_n == 4096
 
 
 def test_split_k_is_correct_and_poisoned_output_is_overwritten():
