@@ -124,7 +124,7 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
     (11008x4096 at M=256: 0.46-0.52x against 0.39-0.40x; on 4096-row layers decompress + cuBLAS won there,
     0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
     M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90)."""
-    if tma and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
+    if tma and sched.tile % 64 == 0 and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
         bm = 64 if m <= 128 else 128
         programs = triton.cdiv(m, bm) * (sched.n // 64)
         split = max(1, min(4, sched.k // sched.tile, _pow2_floor(max(1, 4 * num_sms // programs))))
