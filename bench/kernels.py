@@ -124,7 +124,6 @@ def bench_case(n, k, m, sparsity, tile, bw, base: dict, tune=False, seed=0, l2_b
         config = {"engine": "dense-linear", "split_k": 0}
         run = lambda w_: F.linear(x, w_)  # noqa: E731
         y, packs = run(w), rotating_copies((w,), p.nbytes, l2_bytes)
-        del dense
     else:
         cfg = get_config(x, dense, values, meta, sched, None, n, tune=tune)
         config = cfg.__dict__

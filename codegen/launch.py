@@ -170,11 +170,11 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     if cfg.engine == "mma_sp":
         return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
                           staged=cfg.staged, silu_mul=silu_mul)
-    if cfg.engine == "tma":
-        y = _launch_tma(x, dense, values, meta, sched, bias, sched.n, cfg, poison)
-        return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul else y
-    if cfg.split_k == 0:  # prefill: decompress into a transient dense weight, then the vendor GEMM
-        y = decompress_mm(x, dense, values, meta, sched, bias, cfg.chunk_n, poison)
+    if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then the SiLU(gate) * up epilogue in torch
+        if cfg.engine == "tma":
+            y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
+        else:  # prefill: decompress into a transient dense weight, then the vendor GEMM
+            y = decompress_mm(x, dense, values, meta, sched, bias, cfg.chunk_n, poison)
         return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul else y
     fp32 = x.dtype == torch.float32
     grid = (triton.cdiv(m, cfg.block_m) * (n_out // cfg.block_n), cfg.split_k)
@@ -207,10 +207,9 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
 def tma_error(x: torch.Tensor, sched: Schedule, cfg: KernelConfig) -> str | None:
     """Why the TMA prefill kernel cannot run this call with cfg (None: it can)."""
     t = sched.tile
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"the TMA kernel takes 16-bit activations, got {x.dtype}"
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
-        return "the TMA kernel needs sm_90+"
+    if not tma_available(x, sched):
+        return (f"the TMA kernel needs 16-bit activations (got {x.dtype}), a tile that 64 divides (got {t}) and an "
+                "sm_90+ GPU (or Triton's interpreter)")
     if t % cfg.block_k or cfg.block_k % 64 or t % cfg.block_n:
         return f"block_k {cfg.block_k} / block_n {cfg.block_n} must divide the tile {t} (block_k a multiple of 64)"
     if not _tma_aligned(x):
@@ -222,8 +221,8 @@ def _tma_aligned(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
-def _launch_tma(x, dense, values, meta, sched: Schedule, bias, n_out: int, cfg: KernelConfig, poison: bool = False):
-    """y [M, n_out] = x @ W^T (+ bias) on hybrid_mm_tma_kernel (n_out = all stacked rows)."""
+def _launch_tma(x, dense, values, meta, sched: Schedule, bias, cfg: KernelConfig, poison: bool = False):
+    """y [M, N] = x @ W^T (+ bias) on hybrid_mm_tma_kernel (N = sched.n: all stacked rows)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if not _tma_aligned(x):
@@ -232,6 +231,7 @@ def _launch_tma(x, dense, values, meta, sched: Schedule, bias, n_out: int, cfg: 
     if reason:
         raise ValueError(reason)
     m, k = x.shape
+    n_out = sched.n
     t, bm, bn, bk = sched.tile, cfg.block_m, cfg.block_n, cfg.block_k
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
     d = dense.reshape(-1, t) if dense.numel() else torch.zeros(bn, bk, device=x.device, dtype=x.dtype)
