@@ -39,7 +39,7 @@ def ab(old, a):
                 ys = [torch.empty(m, n, dtype=x.dtype, device="cuda") for _ in copies]
 
                 def call(ext, c, y):
-                    extra = (int(a.ab_staged), 0, 0) if ext is not old else ()
+                    extra = (int(a.ab_staged), 0) if ext is not old else ()
                     ext.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
                                       None, y, sched.tile, warps, sl, *extra)
                 for ext in (old, mma_sp.extension()):
@@ -82,74 +82,6 @@ def silu(a):
                 torch.cuda.empty_cache()
 
 
-def rowtile(a):
-    """The row-tile kernel (clusters of `split` CTAs a row-tile): float64 checks on small random cases (tiles 64 and
-    128, bf16 and fp16, M 1..32, bias, SiLU * up, every split), then its time at each split against the
-    default launch of the first kernel, same weights, interleaved, with cuBLAS and the byte floor."""
-    bad = []
-    n_checked = 0
-    g = torch.Generator().manual_seed(1)
-    for case in range(a.rowtile_cases):
-        tile = (64, 128)[case % 2]
-        dt = (torch.bfloat16, torch.float16)[(case // 2) % 2]
-        m = [1, 3, 8, 9, 16, 17, 32][int(torch.randint(0, 7, (1,), generator=g))]
-        silu_mul = case % 3 == 0
-        n = tile * int(torch.randint(1, 5, (1,), generator=g)) * (2 if silu_mul else 1)
-        k = tile * int(torch.randint(1, 9, (1,), generator=g))
-        s = [0.0, 0.2, 0.35, 0.5][case % 4]
-        x, d, v, e, sched, ref, _ = make_layer(n, k, m, s, tile, dt, seed=case)
-        bias = torch.randn(n, device="cuda", dtype=dt) if case % 4 == 1 else None
-        want = ref + bias.double() if bias is not None else ref
-        n_out = n // 2 if silu_mul else n
-        if silu_mul:
-            want = F.silu(want[:, :n_out]) * want[:, n_out:]
-        for split in range(1, mma_sp.MAX_CLUSTER // (2 if silu_mul else 1) + 1):
-            y = mma_sp.run(x, d, v, e, sched, bias, n_out, 0, poison=True, silu_mul=silu_mul, split=split)
-            r = err(y, want)
-            n_checked += 1
-            if not r < 1.5e-2:
-                bad.append((n, k, m, s, tile, str(dt), silu_mul, bias is not None, split, r))
-    print(f"row-tile checks: {n_checked} launches, {len(bad)} wrong {bad[:5]}", flush=True)
-    if bad:
-        raise SystemExit(1)
-    bw = 3.0e12
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = list(map(int, a.splits.split(",")))
-    print("N x K M s | first kernel us (default) | row-tile us by split (* = default_split) | best/first | "
-          "cuBLAS us | floor us | best/floor", flush=True)
-    for n, k in parse_shapes(a.shapes):
-        for m in map(int, a.ms.split(",")):
-            wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
-            xx = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_cub = graph_time_ms([lambda w=w: F.linear(xx, w) for w in wds]) * 1e3
-            del wds, wd
-            for s in map(float, a.sparsities.split(",")):
-                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
-                copies = rotating_copies((d, v, e), p.nbytes)
-                warps, sl = mma_sp.default_launch(m, n, sms, 128)
-                dflt = mma_sp.default_split(n, 128, sms)
-                fns = {"first": lambda c: mma_sp.run(x, *c, sched, None, n, warps, sl)}
-                for sp in sorted({*splits, dflt}):
-                    fns[sp] = lambda c, sp=sp: mma_sp.run(x, *c, sched, None, n, 0, split=sp)
-                for name, f in fns.items():
-                    r = err(f(copies[0]), ref)
-                    assert r < 1.5e-2, (n, k, m, s, name, r)
-                t = {}
-                for _ in range(2):  # interleaved rounds, the better of each
-                    for name, f in fns.items():
-                        us = graph_time_ms([lambda c=c, f=f: f(c) for c in copies]) * 1e3
-                        t[name] = min(t.get(name, 1e9), us)
-                first = t.pop("first")
-                best = min(t.values())
-                floor = (p.nbytes + x.nbytes + m * n * 2) / bw * 1e6
-                row = " ".join(f"{sp}{'*' if sp == dflt else ''}:{us:.2f}" for sp, us in t.items())
-                print(f"{n}x{k} M={m} s={s} | {first:.2f} ({warps}w{sl}s) | {row} | {best / first:.3f} | {t_cub:.2f} | "
-                      f"{floor:.2f} | {best / floor:.2f}", flush=True)
-                del copies
-                torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,16,32")
@@ -165,10 +97,6 @@ def main():
                          "configs, same run); --shapes give the stacked N x K")
     ap.add_argument("--only", default=None, metavar="NxK:M:S",
                     help="just run the default launch of one case 20 times (e.g. under ncu), e.g. 4096x4096:16:0.5")
-    ap.add_argument("--rowtile", action="store_true",
-                    help="check the row-tile kernel against float64, then time it at --splits against the first kernel")
-    ap.add_argument("--splits", default="1,2,3,4,6,8", help="--rowtile: CTAs a row-tile to time")
-    ap.add_argument("--rowtile-cases", type=int, default=48, help="--rowtile: random small cases to check")
     a = ap.parse_args()
     t0 = time.time()
     ext = mma_sp.extension()
@@ -178,9 +106,6 @@ def main():
         return
     if a.silu:
         silu(a)
-        return
-    if a.rowtile:
-        rowtile(a)
         return
     if a.only:
         nk, m, s = a.only.split(":")

@@ -20,7 +20,6 @@
 // B (k x 8): regs k = 2t..2t+1 (+8, +16, +24), column g; C: {row g, col 2t, 2t+1}, {row g+8, same}.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <stdint.h>
 
 namespace patchc {
@@ -115,19 +114,6 @@ __device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void fence_proxy_async() {}
-#endif
-
-// 16-byte asynchronous copies global -> shared (sm_80+), in commit groups: the row-tile kernel's x ring.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-#else
-__device__ __forceinline__ void cp_async16(uint32_t, const void*) { __trap(); }
-__device__ __forceinline__ void cp_async_commit() {}
-template <int N> __device__ __forceinline__ void cp_async_wait() {}
 #endif
 
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
@@ -341,201 +327,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Row-tile kernel (sm_90+). The kernel above gives a CTA 16-32 output rows and all of K, its warps splitting the
-// K-tiles, so every CTA reads all of x: at M=16 that is 16 * K * 2 bytes from L2 a CTA, 0.5-0.9x the bytes of
-// the weights themselves. Here a thread-block cluster owns one row-tile (TILE output rows): its CL = SPLIT CTAs
-// (2 * SPLIT for SiLU * up: SPLIT on the gate row-tile, SPLIT on the up row-tile) share the row-tile's tiles by
-// bytes (a dense tile counts 16, a 2:4 tile 9), and inside a CTA warp w owns rows 16w..16w+15 of every tile. So
-// a tile's x columns are read once by the CTA, into a ring of shared-memory slots by cp.async two tiles ahead,
-// and serve all TILE rows. Each warp holds its weights one tile ahead in registers (direct loads, L1 bypassed).
-// The CTAs' fp32 partials are summed across the cluster through distributed shared memory and y is written
-// once, in the output dtype, by one launch.
-constexpr int RT_XS = 3;  // x ring slots (tiles in flight: the one computed, two arriving)
-
-template <typename T, int TILE>
-struct RtFrag {         // one warp's 16 rows of one tile, as loaded
-  uint4 w[TILE / 16];   // dense: [TILE / 32 steps][rows g, g + 8]; 2:4 values: [TILE / 64 double spans][g, g + 8]
-  uint2 e[TILE / 32];   // 2:4 codes: [TILE / 64][g, g + 8]
-};
-
-template <typename T, int MB, int TILE>
-struct RtSmem {
-  static constexpr int COLS = 8 * MB;                                   // batch rows a fragment covers
-  static constexpr int PITCH = (TILE + 32) * (int)sizeof(T);            // an x row (+64 B: rows g, g+1 on other banks)
-  static constexpr int SLOT = COLS * PITCH;                             // one tile's x columns
-  static constexpr int PARTIAL = COLS * TILE * (int)sizeof(float);      // [COLS, TILE] fp32 partials
-  static constexpr int BYTES = PARTIAL + RT_XS * SLOT;
-};
-
-template <typename T, int MB, int TILE>
-__global__ void __launch_bounds__(2 * TILE, 256 / TILE) hybrid_mma_sp_rowtile_kernel(
-    const T* __restrict__ x, int M, int64_t stride_xm,
-    const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
-    const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
-    const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
-    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt, int split) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  using S = RtSmem<T, MB, TILE>;
-  constexpr int NT = 2 * TILE, COLS = S::COLS;  // threads: TILE / 16 warps
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* partial = reinterpret_cast<float*>(smem);                       // [COLS, TILE]
-  const uint32_t xring = smem_u32(smem + S::PARTIAL);                    // [RT_XS][COLS rows of PITCH bytes]
-  cg::cluster_group cluster = cg::this_cluster();
-  const int cl = (int)cluster.num_blocks(), c = (int)cluster.block_rank();
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x / cl * TILE;                                 // first output feature of the cluster
-  const int rt = n0 / TILE + (c >= split ? up_rt : 0), r0 = 16 * warp;   // this CTA's row-tile, the warp's rows
-  const int d0 = dense_start[rt], nd = dense_start[rt + 1] - d0;
-  const int s0 = sparse_start[rt], ns = sparse_start[rt + 1] - s0;
-  // This CTA's tiles [ja, jb) of the row-tile's list (dense first, then 2:4): share c % split by bytes.
-  const int64_t total = 16LL * nd + 9LL * ns;
-  auto bound = [&](int q) -> int {
-    const int64_t target = total * q / split;
-    return target <= 16LL * nd ? (int)((target + 15) / 16) : nd + (int)((target - 16LL * nd + 8) / 9);
-  };
-  const int ja = bound(c % split), jb = bound(c % split + 1), n = jb - ja;
-  auto col = [&](int j) { return j < nd ? dense_col[d0 + j] : sparse_col[s0 + j - nd]; };
-
-  // x columns of local tile jl into slot jl % RT_XS (rows < M only; the fragments zero the rest), one commit group.
-  auto stage = [&](int jl) {
-    if (jl < n) {
-      const T* src = x + (int64_t)col(ja + jl) * TILE;
-      const uint32_t dst = xring + (jl % RT_XS) * S::SLOT;
-      for (int q = tid; q < M * (TILE / 8); q += NT) {
-        const int m = q / (TILE / 8), c8 = q % (TILE / 8);
-        cp_async16(dst + m * S::PITCH + 16 * c8, src + m * stride_xm + 8 * c8);
-      }
-    }
-    cp_async_commit();
-  };
-  auto load = [&](RtFrag<T, TILE>& f, int j) {
-    if (j < nd) {
-      const T* w = dense + ((int64_t)(d0 + j) * TILE + r0) * TILE;       // [16, TILE]
-#pragma unroll
-      for (int s = 0; s < TILE / 32; ++s) {
-        f.w[2 * s] = ld128_once(w + g * TILE + 32 * s + 8 * t);
-        f.w[2 * s + 1] = ld128_once(w + (g + 8) * TILE + 32 * s + 8 * t);
-      }
-    } else {
-      const int64_t i = s0 + (j - nd);
-      const T* v = values + (i * TILE + r0) * (TILE / 2);                // [16, TILE / 2]
-      const uint8_t* e = meta + (i * TILE + r0) * (TILE / 8);            // [16, TILE / 8]
-#pragma unroll
-      for (int d = 0; d < TILE / 64; ++d) {
-        f.w[2 * d] = ld128_once(v + g * (TILE / 2) + 32 * d + 8 * t);
-        f.w[2 * d + 1] = ld128_once(v + (g + 8) * (TILE / 2) + 32 * d + 8 * t);
-        f.e[2 * d] = ld64_once(e + g * (TILE / 8) + 8 * d);
-        f.e[2 * d + 1] = ld64_once(e + (g + 8) * (TILE / 8) + 8 * d);
-      }
-    }
-  };
-
-  bool xok[MB];
-#pragma unroll
-  for (int b = 0; b < MB; ++b) xok[b] = 8 * b + g < M;
-  float acc[MB][4];
-#pragma unroll
-  for (int b = 0; b < MB; ++b) acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.f;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  const bool odd = t & 1;
-  const int h = t >> 1;
-  const uint32_t sel = odd ? 0x7531u : 0x6420u;
-
-  // The same fragment layouts and K permutations as hybrid_mma_sp_kernel (see there), x read from the slot.
-  auto mma = [&](const RtFrag<T, TILE>& f, int j, uint32_t xs) {
-    if (j < nd) {
-#pragma unroll
-      for (int s = 0; s < TILE / 32; ++s) {
-        const uint4 lo = f.w[2 * s], hi = f.w[2 * s + 1];
-        const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y};
-        const uint32_t a1[4] = {lo.z, hi.z, lo.w, hi.w};
-#pragma unroll
-        for (int b = 0; b < MB; ++b) {
-          const uint4 xb = xok[b] ? lds128(xs + (8 * b + g) * S::PITCH + (32 * s + 8 * t) * (int)sizeof(T)) : zero;
-          Mma<T>::dense(acc[b], a0, xb.x, xb.y);
-          Mma<T>::dense(acc[b], a1, xb.z, xb.w);
-        }
-      }
-    } else {
-#pragma unroll
-      for (int d = 0; d < TILE / 64; ++d) {
-        const uint4 vg = f.w[2 * d], vh = f.w[2 * d + 1];
-        const uint2 eg = f.e[2 * d], eh = f.e[2 * d + 1];
-        const uint32_t pg = __byte_perm(eg.x, eg.y, sel), ph = __byte_perm(eh.x, eh.y, sel);
-        uint32_t em[2];
-#pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-          uint32_t ng = (pg >> (4 * cc)) & 0x0F0F0F0Fu, nh = (ph >> (4 * cc)) & 0x0F0F0F0Fu;
-          ng |= ng >> 4;
-          nh |= nh >> 4;
-          em[cc] = __byte_perm(ng, nh, 0x6420u);
-        }
-        const uint32_t a0[4] = {vg.x, vh.x, vg.z, vh.z};
-        const uint32_t a1[4] = {vg.y, vh.y, vg.w, vh.w};
-#pragma unroll
-        for (int b = 0; b < MB; ++b) {
-          const uint32_t xa = xs + (8 * b + g) * S::PITCH + (64 * d + 16 * h) * (int)sizeof(T);
-          const uint4 p0 = xok[b] ? lds128(xa) : zero, p1 = xok[b] ? lds128(xa + 16) : zero;
-          const uint4 q0 = xok[b] ? lds128(xa + 64) : zero, q1 = xok[b] ? lds128(xa + 80) : zero;
-          const uint32_t x0[4] = {odd ? p0.y : p0.x, odd ? q0.y : q0.x, odd ? p1.y : p1.x, odd ? q1.y : q1.x};
-          const uint32_t x1[4] = {odd ? p0.w : p0.z, odd ? q0.w : q0.z, odd ? p1.w : p1.z, odd ? q1.w : q1.z};
-          Mma<T>::sparse(acc[b], a0, x0, em[0]);
-          Mma<T>::sparse(acc[b], a1, x1, em[1]);
-        }
-      }
-    }
-  };
-  // Tile jl: its x has landed (wait for all but the newest group, then a barrier that also frees the slot the
-  // previous tile used), ask for tile jl + RT_XS - 1's x into that slot, run the tile.
-  auto run = [&](const RtFrag<T, TILE>& f, int jl) {
-    cp_async_wait<RT_XS - 2>();
-    __syncthreads();
-    stage(jl + RT_XS - 1);
-    mma(f, ja + jl, xring + (jl % RT_XS) * S::SLOT);
-  };
-
-  for (int p = 0; p < RT_XS - 1; ++p) stage(p);
-  RtFrag<T, TILE> fa, fb;  // weights of tile jl (fa) and jl + 1 (fb): two register sets, alternating
-  if (n > 0) load(fa, ja);
-  for (int jl = 0; jl < n; jl += 2) {
-    if (jl + 1 < n) load(fb, ja + jl + 1);
-    run(fa, jl);
-    if (jl + 1 >= n) break;
-    if (jl + 2 < n) load(fa, ja + jl + 2);
-    run(fb, jl + 1);
-  }
-
-  // Partials [COLS, TILE] (a warp writes its own 16 rows), then the cluster's reduction: CTA c sums elements
-  // c * NT + tid, stepping by cl * NT, over the partials of its half's CTAs (and for SiLU * up the other half's).
-#pragma unroll
-  for (int b = 0; b < MB; ++b) {
-    partial[(8 * b + 2 * t) * TILE + r0 + g] = acc[b][0];
-    partial[(8 * b + 2 * t + 1) * TILE + r0 + g] = acc[b][1];
-    partial[(8 * b + 2 * t) * TILE + r0 + g + 8] = acc[b][2];
-    partial[(8 * b + 2 * t + 1) * TILE + r0 + g + 8] = acc[b][3];
-  }
-  cluster.sync();
-  for (int o = c * NT + tid; o < M * TILE; o += cl * NT) {
-    const int row = o % TILE, m = o / TILE;             // neighbouring threads write neighbouring features
-    float sum = 0.f;
-    for (int q = 0; q < split; ++q) sum += cluster.map_shared_rank(partial, q)[m * TILE + row];
-    if (bias != nullptr) sum += Mma<T>::to_float(bias[n0 + row]);
-    if (up_rt > 0) {  // sum is the gate: SiLU(gate) * up
-      float up = 0.f;
-      for (int q = split; q < 2 * split; ++q) up += cluster.map_shared_rank(partial, q)[m * TILE + row];
-      if (bias != nullptr) up += Mma<T>::to_float(bias[up_rt * TILE + n0 + row]);
-      sum = sum / (1.f + __expf(-sum)) * up;
-    }
-    y[(int64_t)m * stride_ym + n0 + row] = Mma<T>::from_float(sum);
-  }
-  cluster.sync();  // no CTA leaves while another may still read its partials
-#else
-  __trap();
-#endif
-}
-
 }  // namespace patchc
 
 #ifndef PATCHC_KERNEL_ONLY
@@ -580,45 +371,6 @@ void launch_tile(int tile, bool staged, int warps, dim3 grid, cudaStream_t strea
 #undef PATCHC_K
 }
 
-// The row-tile kernel: one cluster of `cl` CTAs (split, twice that for SiLU * up) per output row-tile.
-template <typename T, int MB, int TILE>
-void launch_rowtile(int split, int cl, int n_rt, cudaStream_t stream, const T* x, int M, int64_t sxm, const T* dense,
-                    const T* values, const uint8_t* meta, const int* dcol, const int* scol, const int* dstart,
-                    const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
-  auto kernel = hybrid_mma_sp_rowtile_kernel<T, MB, TILE>;
-  const int smem = RtSmem<T, MB, TILE>::BYTES;
-  if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(n_rt * cl);
-  config.blockDim = dim3(2 * TILE);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cl;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias,
-                                    y, sym, up_rt, split));
-}
-
-template <typename T>
-void launch_rowtile_typed(int mb, int tile, int split, int cl, int n_rt, cudaStream_t stream, const T* x, int M,
-                          int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
-                          const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym,
-                          int up_rt) {
-#define PATCHC_RT(MB_, TILE_) \
-  launch_rowtile<T, MB_, TILE_>(split, cl, n_rt, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym, up_rt)
-  if (tile == 64) {
-    if (mb == 1) PATCHC_RT(1, 64); else if (mb == 2) PATCHC_RT(2, 64); else PATCHC_RT(4, 64);
-  } else {
-    if (mb == 1) PATCHC_RT(1, 128); else if (mb == 2) PATCHC_RT(2, 128); else PATCHC_RT(4, 128);
-  }
-#undef PATCHC_RT
-}
-
 template <typename T>
 void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x,
                   int M, int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
@@ -640,7 +392,7 @@ void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid,
 void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
                    torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
                    torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
-                   int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul, int64_t split) {
+                   int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
   // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
   // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
@@ -649,51 +401,41 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   const int64_t n_out = y.size(1);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == M && y.stride(1) == 1 && y.scalar_type() == x.scalar_type(),
               "hybrid_mma_sp: y must be a row-major [M, n_out] of x's dtype");
+  TORCH_CHECK((slices == 1 || slices == 2) && n_out % (16 * slices) == 0 && warps >= 1 && warps <= 16,
+              "hybrid_mma_sp: bad n_out / warps / slices");
   TORCH_CHECK(M >= 1 && M <= 32, "hybrid_mma_sp: M must be in 1..32");
   const int mb = M <= 8 ? 1 : (M <= 16 ? 2 : 4);
+  TORCH_CHECK(slices == 1 || mb <= 2, "hybrid_mma_sp: 2 slices a CTA need M <= 16");
   // silu_mul: the weights are [gate; up], 2 * n_out rows, and y = SiLU(x @ gate^T) * (x @ up^T)
   const int64_t w_rows = (dense_start.size(0) - 1) * tile;
   TORCH_CHECK(w_rows == (silu_mul ? 2 : 1) * n_out, "hybrid_mma_sp: the schedule's rows do not match n_out");
-  const int up_rt = silu_mul ? (int)(n_out / tile) : 0;
-  // split > 0: the row-tile kernel, a cluster of split (SiLU * up: 2 * split) CTAs per output row-tile
-  const int cl = (int)(silu_mul ? 2 * split : split);
-  TORCH_CHECK(split == 0 || (cl >= 1 && cl <= 8 && n_out % tile == 0),
-              "hybrid_mma_sp: split needs 1..8 CTAs a cluster and n_out a multiple of the tile");
-  TORCH_CHECK(split > 0 || ((slices == 1 || slices == 2) && n_out % (16 * slices) == 0 && warps >= 1 && warps <= 16),
-              "hybrid_mma_sp: bad n_out / warps / slices");
-  TORCH_CHECK(split > 0 || slices == 1 || mb <= 2, "hybrid_mma_sp: 2 slices a CTA need M <= 16");
-  TORCH_CHECK(split > 0 || !silu_mul || (warps % 2 == 0 && n_out % tile == 0),
+  TORCH_CHECK(!silu_mul || (warps % 2 == 0 && n_out % tile == 0),
               "hybrid_mma_sp: SiLU*up needs an even number of warps and n_out a multiple of the tile");
-  TORCH_CHECK(split > 0 || staged || sizeof(float) * warps * 16 * slices * 8 * mb <= 48 * 1024,
-              "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
+  const int up_rt = silu_mul ? (int)(n_out / tile) : 0;
   const c10::cuda::CUDAGuard guard(x.device());
   const dim3 grid(n_out / (16 * slices));
-  const int n_rt = (int)(n_out / tile);
+  TORCH_CHECK(staged || sizeof(float) * warps * 16 * slices * 8 * mb <= 48 * 1024,
+              "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int* dcol = dense_col.data_ptr<int>();
   const int* scol = sparse_col.data_ptr<int>();
   const int* dst = dense_start.data_ptr<int>();
   const int* sst = sparse_start.data_ptr<int>();
   const uint8_t* e = meta.data_ptr<uint8_t>();
-#define PATCHC_DISPATCH(T)                                                                                          \
-  {                                                                                                                 \
-    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };                       \
-    const T* b = bias ? p(*bias) : nullptr;                                                                         \
-    T* out = reinterpret_cast<T*>(y.data_ptr());                                                                    \
-    if (split > 0)                                                                                                  \
-      patchc::launch_rowtile_typed<T>(mb, tile, split, cl, n_rt, stream, p(x), M, x.stride(0), p(dense), p(values), \
-                                      e, dcol, scol, dst, sst, b, out, y.stride(0), up_rt);                         \
-    else                                                                                                            \
-      patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense),   \
-                              p(values), e, dcol, scol, dst, sst, b, out, y.stride(0), up_rt);                      \
-  }
   if (x.scalar_type() == at::kBFloat16) {
-    PATCHC_DISPATCH(__nv_bfloat16)
+    using T = __nv_bfloat16;
+    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
+    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kHalf, "hybrid_mma_sp: x must be bfloat16 or float16");
-    PATCHC_DISPATCH(__half)
+    using T = __half;
+    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
+    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
+                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
+                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
   }
-#undef PATCHC_DISPATCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif

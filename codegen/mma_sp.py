@@ -7,8 +7,6 @@ built once per machine with torch.utils.cpp_extension) feeds the stored values a
 tensor cores as they lie. It serves 16-bit activations with M <= 32 on sm_80+ GPUs; everything else
 keeps the Triton kernels. PATCHC_MMA_SP=0 turns it off. On sm_90+ a staged variant streams the weights
 through shared memory with bulk copies (codegen/launch.py decides where; PATCHC_MMA_SP_STAGED=0 turns it off).
-Also on sm_90+, the row-tile kernel gives each output row-tile a thread-block cluster whose CTAs split its tiles
-and read each tile's x once for all its rows (PATCHC_MMA_SP_ROWTILE=0 turns it off).
 """
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ def build(src: str):
     decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
             "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
             "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
-            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul, "
-            "int64_t split);")
+            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul);")
     return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
                        extra_cuda_cflags=["-O3"], verbose=False)
 
@@ -130,44 +127,6 @@ def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
     """The staged kernel (bulk copies into shared memory) needs sm_90+ and 16-byte aligned codes."""
     return (torch.cuda.get_device_capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
             and (meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0))
-
-
-MAX_CLUSTER = 8  # CTAs a cluster may hold without opting in to non-portable sizes
-
-
-def rowtile_available(x: torch.Tensor) -> bool:
-    """The row-tile kernel (thread-block clusters, distributed shared memory) needs sm_90+."""
-    return (torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and os.environ.get("PATCHC_MMA_SP_ROWTILE", "1").lower() not in ("0", "false", "no"))
-
-
-def rowtile_error(m: int, n_out: int, tile: int, split: int, silu_mul: bool = False) -> str | None:
-    """Why the row-tile kernel cannot run (m, n_out, tile, split, silu_mul) (None: it can)."""
-    if not 1 <= m <= MAX_M:
-        return f"M={m} outside 1..{MAX_M}"
-    if tile not in TILES:
-        return f"tile {tile} not in {TILES}"
-    if n_out % tile:
-        return f"n_out={n_out} is not a multiple of the tile {tile}"
-    cl = split * (2 if silu_mul else 1)
-    if not 1 <= cl <= MAX_CLUSTER:
-        return f"split={split}{' (x2 for SiLU*up)' if silu_mul else ''} gives {cl} CTAs a cluster (1..{MAX_CLUSTER})"
-    return None
-
-
-def default_split(n_out: int, tile: int, num_sms: int, silu_mul: bool = False) -> int:
-    """CTAs a row-tile for the row-tile kernel: the split whose grid best fills whole waves of resident CTAs
-    (two 8-warp CTAs an SM at tile 128, four 4-warp ones at 64), the smaller split on a tie."""
-    per = 2 if silu_mul else 1
-    cap = num_sms * 256 // tile
-    n_rt = n_out // tile
-    best = (-1.0, 1)
-    for split in range(1, MAX_CLUSTER // per + 1):
-        ctas = n_rt * split * per
-        eff = ctas / (-(-ctas // cap) * cap)
-        if eff > best[0] + 1e-9:
-            best = (eff, split)
-    return best[1]
 
 
 def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged: bool = False,
@@ -233,13 +192,12 @@ def _default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: b
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
         bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False,
-        staged: bool = False, silu_mul: bool = False, split: int = 0) -> torch.Tensor:
+        staged: bool = False, silu_mul: bool = False) -> torch.Tensor:
     """y [M, n_out] = x [M, K] @ W^T + bias on the sparse tensor cores, one CTA per `slices` x 16 output
     rows with `warps` warps splitting its K-tiles; staged=True streams the weights through shared memory with
     bulk copies (sm_90+, see staged_available). silu_mul=True: W is [gate; up] (2 * n_out rows) and
-    y = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up), one launch. split > 0: the row-tile kernel instead (sm_90+,
-    see rowtile_available; warps, slices and staged unused), `split` CTAs a row-tile. The caller checked
-    `unsupported`. poison=True fills y with NaN first, so an element the kernel misses shows."""
+    y = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up), one launch. The caller checked `unsupported`.
+    poison=True fills y with NaN first, so an element the kernel misses shows."""
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the mma.sp kernel is unavailable: {_build_error}")
@@ -247,11 +205,7 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     if staged and not staged_available(x, meta):
         raise ValueError("mma_sp.run: staged needs an sm_90+ GPU and 16-byte aligned codes (PATCHC_MMA_SP_STAGED=0 "
                          "turns it off)")
-    if split and not rowtile_available(x):
-        raise ValueError("mma_sp.run: split > 0 (the row-tile kernel) needs an sm_90+ GPU (PATCHC_MMA_SP_ROWTILE=0 "
-                         "turns it off)")
-    why = rowtile_error(m, n_out, sched.tile, split, silu_mul) if split else \
-        launch_error(m, n_out, sched.tile, warps, slices, staged, silu_mul)
+    why = launch_error(m, n_out, sched.tile, warps, slices, staged, silu_mul)
     if why:
         raise ValueError(f"mma_sp.run: {why}")
     for name, t, align in (("dense", dense, 16), ("values", values, 16), ("meta", meta, 8)):
@@ -262,5 +216,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((x.shape[0], n_out), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     ext.hybrid_mma_sp(x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
-                      sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged), int(silu_mul), split)
+                      sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged), int(silu_mul))
     return y
