@@ -1,7 +1,8 @@
 """Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
-Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (tuned: <= 32) and an sm_80+ GPU it runs on the
+Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (32 on layers of at most 4096 output rows;
+tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
 Above that (M > 64): up to M=128 (M=256 on layers taller than CHUNK_N) on sm_90+ the TMA kernel (the tile lists
@@ -140,7 +141,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
     mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
     (at most 8); prefill: prefill_default."""
     t = sched.tile
-    if mma and m <= mma_sp.DEFAULT_MAX_M:
+    if mma and m <= mma_sp.default_max_m(n_out):
         stg = staged and staged_by_default(m, sched)
         warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
         return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)

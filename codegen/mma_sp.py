@@ -22,7 +22,17 @@ import torch
 from .schedule import Schedule
 
 MAX_M = 32          # what the kernel runs
-DEFAULT_MAX_M = 16  # what the untuned default sends to it (above, the Triton kernel was faster on the H100)
+DEFAULT_MAX_M = 16  # what the untuned default sends to it (above, the Triton kernel was faster on the H100) ...
+# ... except on layers of at most SHORT_N output rows, where it also takes M up to 32 (H100, 2:4 tiles at 25/50%,
+# bench/results/mma_sp/mma_sp_vs_triton_m24_m32.log: 4096x4096 0.77-0.92x the Triton kernel's time at M=24-32,
+# 4096x11008 0.90-0.94x at M=24 and 1.01x at M=32; on 11008x4096 Triton took 0.65-0.89x the mma.sp default's)
+SHORT_N = 4096
+SHORT_DEFAULT_MAX_M = 32
+
+
+def default_max_m(n_out: int) -> int:
+    """The largest M the untuned default sends to this kernel for a layer of n_out output rows."""
+    return SHORT_DEFAULT_MAX_M if n_out <= SHORT_N else DEFAULT_MAX_M
 TILES = (64, 128)
 SOURCE = Path(__file__).with_name("mma_sp.cu")
 

@@ -239,6 +239,26 @@ def test_decode_default_runs_on_the_sparse_tensor_cores():
     run_case(128, bitmap, 16, torch.bfloat16, True, 0, cfg_fn=lambda *_: cfg)
 
 
+def test_decode_default_sends_m_up_to_32_to_mma_sp_on_short_layers():
+    """M <= 16 goes to the mma.sp kernel on every layer; 16 < M <= 32 only on layers of at most 4096 output rows
+    (where it beat the Triton kernel on the H100); above 32 never."""
+    from patchc.codegen import mma_sp
+    from patchc.codegen.launch import default_config
+
+    g = torch.Generator().manual_seed(0)
+    short = build_schedule(torch.rand(32, 4, generator=g) < 0.5, 128)   # 4096 x 512
+    tall = build_schedule(torch.rand(86, 4, generator=g) < 0.5, 128)    # 11008 x 512
+    for m, sched, n_out, engine in ((16, short, 4096, "mma_sp"), (16, tall, 11008, "mma_sp"),
+                                    (24, short, 4096, "mma_sp"), (32, short, 4096, "mma_sp"),
+                                    (24, tall, 11008, "triton"), (32, tall, 11008, "triton"),
+                                    (33, short, 4096, "triton")):
+        cfg = default_config(m, sched, n_out, mma=True)
+        assert cfg.engine == engine, (m, n_out, cfg)
+        if engine == "mma_sp":
+            assert mma_sp.launch_error(m, n_out, 128, cfg.num_warps, cfg.block_n // 16) is None
+    assert default_config(32, short, 4096, mma=False).engine == "triton"  # the kernel cannot run this call
+
+
 def test_mma_sp_launch_rules():
     from patchc.codegen import mma_sp
 
