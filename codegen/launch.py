@@ -24,6 +24,7 @@ import triton
 from patchc.models import dtype_name
 
 from . import mma_sp
+from .device import capability, sm_count
 from .kernels import decompress_kernel, hybrid_mm_kernel, hybrid_mm_tma_kernel
 from .schedule import Schedule
 
@@ -278,7 +279,7 @@ def decompress(dense, values, meta, sched: Schedule, dtype, poison: bool = False
         w.fill_(float("nan"))
     bn = min(block_n, t)
     programs = (r1 - r0) // bn
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if w.is_cuda else 132
+    sms = sm_count(dev) if w.is_cuda else 132
     split = max(1, min(sched.k // t, _pow2_floor(max(1, 8 * sms // programs))))
     decompress_kernel[(programs, split)](dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
                                          sched.sparse_start, w, r0, sched.k, T=t, BLOCK_N=bn, SPLIT=split,
@@ -362,7 +363,7 @@ def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
     if x.dtype not in (torch.float16, torch.bfloat16) or sched.tile % 64:
         return False
     if x.is_cuda:
-        return torch.cuda.get_device_capability(x.device) >= (9, 0)
+        return capability(x.device) >= (9, 0)
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -370,30 +371,53 @@ def autotune_enabled() -> bool:
     return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
 
 
+_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED")
+_answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
+
+
 def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_mul: bool = False,
                tune: bool | None = None) -> KernelConfig:
     """The config for this layer shape, density and M bucket: a cached tuning result if there is one;
     else, with tuning on (tune=True or PATCHC_AUTOTUNE=1), tuned now (each candidate compiled and timed
     in a CUDA graph, then cached on disk); else the default. Tuning is off by default because the first
-    call of every new shape would pay for it inside generate()."""
+    call of every new shape would pay for it inside generate().
+    Eager decode asks this for every layer at every step, so a final answer is remembered under everything
+    it depends on (the schedule's content hash, shapes, dtypes, device, x's and the codes' alignment, the
+    switches in the environment) and found again with one dict lookup."""
     tune = autotune_enabled() if tune is None else tune
+    w = values if values is not None and values.numel() else dense
+    fast = (sched.key, sched.n, sched.k, n_out, x.shape[0], x.dtype, None if w is None else w.dtype, x.device, bool(silu_mul), tune,
+            x.dim() == 2 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0,
+            meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0,
+            tuple(os.environ.get(v) for v in _ENV_SWITCHES))
+    cfg = _answered.get(fast)
+    if cfg is None:
+        cfg, final = _get_config(x, dense, values, meta, sched, bias, n_out, silu_mul, tune)
+        if final:
+            _answered[fast] = cfg
+    return cfg
+
+
+def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_mul: bool,
+                tune: bool) -> tuple[KernelConfig, bool]:
+    """get_config's answer, and whether it is final (not an untuned stand-in while tuning is asked for)."""
     m = x.shape[0]
     mma = mma_available(x, dense, values, sched, silu_mul)
     staged = mma and mma_sp.staged_available(x, meta)
     tma = m > DECODE_MAX_M and tma_available(x, sched)
     key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma)
-    if key in _memory and (_memory[key][1] or not tune):  # the hot path: a few attribute checks and a dict lookup
-        return _memory[key][0]
+    if key in _memory and (_memory[key][1] or not tune):
+        return _memory[key][0], True
     with _lock:
         disk = _load_disk()
     if key in disk:
         _memory[key] = (KernelConfig(**disk[key]["config"]), True)
-        return _memory[key][0]
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+        return _memory[key][0], True
+    sms = sm_count(x.device) if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
         _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma), False)
-        return _memory[key][0]
+        return _memory[key][0], not tune or not x.is_cuda
     best, best_ms = None, float("inf")
     for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma):
         try:
@@ -408,4 +432,4 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
         disk = _load_disk()
         disk[key] = {"config": asdict(best), "ms": best_ms}
         _save_disk(disk)
-    return best
+    return best, True

@@ -10,6 +10,7 @@ through shared memory with bulk copies (codegen/launch.py decides where; PATCHC_
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .device import capability
 from .schedule import Schedule
 
 MAX_M = 32          # what the kernel runs
@@ -96,7 +98,7 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul
         return "PATCHC_MMA_SP=0"
     if not x.is_cuda:
         return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if capability(x.device) < (8, 0):
         return "needs sm_80+ (sparse tensor cores)"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {x.dtype} (16-bit only)"
@@ -135,10 +137,11 @@ def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = 
 
 def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
     """The staged kernel (bulk copies into shared memory) needs sm_90+ and 16-byte aligned codes."""
-    return (torch.cuda.get_device_capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
+    return (capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
             and (meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0))
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments; every eager launch asks it
 def launch_error(m: int, n_out: int, tile: int, warps: int, slices: int, staged: bool = False,
                  silu_mul: bool = False) -> str | None:
     """Why (m, n_out, tile, warps, slices, staged, silu_mul) is not a valid launch (None: it is)."""

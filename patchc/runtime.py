@@ -111,8 +111,11 @@ class HybridLinear(torch.nn.Module):
         if self._use_kernel(x):
             if self._schedule_key is None:  # built once per layer from its bitmap (one small device->host copy)
                 self._schedule_key = schedule_for(self.bitmap, self.tile).key
-            return torch.ops.patchc.hybrid_mm(x, self.bitmap, self.dense, self.values, self.meta, self.bias,
-                                              self.out_features, self.in_features, self.tile, self._schedule_key)
+            # Eager: the kernel directly, not through the custom op's dispatcher (on the H100 host that was ~90 of
+            # the ~180 us an eager decode call cost the CPU, 5-15x the kernel's GPU time; bench/eager_overhead.py).
+            # Traced and compiled calls take the op (see _use_kernel).
+            return _hybrid_mm(x, self.bitmap, self.dense, self.values, self.meta, self.bias, self.out_features,
+                              self.in_features, self.tile, self._schedule_key)
         return torch.ops.patchc.hybrid_linear(x, self.bitmap, self.dense, self.values, self.meta, self.bias,
                                               self.out_features, self.in_features, self.tile)
 
@@ -149,6 +152,12 @@ def hybrid_mm(x: torch.Tensor, bitmap: torch.Tensor, dense: torch.Tensor, values
     """hybrid_linear bound to the layer's generated kernel (what the `patch` backend emits). `key` names
     the layer's schedule, built by the backend at compile time. CUDA tensors run the Triton kernel
     with its tuned config; CPU tensors the reference decompression."""
+    return _hybrid_mm(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key)
+
+
+def _hybrid_mm(x, bitmap, dense, values, meta, bias, out_features: int, in_features: int, tile: int,
+               key: str) -> torch.Tensor:
+    """hybrid_mm's body, which eager HybridLinear calls without the op's dispatcher."""
     if not _kernel_device(x):
         return hybrid_linear(x, bitmap, dense, values, meta, bias, out_features, in_features, tile)
     return _run_kernel(x, bitmap, dense, values, meta, bias, out_features, in_features, tile, key, silu_mul=False)

@@ -173,6 +173,7 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
 
     monkeypatch.setenv("PATCHC_CACHE", str(tmp_path))
     monkeypatch.setattr(L, "_memory", {})
+    monkeypatch.setattr(L, "_answered", {})
     sched = build_schedule(torch.tensor([[1, 0], [0, 0]], dtype=torch.bool), 64)
     x = torch.randn(3, 128)
     assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)
@@ -183,7 +184,30 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
     L.cache_file().write_text(json.dumps({L.config_key(sched, 3, x.dtype, False): {"config": chosen.__dict__, "ms": 1}}))
     assert L.get_config(x, None, None, None, sched, None, 128) == L.default_config(3, sched, 128)  # memoized
     monkeypatch.setattr(L, "_memory", {})
+    monkeypatch.setattr(L, "_answered", {})
     assert L.get_config(x, None, None, None, sched, None, 128) == chosen
+
+
+def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch):
+    """get_config answers a repeated call from memory (eager decode asks it for every layer at every step), and
+    asks again when anything its answer depends on changes: M, x's alignment, the schedule, the switches."""
+    from patchc.codegen import launch as L
+
+    monkeypatch.setattr(L, "_answered", {})
+    calls = []
+    real = L._get_config
+    monkeypatch.setattr(L, "_get_config", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    sched = build_schedule(torch.tensor([[1, 0], [0, 1]], dtype=torch.bool), 64)
+    x = torch.randn(8, 128)
+    first = L.get_config(x, None, None, None, sched, None, 128, tune=False)
+    assert L.get_config(x.clone(), None, None, None, sched, None, 128, tune=False) is first and len(calls) == 1
+    L.get_config(torch.randn(9, 128), None, None, None, sched, None, 128, tune=False)             # another M
+    L.get_config(torch.randn(8, 130)[:, 1:129], None, None, None, sched, None, 128, tune=False)  # unaligned x
+    other = build_schedule(torch.tensor([[1, 1], [0, 1]], dtype=torch.bool), 64)
+    L.get_config(x, None, None, None, other, None, 128, tune=False)                                # another bitmap
+    monkeypatch.setenv("PATCHC_MMA_SP", "0")
+    L.get_config(x, None, None, None, sched, None, 128, tune=False)                                # a switch
+    assert calls == [8, 9, 8, 8, 8]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,8 +202,9 @@ def test_custom_op_traces_as_one_node(ck):
 
 
 def test_eager_gpu_path_calls_the_kernel_op_with_the_layer_schedule(ck, monkeypatch):
-    """Eager GPU calls go to patchc::hybrid_mm with the layer's schedule key (forced here on the CPU, where
-    that op runs its reference): same logits, one schedule per layer built from its own bitmap."""
+    """Eager GPU calls run patchc::hybrid_mm's body (without the op's dispatcher) with the layer's schedule key
+    (forced here on the CPU, where it runs the reference): same logits, one schedule per layer built from its
+    own bitmap."""
     from patchc.codegen.schedule import build_schedule
 
     model = load(ck)
