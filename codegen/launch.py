@@ -386,9 +386,8 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     switches in the environment) and found again with one dict lookup."""
     tune = autotune_enabled() if tune is None else tune
     w = values if values is not None and values.numel() else dense
-    fast = (sched.key, sched.n, sched.k, n_out, x.shape[0], x.dtype, None if w is None else w.dtype, x.device, bool(silu_mul), tune,
-            x.dim() == 2 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0,
-            meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0,
+    fast = (sched.key, sched.n, sched.k, n_out, x.shape[0], x.dtype, None if w is None else w.dtype, x.device,
+            bool(silu_mul), tune, mma_sp.x_aligned(x), mma_sp.codes_aligned(meta),
             tuple(os.environ.get(v) for v in _ENV_SWITCHES))
     cfg = _answered.get(fast)
     if cfg is None:

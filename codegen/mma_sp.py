@@ -30,11 +30,6 @@ DEFAULT_MAX_M = 16  # what the untuned default sends to it (above, the Triton ke
 # 4096x11008 0.90-0.94x at M=24 and 1.01x at M=32; on 11008x4096 Triton took 0.65-0.89x the mma.sp default's)
 SHORT_N = 4096
 SHORT_DEFAULT_MAX_M = 32
-
-
-def default_max_m(n_out: int) -> int:
-    """The largest M the untuned default sends to this kernel for a layer of n_out output rows."""
-    return SHORT_DEFAULT_MAX_M if n_out <= SHORT_N else DEFAULT_MAX_M
 TILES = (64, 128)
 SOURCE = Path(__file__).with_name("mma_sp.cu")
 
@@ -92,6 +87,21 @@ def _built(name: str) -> bool:
         return False
 
 
+def default_max_m(n_out: int) -> int:
+    """The largest M the untuned default sends to this kernel for a layer of n_out output rows."""
+    return SHORT_DEFAULT_MAX_M if n_out <= SHORT_N else DEFAULT_MAX_M
+
+
+def x_aligned(x: torch.Tensor) -> bool:
+    """x is a row-major [M, K] whose rows start on 16-byte boundaries (the kernel's 16-byte loads)."""
+    return x.dim() == 2 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+
+
+def codes_aligned(meta: torch.Tensor | None) -> bool:
+    """The 2:4 codes start on a 16-byte boundary (the staged kernel's bulk copies), or there are none."""
+    return meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0
+
+
 def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul: bool = False) -> str | None:
     """Why this call cannot run on the mma.sp kernel (None: it can). Cheap: no build, no sync."""
     if not enabled():
@@ -108,7 +118,7 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule, silu_mul
         return f"M={x.shape[0]} outside 1..{MAX_M}"
     if sched.tile not in TILES:
         return f"tile {sched.tile} not in {TILES}"
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+    if not x_aligned(x):
         return "x is not 16-byte aligned row-major"
     return None
 
@@ -138,7 +148,7 @@ def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = 
 def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
     """The staged kernel (bulk copies into shared memory) needs sm_90+ and 16-byte aligned codes."""
     return (capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
-            and (meta is None or meta.numel() == 0 or meta.data_ptr() % 16 == 0))
+            and codes_aligned(meta))
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments; every eager launch asks it
