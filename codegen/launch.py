@@ -382,12 +382,13 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     in a CUDA graph, then cached on disk); else the default. Tuning is off by default because the first
     call of every new shape would pay for it inside generate().
     Eager decode asks this for every layer at every step, so a final answer is remembered under everything
-    it depends on (the schedule's content hash, shapes, dtypes, device, x's and the codes' alignment, the
-    switches in the environment) and found again with one dict lookup."""
+    it depends on (the schedule's content hash, shapes, the M bucket, dtypes, device, x's and the codes'
+    alignment, the switches in the environment) and found again with one dict lookup. Keyed by the M bucket
+    like the tuned configs, so a server seeing every prompt length keeps at most ~13 entries a layer."""
     tune = autotune_enabled() if tune is None else tune
     w = values if values is not None and values.numel() else dense
-    fast = (sched.key, sched.n, sched.k, n_out, x.shape[0], x.dtype, None if w is None else w.dtype, x.device,
-            bool(silu_mul), tune, mma_sp.x_aligned(x), mma_sp.codes_aligned(meta),
+    fast = (sched.key, sched.n, sched.k, n_out, m_bucket(x.shape[0]), x.dtype, None if w is None else w.dtype,
+            x.device, bool(silu_mul), tune, mma_sp.x_aligned(x), mma_sp.codes_aligned(meta),
             tuple(os.environ.get(v) for v in _ENV_SWITCHES))
     cfg = _answered.get(fast)
     if cfg is None:

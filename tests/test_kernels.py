@@ -190,7 +190,8 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
 
 def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch):
     """get_config answers a repeated call from memory (eager decode asks it for every layer at every step), and
-    asks again when anything its answer depends on changes: M, x's alignment, the schedule, the switches."""
+    asks again when anything its answer depends on changes: the M bucket, x's alignment, the schedule, the
+    switches. Within an M bucket (as for tuned configs) the answer is shared, so the memo stays small."""
     from patchc.codegen import launch as L
 
     monkeypatch.setattr(L, "_answered", {})
@@ -201,7 +202,8 @@ def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch
     x = torch.randn(8, 128)
     first = L.get_config(x, None, None, None, sched, None, 128, tune=False)
     assert L.get_config(x.clone(), None, None, None, sched, None, 128, tune=False) is first and len(calls) == 1
-    L.get_config(torch.randn(9, 128), None, None, None, sched, None, 128, tune=False)             # another M
+    L.get_config(torch.randn(5, 128), None, None, None, sched, None, 128, tune=False)             # same bucket
+    L.get_config(torch.randn(9, 128), None, None, None, sched, None, 128, tune=False)             # another bucket
     L.get_config(torch.randn(8, 130)[:, 1:129], None, None, None, sched, None, 128, tune=False)  # unaligned x
     other = build_schedule(torch.tensor([[1, 1], [0, 1]], dtype=torch.bool), 64)
     L.get_config(x, None, None, None, other, None, 128, tune=False)                                # another bitmap
