@@ -1,0 +1,143 @@
+"""Feed cuSPARSELt from the packed format, for prefill of all-2:4 layers (an experiment, not the runtime).
+
+    python bench/cslt_prefill_check.py --selftest          # CPU: the conversion against the layout formula
+    python bench/cslt_prefill_check.py [--ms 2048,512]     # GPU: bytes equal to torch._cslt_compress, then timing
+
+cuSPARSELt's compressed weight (torch._cslt_compress of a 2:4 [N, K]) is the kept values in row-major order,
+then N*K/8 bytes of metadata holding patchc's own 4-bit codes in a permuted order (bench/NOTES.md, "cuSPARSELt's
+compressed layout, probed"). `to_cusparselt` builds it from a packed all-2:4 layer by a copy and a nibble
+permutation, with no dense intermediate. The GPU run checks it byte for byte against torch._cslt_compress and
+the GEMM against float64, then times, in CUDA graphs, rotating over weight copies larger than L2: cuBLAS on the
+dense weight, today's prefill path (decompress + cuBLAS), conversion + cuSPARSELt, and cuSPARSELt alone on a
+converted weight kept from an earlier call.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def nibble_position(r: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
+    """Index, among the metadata's nibbles (low nibble of each byte first), of row r's group q (columns
+    4q..4q+3) of a [N, K] weight: 64-row x 32-column blocks, row blocks outermost, and inside a block the order
+    of mma.sp's metadata fragments (fitted to bench/cslt_layout_probe.py's maps on an H100, exact at 5 shapes)."""
+    low = (r >> 3 & 1) | (q >> 2 & 1) << 1 | (q & 1) << 2 | (q >> 1 & 1) << 3
+    return ((r >> 6) * (k // 32) + (q >> 3)) * 512 + (low | (r & 7) << 4 | (r >> 4 & 3) << 7)
+
+
+_positions: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def positions(n: int, k: int, device) -> torch.Tensor:
+    """nibble_position of every (row, group), row-major [N * K/4], cached per shape and device."""
+    key = (n, k, str(device))
+    if key not in _positions:
+        g = k // 4
+        idx = torch.arange(n * g, device=device)
+        _positions[key] = nibble_position(idx // g, idx % g, k)
+    return _positions[key]
+
+
+def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile: int) -> torch.Tensor:
+    """A packed all-2:4 layer (values [R*C, T, T/2], codes [R*C, T, T/8], tiles row-major) -> cuSPARSELt's
+    compressed weight [N, K/2 + K/16] in the values' dtype."""
+    r, c, t = n // tile, k // tile, tile
+    assert values.shape == (r * c, t, t // 2) and meta.shape == (r * c, t, t // 8), (values.shape, meta.shape)
+    assert n % 64 == 0 and k % 32 == 0 and values.element_size() == 2, (n, k, values.dtype)
+    vals = values.view(r, c, t, t // 2).permute(0, 2, 1, 3).reshape(n, k // 2)              # [N, K/2] row-major
+    nib = torch.stack([meta & 0xF, meta >> 4], -1).view(r, c, t, t // 4)                     # [R, C, T, T/4]
+    nib = nib.permute(0, 2, 1, 3).reshape(-1)                                                 # [N * K/4] row-major
+    out = torch.empty_like(nib)
+    out[positions(n, k, meta.device)] = nib
+    codes = (out[0::2] | out[1::2] << 4).view(values.dtype).view(n, k // 16)                 # [N, K/16]
+    return torch.cat([vals, codes], 1)
+
+
+def make_sparse_layer(n: int, k: int, tile: int, dtype, device, seed: int = 0):
+    """A random all-2:4 packed layer: (values, codes, dense [N, K] weight with zeros where pruned, packed layer,
+    keep mask [N, K])."""
+    from patchc.format import pack_layer, unpack_layer
+    from patchc.mask import pattern_to_mask
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    pattern = torch.randint(0, 6, (n, k // 4), generator=g, dtype=torch.uint8)
+    p = pack_layer(w, torch.zeros(n // tile, k // tile, dtype=torch.bool), pattern, tile)
+    return p.values.to(device), p.meta.to(device), unpack_layer(p).to(device), p, pattern_to_mask(pattern).bool()
+
+
+def selftest() -> None:
+    """CPU: the formula is a bijection onto the nibbles, and the conversion puts each value and code where the
+    formula says (a scalar walk over every (row, group) of small layers)."""
+    for n, k in ((128, 128), (256, 384), (384, 640)):
+        pos = positions(n, k, "cpu")
+        assert torch.equal(pos.sort().values, torch.arange(n * k // 4)), (n, k)
+        values, meta, w, _, keep = make_sparse_layer(n, k, 128, torch.bfloat16, "cpu", seed=n + k)
+        comp = to_cusparselt(values, meta, n, k, 128)
+        assert comp.shape == (n, k // 2 + k // 16)
+        assert torch.equal(comp[:, : k // 2], w[keep].view(n, k // 2))       # kept values, row-major
+        nib = comp[:, k // 2:].contiguous().view(torch.uint8).view(-1)
+        nib = torch.stack([nib & 0xF, nib >> 4], 1).view(-1)
+        for row in range(0, n, 7):
+            for q in range(0, k // 4, 3):
+                kept = keep[row, 4 * q: 4 * q + 4].nonzero().flatten().tolist()
+                p = int(nibble_position(torch.tensor(row), torch.tensor(q), k))
+                assert int(nib[p]) == kept[0] | kept[1] << 2, (n, k, row, q)
+    print("selftest: OK")
+
+
+def gpu(a) -> None:
+    from patchc.codegen.launch import get_config, graph_time_ms, launch
+    from patchc.codegen.schedule import build_schedule
+
+    from kernels import rotating_copies  # bench/kernels.py
+
+    print("N x K M | bytes == _cslt_compress | rel err | cuBLAS us | decompress+cuBLAS us | convert+cslt us | "
+          "cslt alone us | convert+cslt vs cuBLAS", flush=True)
+    for nk in a.shapes.split(","):
+        n, k = map(int, nk.split("x"))
+        values, meta, w, p, _ = make_sparse_layer(n, k, 128, torch.bfloat16, "cuda")
+        comp = to_cusparselt(values, meta, n, k, 128)
+        same = bool(torch.equal(comp.view(-1), torch._cslt_compress(w).view(-1)))
+        sched = build_schedule(p.bitmap, 128).to("cuda")
+        for m in map(int, a.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xt = x.t()
+            alg = torch._cslt_sparse_mm_search(comp, xt)
+            alg = alg[0] if isinstance(alg, (tuple, list)) else alg
+            y = torch._cslt_sparse_mm(comp, xt, alg_id=alg, transpose_result=True)          # [M, N]
+            ref = x.double() @ w.double().t()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            packs = rotating_copies((values, meta), values.nbytes + meta.nbytes)
+            dense = [c for (c,) in rotating_copies((w,), w.nbytes)]
+            comps = [to_cusparselt(v, e, n, k, 128) for v, e in packs]
+            cfg = get_config(x, p.dense.cuda(), values, meta, sched, None, n)
+            t = {
+                "cublas": graph_time_ms([lambda d=d: F.linear(x, d) for d in dense]),
+                "decompress": graph_time_ms([lambda v=v, e=e: launch(x, p.dense.cuda(), v, e, sched, None, n, cfg)
+                                             for v, e in packs]),
+                "convert": graph_time_ms([lambda v=v, e=e: torch._cslt_sparse_mm(
+                    to_cusparselt(v, e, n, k, 128), xt, alg_id=alg, transpose_result=True) for v, e in packs]),
+                "alone": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg, transpose_result=True)
+                                        for c in comps]),
+            }
+            us = {key: v * 1e3 for key, v in t.items()}
+            print(f"{n}x{k} M={m} | {same} | {err:.1e} | {us['cublas']:.1f} | {us['decompress']:.1f} | "
+                  f"{us['convert']:.1f} | {us['alone']:.1f} | {us['cublas'] / us['convert']:.2f}x", flush=True)
+            del packs, dense, comps
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--selftest", action="store_true", help="CPU check of the conversion against the formula")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
+    ap.add_argument("--ms", default="2048,512")
+    a = ap.parse_args()
+    selftest() if a.selftest else gpu(a)
+
+
+if __name__ == "__main__":
+    main()
