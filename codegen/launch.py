@@ -214,20 +214,16 @@ def tma_error(x: torch.Tensor, sched: Schedule, cfg: KernelConfig) -> str | None
                 "sm_90+ GPU (or Triton's interpreter)")
     if t % cfg.block_k or cfg.block_k % 64 or t % cfg.block_n:
         return f"block_k {cfg.block_k} / block_n {cfg.block_n} must divide the tile {t} (block_k a multiple of 64)"
-    if not _tma_aligned(x):
+    if not mma_sp.x_aligned(x):
         return "x must be row-contiguous and 16-byte aligned for TMA"
     return None
-
-
-def _tma_aligned(x: torch.Tensor) -> bool:
-    return x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
 def _launch_tma(x, dense, values, meta, sched: Schedule, bias, cfg: KernelConfig, poison: bool = False):
     """y [M, N] = x @ W^T (+ bias) on hybrid_mm_tma_kernel (N = sched.n: all stacked rows)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if not _tma_aligned(x):
+    if not mma_sp.x_aligned(x):
         x = x.clone(memory_format=torch.contiguous_format)                 # TMA wants 16-byte aligned rows
     reason = tma_error(x, sched, cfg)
     if reason:
@@ -387,7 +383,7 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     like the tuned configs, so a server seeing every prompt length keeps at most ~13 entries a layer."""
     tune = autotune_enabled() if tune is None else tune
     w = values if values is not None and values.numel() else dense
-    fast = (sched.key, sched.n, sched.k, n_out, m_bucket(x.shape[0]), x.dtype, None if w is None else w.dtype,
+    fast = (sched.key, n_out, m_bucket(x.shape[0]), x.dtype, None if w is None else w.dtype,  # key: bitmap + shape
             x.device, bool(silu_mul), tune, mma_sp.x_aligned(x), mma_sp.codes_aligned(meta),
             tuple(os.environ.get(v) for v in _ENV_SWITCHES))
     cfg = _answered.get(fast)
