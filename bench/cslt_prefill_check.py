@@ -42,7 +42,8 @@ def positions(n: int, k: int, device) -> torch.Tensor:
 
 def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile: int) -> torch.Tensor:
     """A packed all-2:4 layer (values [R*C, T, T/2], codes [R*C, T, T/8], tiles row-major) -> cuSPARSELt's
-    compressed weight [N, K/2 + K/16] in the values' dtype."""
+    compressed weight: a [N, K/2 + K/16] tensor of the values' dtype whose memory is flat, all N*K/2 values
+    row-major first, then all N*K/8 metadata bytes (not each row's values followed by its codes)."""
     r, c, t = n // tile, k // tile, tile
     assert values.shape == (r * c, t, t // 2) and meta.shape == (r * c, t, t // 8), (values.shape, meta.shape)
     assert n % 64 == 0 and k % 32 == 0 and values.element_size() == 2, (n, k, values.dtype)
@@ -52,7 +53,7 @@ def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile
     out = torch.empty_like(nib)
     out[positions(n, k, meta.device)] = nib
     codes = (out[0::2] | out[1::2] << 4).view(values.dtype).view(n, k // 16)                 # [N, K/16]
-    return torch.cat([vals, codes], 1)
+    return torch.cat([vals.reshape(-1), codes.reshape(-1)]).view(n, k // 2 + k // 16)
 
 
 def make_sparse_layer(n: int, k: int, tile: int, dtype, device, seed: int = 0):
@@ -77,8 +78,9 @@ def selftest() -> None:
         values, meta, w, _, keep = make_sparse_layer(n, k, 128, torch.bfloat16, "cpu", seed=n + k)
         comp = to_cusparselt(values, meta, n, k, 128)
         assert comp.shape == (n, k // 2 + k // 16)
-        assert torch.equal(comp[:, : k // 2], w[keep].view(n, k // 2))       # kept values, row-major
-        nib = comp[:, k // 2:].contiguous().view(torch.uint8).view(-1)
+        flat = comp.reshape(-1)
+        assert torch.equal(flat[: n * k // 2], w[keep])                        # all kept values first, row-major
+        nib = flat[n * k // 2:].contiguous().view(torch.uint8).view(-1)      # then all the metadata
         nib = torch.stack([nib & 0xF, nib >> 4], 1).view(-1)
         for row in range(0, n, 7):
             for q in range(0, k // 4, 3):
@@ -95,7 +97,7 @@ def gpu(a) -> None:
     from kernels import rotating_copies  # bench/kernels.py
 
     print("N x K M | bytes == _cslt_compress | rel err | cuBLAS us | decompress+cuBLAS us | convert+cslt us | "
-          "cslt alone us | convert+cslt vs cuBLAS", flush=True)
+          "cslt alone us | cslt y^T + copy us | convert+cslt vs cuBLAS", flush=True)
     for nk in a.shapes.split(","):
         n, k = map(int, nk.split("x"))
         values, meta, w, p, _ = make_sparse_layer(n, k, 128, torch.bfloat16, "cuda")
@@ -122,10 +124,15 @@ def gpu(a) -> None:
                     to_cusparselt(v, e, n, k, 128), xt, alg_id=alg, transpose_result=True) for v, e in packs]),
                 "alone": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg, transpose_result=True)
                                         for c in comps]),
+                # y^T [N, M] as cuSPARSELt writes it natively, then a transposing copy (transpose_result=True ran
+                # 1.4-1.9x the untransposed GEMM at M=2048 in the fifth session's diagnosis)
+                "alone_copy": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg).t().contiguous()
+                                             for c in comps]),
             }
             us = {key: v * 1e3 for key, v in t.items()}
             print(f"{n}x{k} M={m} | {same} | {err:.1e} | {us['cublas']:.1f} | {us['decompress']:.1f} | "
-                  f"{us['convert']:.1f} | {us['alone']:.1f} | {us['cublas'] / us['convert']:.2f}x", flush=True)
+                  f"{us['convert']:.1f} | {us['alone']:.1f} | {us['alone_copy']:.1f} | {us['cublas'] / us['convert']:.2f}x",
+                  flush=True)
             del packs, dense, comps
             torch.cuda.empty_cache()
 

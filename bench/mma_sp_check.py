@@ -39,7 +39,7 @@ def ab(old, a):
                 ys = [torch.empty(m, n, dtype=x.dtype, device="cuda") for _ in copies]
 
                 def call(ext, c, y):
-                    extra = (int(a.ab_staged), 0) if ext is not old else ()
+                    extra = (int(a.ab_staged), 0)  # old: a mma_sp.cu with the (staged, silu_mul) arguments
                     ext.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
                                       None, y, sched.tile, warps, sl, *extra)
                 for ext in (old, mma_sp.extension()):
