@@ -1,6 +1,6 @@
 """Feed cuSPARSELt from the packed format, for prefill of all-2:4 layers (an experiment, not the runtime).
 
-    python bench/cslt_prefill_check.py --selftest          # CPU: the conversion against the layout formula
+    TRITON_INTERPRET=1 python bench/cslt_prefill_check.py --selftest   # CPU: both conversions against the formula
     python bench/cslt_prefill_check.py [--ms 2048,512]     # GPU: bytes equal to torch._cslt_compress, then timing
 
 cuSPARSELt's compressed weight (torch._cslt_compress of a 2:4 [N, K]) is the kept values in row-major order,
@@ -8,15 +8,19 @@ then N*K/8 bytes of metadata holding patchc's own 4-bit codes in a permuted orde
 compressed layout, probed"). `to_cusparselt` builds it from a packed all-2:4 layer by a copy and a nibble
 permutation, with no dense intermediate. The GPU run checks it byte for byte against torch._cslt_compress and
 the GEMM against float64, then times, in CUDA graphs, rotating over weight copies larger than L2: cuBLAS on the
-dense weight, today's prefill path (decompress + cuBLAS), conversion + cuSPARSELt, and cuSPARSELt alone on a
-converted weight kept from an earlier call.
+dense weight, today's prefill path (decompress + cuBLAS), the one-pass Triton conversion alone, cuSPARSELt alone
+(y [M, N] asked of it, and y^T [N, M] + a transposing copy), and the candidate path: conversion + cuSPARSELt's
+y^T + the copy. The compressed buffer is flat: all N*K/2 values, then all N*K/8 metadata bytes.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 
 def nibble_position(r: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,6 +60,57 @@ def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile
     return torch.cat([vals.reshape(-1), codes.reshape(-1)]).view(n, k // 2 + k // 16)
 
 
+@triton.jit
+def to_cusparselt_kernel(
+    values_ptr, meta_ptr,              # packed: values [R*C, T, T/2] as int16, codes [R*C, T, T/8] uint8
+    out_values_ptr, out_meta_ptr,      # cuSPARSELt's buffer: [N, K/2] int16, then [N*K/8] uint8
+    K,
+    TILE: tl.constexpr, C: tl.constexpr,
+):
+    """One program: 64 rows x one tile column of an all-2:4 layer. Copies the rows' kept values into row-major
+    order, and writes their codes as the TILE/32 metadata blocks (64 rows x 32 columns, 256 bytes each) they
+    fill: byte b of a block holds nibbles p = 2b and 2b + 1, i.e. rows r and r + 8 of the same group q, with
+    r = (p>>4 & 7) | (p & 1) << 3 | (p>>7 & 3) << 4 and q = (p>>2 & 1) | (p>>3 & 1) << 1 | (p>>1 & 1) << 2
+    (nibble_position inverted inside a block)."""
+    rb = tl.program_id(0)                               # 64-row block
+    c = tl.program_id(1)                                # tile column
+    rt = rb * 64 // TILE                                # row-tile
+    r_in = rb * 64 % TILE                               # first row of the block inside its tile
+    tile_id = rt * C + c                                # all-2:4: the i-th tile is the i-th sparse tile
+    # values: [64, TILE/2] from the tile's rows r_in.. to rows rb*64.. of the [N, K/2] output
+    rows = tl.arange(0, 64)[:, None]
+    cols = tl.arange(0, TILE // 2)[None, :]
+    v = tl.load(values_ptr + (tile_id * TILE + r_in + rows).to(tl.int64) * (TILE // 2) + cols)
+    tl.store(out_values_ptr + (rb * 64 + rows).to(tl.int64) * (K // 2) + c * (TILE // 2) + cols, v)
+    # metadata: TILE/32 blocks of 256 bytes
+    j = tl.arange(0, TILE // 32)[:, None]                # block inside the tile column
+    b = tl.arange(0, 256)[None, :]                      # byte inside the block
+    p = 2 * b
+    r = ((p >> 4) & 7) | (((p >> 7) & 3) << 4)          # p's bit 0 is 0: rows r and r + 8
+    q = ((p >> 2) & 1) | (((p >> 3) & 1) << 1) | (((p >> 1) & 1) << 2)
+    grp = j * 8 + q                                     # group inside the tile row
+    src = meta_ptr + (tile_id * TILE + r_in + r).to(tl.int64) * (TILE // 8) + grp // 2
+    shift = (grp % 2) * 4
+    lo = (tl.load(src) >> shift) & 0xF
+    hi = (tl.load(src + 8 * (TILE // 8)) >> shift) & 0xF
+    dst = out_meta_ptr + ((rb * (K // 32) + c * (TILE // 32) + j) * 256 + b).to(tl.int64)
+    tl.store(dst, (lo | (hi << 4)).to(tl.uint8))
+
+
+def to_cusparselt_triton(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """to_cusparselt in one Triton launch (every value and code read once, written once); `out` (a flat buffer
+    of n*k/2 + n*k/16 elements of the values' dtype) is reused when given."""
+    assert n % 64 == 0 and k % 32 == 0 and tile % 64 == 0 and values.element_size() == 2, (n, k, tile)
+    nv = n * k // 2
+    if out is None:
+        out = torch.empty(nv + n * k // 16, dtype=values.dtype, device=values.device)
+    flat_bytes = out.view(torch.uint8)
+    to_cusparselt_kernel[(n // 64, k // tile)](values.view(torch.int16), meta, out[:nv].view(torch.int16),
+                                               flat_bytes[2 * nv:], k, TILE=tile, C=k // tile)
+    return out.view(n, k // 2 + k // 16)
+
+
 def make_sparse_layer(n: int, k: int, tile: int, dtype, device, seed: int = 0):
     """A random all-2:4 packed layer: (values, codes, dense [N, K] weight with zeros where pruned, packed layer,
     keep mask [N, K])."""
@@ -87,6 +142,14 @@ def selftest() -> None:
                 kept = keep[row, 4 * q: 4 * q + 4].nonzero().flatten().tolist()
                 p = int(nibble_position(torch.tensor(row), torch.tensor(q), k))
                 assert int(nib[p]) == kept[0] | kept[1] << 2, (n, k, row, q)
+        # the one-pass Triton conversion writes the same bytes (TRITON_INTERPRET=1 runs it on the CPU; tile 64 too)
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            assert torch.equal(to_cusparselt_triton(values, meta, n, k, 128).view(torch.int16),
+                               comp.view(torch.int16)), (n, k)
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        values, meta, *_ = make_sparse_layer(192, 320, 64, torch.float16, "cpu", seed=1)
+        assert torch.equal(to_cusparselt_triton(values, meta, 192, 320, 64).view(torch.int16),
+                           to_cusparselt(values, meta, 192, 320, 64).view(torch.int16)), "tile 64"
     print("selftest: OK")
 
 
@@ -96,43 +159,48 @@ def gpu(a) -> None:
 
     from kernels import rotating_copies  # bench/kernels.py
 
-    print("N x K M | bytes == _cslt_compress | rel err | cuBLAS us | decompress+cuBLAS us | convert+cslt us | "
-          "cslt alone us | cslt y^T + copy us | convert+cslt vs cuBLAS", flush=True)
+    print("N x K M | bytes == _cslt_compress (torch ops, Triton) | rel err | cuBLAS us | decompress+cuBLAS us | "
+          "convert us | cslt y [M,N] us | cslt y^T + copy us | convert + cslt y^T + copy us | that vs cuBLAS",
+          flush=True)
     for nk in a.shapes.split(","):
         n, k = map(int, nk.split("x"))
         values, meta, w, p, _ = make_sparse_layer(n, k, 128, torch.bfloat16, "cuda")
-        comp = to_cusparselt(values, meta, n, k, 128)
-        same = bool(torch.equal(comp.view(-1), torch._cslt_compress(w).view(-1)))
+        ref_comp = torch._cslt_compress(w).view(-1)
+        comp = to_cusparselt_triton(values, meta, n, k, 128)
+        same = (bool(torch.equal(to_cusparselt(values, meta, n, k, 128).view(-1), ref_comp)),
+                bool(torch.equal(comp.view(-1), ref_comp)))
         sched = build_schedule(p.bitmap, 128).to("cuda")
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             xt = x.t()
             alg = torch._cslt_sparse_mm_search(comp, xt)
             alg = alg[0] if isinstance(alg, (tuple, list)) else alg
-            y = torch._cslt_sparse_mm(comp, xt, alg_id=alg, transpose_result=True)          # [M, N]
+            y = torch._cslt_sparse_mm(comp, xt, alg_id=alg).t()                               # [M, N]
             ref = x.double() @ w.double().t()
             err = ((y.double() - ref).norm() / ref.norm()).item()
             packs = rotating_copies((values, meta), values.nbytes + meta.nbytes)
             dense = [c for (c,) in rotating_copies((w,), w.nbytes)]
-            comps = [to_cusparselt(v, e, n, k, 128) for v, e in packs]
+            comps = [to_cusparselt_triton(v, e, n, k, 128) for v, e in packs]
+            buf = torch.empty_like(comp).view(-1)                                              # reused, as a runtime would
             cfg = get_config(x, p.dense.cuda(), values, meta, sched, None, n)
             t = {
                 "cublas": graph_time_ms([lambda d=d: F.linear(x, d) for d in dense]),
                 "decompress": graph_time_ms([lambda v=v, e=e: launch(x, p.dense.cuda(), v, e, sched, None, n, cfg)
                                              for v, e in packs]),
-                "convert": graph_time_ms([lambda v=v, e=e: torch._cslt_sparse_mm(
-                    to_cusparselt(v, e, n, k, 128), xt, alg_id=alg, transpose_result=True) for v, e in packs]),
-                "alone": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg, transpose_result=True)
-                                        for c in comps]),
-                # y^T [N, M] as cuSPARSELt writes it natively, then a transposing copy (transpose_result=True ran
-                # 1.4-1.9x the untransposed GEMM at M=2048 in the fifth session's diagnosis)
-                "alone_copy": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg).t().contiguous()
-                                             for c in comps]),
+                "convert": graph_time_ms([lambda v=v, e=e: to_cusparselt_triton(v, e, n, k, 128, buf)
+                                          for v, e in packs]),
+                # transpose_result=True ran 1.4-1.9x the untransposed GEMM at M=2048 (fifth session's diagnosis)
+                "cslt_t": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg, transpose_result=True)
+                                         for c in comps]),
+                "cslt_copy": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg).t().contiguous()
+                                            for c in comps]),
+                "path": graph_time_ms([lambda v=v, e=e: torch._cslt_sparse_mm(
+                    to_cusparselt_triton(v, e, n, k, 128, buf), xt, alg_id=alg).t().contiguous() for v, e in packs]),
             }
             us = {key: v * 1e3 for key, v in t.items()}
             print(f"{n}x{k} M={m} | {same} | {err:.1e} | {us['cublas']:.1f} | {us['decompress']:.1f} | "
-                  f"{us['convert']:.1f} | {us['alone']:.1f} | {us['alone_copy']:.1f} | {us['cublas'] / us['convert']:.2f}x",
-                  flush=True)
+                  f"{us['convert']:.1f} | {us['cslt_t']:.1f} | {us['cslt_copy']:.1f} | {us['path']:.1f} | "
+                  f"{us['cublas'] / us['path']:.2f}x", flush=True)
             del packs, dense, comps
             torch.cuda.empty_cache()
 

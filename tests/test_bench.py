@@ -1,8 +1,11 @@
 """The GPU benchmark scripts run end to end on the CPU in their quick modes (so they cannot rot)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +91,9 @@ def test_train_speed_quick(tmp_path):
 
 def test_cslt_prefill_check_selftest():
     """bench/cslt_prefill_check.py's conversion (packed all-2:4 layer -> cuSPARSELt's compressed layout) puts
-    every kept value and every code where the layout formula fitted on the H100 says."""
+    every kept value and every code where the layout formula fitted on the H100 says (all values first, then all
+    the metadata), and its one-pass Triton kernel (interpreted here) writes the same bytes, at tiles 128 and 64."""
+    assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()  # else the Triton half is skipped
     r = subprocess.run([sys.executable, str(ROOT / "bench/cslt_prefill_check.py"), "--selftest"], capture_output=True,
                        text=True, cwd=ROOT / "bench")
     assert r.returncode == 0 and "selftest: OK" in r.stdout, r.stderr[-2000:]
