@@ -160,7 +160,8 @@ def gpu(a) -> None:
     from kernels import rotating_copies  # bench/kernels.py
 
     print("N x K M | bytes == _cslt_compress (torch ops, Triton) | rel err | cuBLAS us | decompress+cuBLAS us | "
-          "convert us | cslt y [M,N] us | cslt y^T + copy us | convert + cslt y^T + copy us | that vs cuBLAS",
+          "convert us | cslt y [M,N] us | cslt y^T + copy us | cslt y^T, x col-major us | "
+          "convert + cslt y^T + copy us | that vs cuBLAS",
           flush=True)
     for nk in a.shapes.split(","):
         n, k = map(int, nk.split("x"))
@@ -176,6 +177,9 @@ def gpu(a) -> None:
             alg = torch._cslt_sparse_mm_search(comp, xt)
             alg = alg[0] if isinstance(alg, (tuple, list)) else alg
             y = torch._cslt_sparse_mm(comp, xt, alg_id=alg).t()                               # [M, N]
+            xc = xt.contiguous()                                                               # x column-major
+            alg_c = torch._cslt_sparse_mm_search(comp, xc)
+            alg_c = alg_c[0] if isinstance(alg_c, (tuple, list)) else alg_c
             ref = x.double() @ w.double().t()
             err = ((y.double() - ref).norm() / ref.norm()).item()
             packs = rotating_copies((values, meta), values.nbytes + meta.nbytes)
@@ -194,12 +198,16 @@ def gpu(a) -> None:
                                          for c in comps]),
                 "cslt_copy": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xt, alg_id=alg).t().contiguous()
                                             for c in comps]),
+                # no copy: y^T [N, M] returned as the column-major view y = y^T.t(), and x given column-major
+                # too (x^T [K, M] row-major), as it would arrive from such a previous layer: the layout question
+                # for keeping prefill activations transposed between cuSPARSELt layers
+                "cslt_colmajor": graph_time_ms([lambda c=c: torch._cslt_sparse_mm(c, xc, alg_id=alg_c) for c in comps]),
                 "path": graph_time_ms([lambda v=v, e=e: torch._cslt_sparse_mm(
                     to_cusparselt_triton(v, e, n, k, 128, buf), xt, alg_id=alg).t().contiguous() for v, e in packs]),
             }
             us = {key: v * 1e3 for key, v in t.items()}
             print(f"{n}x{k} M={m} | {same} | {err:.1e} | {us['cublas']:.1f} | {us['decompress']:.1f} | "
-                  f"{us['convert']:.1f} | {us['cslt_t']:.1f} | {us['cslt_copy']:.1f} | {us['path']:.1f} | "
+                  f"{us['convert']:.1f} | {us['cslt_t']:.1f} | {us['cslt_copy']:.1f} | {us['cslt_colmajor']:.1f} | {us['path']:.1f} | "
                   f"{us['cublas'] / us['path']:.2f}x", flush=True)
             del packs, dense, comps
             torch.cuda.empty_cache()
