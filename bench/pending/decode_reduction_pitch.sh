@@ -2,6 +2,8 @@
 # Device call for branch decode-reduction-pitch (not yet run on a GPU): the padded, rows-innermost cross-warp
 # reduction of the mma.sp decode kernel, timed against main's kernel (same run, same data, default launches),
 # then the mma.sp GPU property tests at 7B shapes. Merge into main only if the tests pass and no case is slower.
+# ptxas (sm_90a, local nvcc 13.0): tile-128 variants unchanged, no spills; <MB 1, R 2, tile 64, staged> now spills
+# 12 bytes (tile-64 variants already spilled 8 on main).
 #   bash bench/pending/decode_reduction_pitch.sh $OUT
 set -uo pipefail
 out=${1:?usage: decode_reduction_pitch.sh OUTDIR}
