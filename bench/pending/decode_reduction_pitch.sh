@@ -9,7 +9,8 @@ set -uo pipefail
 out=${1:?usage: decode_reduction_pitch.sh OUTDIR}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONUNBUFFERED=1
-git show main:codegen/mma_sp.cu > /tmp/mma_sp_main.cu 2>/dev/null || cp bench/pending/mma_sp_main.cu /tmp/mma_sp_main.cu
+# main's kernel as committed beside this script (the device machine's .git copy can be stale)
+cp bench/pending/mma_sp_main.cu /tmp/mma_sp_main.cu
 cd bench && python3 mma_sp_check.py --ab /tmp/mma_sp_main.cu --ms 1,16,32 --sparsities 0.25,0.45,0.5 \
   --shapes 4096x4096,11008x4096,4096x11008 2>&1 | grep -v -i warn | tee "$out/ab_reduction_pitch.log"; cd ..
 HYPOTHESIS_PROFILE=ci PATCHC_TEST_SHAPES=llama2-7b python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
