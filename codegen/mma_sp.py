@@ -138,10 +138,10 @@ def stage_bytes(tile: int, slices: int) -> int:
 
 
 def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = False) -> int:
-    """Dynamic shared memory of a launch: the final cross-warp reduction's [warps, 16 * slices rows, 8 * MB
-    batch rows] fp32 partials, or for the staged kernel the ring they alias plus its mbarriers."""
+    """Dynamic shared memory of a launch: the final cross-warp reduction's [warps, 8 * MB batch rows,
+    16 * slices + 4 (padded rows)] fp32 partials, or for the staged kernel the ring they alias plus its mbarriers."""
     mb = 1 if m <= 8 else 2 if m <= 16 else 4
-    partial = 4 * warps * 16 * slices * 8 * mb
+    partial = 4 * warps * 8 * mb * (16 * slices + 4)
     if not staged:
         return partial
     return max(partial, warps * STAGES * stage_bytes(tile, slices)) + warps * STAGES * 8
