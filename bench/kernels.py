@@ -4,7 +4,8 @@ For every shape / M / sparsity: pack a random bf16 weight with a random bitmap h
 share of 2:4 tiles, check the kernel against a float64 reference, then time (median of CUDA-graph
 replays, rotating over weight copies > L2 so no run is served from cache):
   patch     the hybrid kernel with the config users get (default; --tune: autotuned): mma_sp (sparse tensor
-            cores) at M <= 16, else the Triton kernel (+ split-K reduction) or decompress + cuBLAS (prefill)
+            cores) at M <= 16, else the Triton kernel (+ split-K reduction) or decompress + cuBLAS (prefill),
+            or, for a layer with no dense tile from M=1024 on, cuSPARSELt fed from the packed tiles
   cublas    F.linear on the dense weight
   compiled  torch.compile(F.linear, mode="max-autotune-no-cudagraphs") on the dense weight (--compiled-ms)
   cslt      cuSPARSELt 2:4 (torch._cslt_sparse_mm, weight compressed once, its algorithm search): every tile
@@ -227,6 +228,8 @@ def kernel_name(r: dict) -> str:
         return "mma_sp staged" if c.get("staged") else "mma_sp"
     if engine == "dense-linear":
         return "dense linear (cuBLAS)"
+    if engine == "cslt":
+        return "cuSPARSELt (packed)"
     if engine == "tma":
         return f"tma split{c['split_k']}" if c["split_k"] > 1 else "tma"
     if c["split_k"] == 0:

@@ -7,8 +7,9 @@ sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise o
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
 Above that (M > 64): up to M=128 (M=256 on layers taller than CHUNK_N) on sm_90+ the TMA kernel (the tile lists
 as a tensor-core GEMM, dense tiles read in place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
-weight (in CHUNK_N-row pieces for tall layers at M >= 1024) for the vendor GEMM. The tuner also tries the
-pointer-load fused kernel up to FUSED_MAX_M and the TMA kernel up to TMA_MAX_M.
+weight (in CHUNK_N-row pieces for tall layers at M >= 1024) for the vendor GEMM, except that layers with no
+dense tile run on cuSPARSELt from M = CSLT_MIN_M (codegen/cusparselt.py). The tuner also tries the
+pointer-load fused kernel up to FUSED_MAX_M, the TMA kernel up to TMA_MAX_M and cuSPARSELt above DECODE_MAX_M.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import triton
 
 from patchc.models import dtype_name
 
-from . import mma_sp
+from . import cusparselt, mma_sp
 from .device import capability, sm_count
 from .kernels import decompress_kernel, hybrid_mm_kernel, hybrid_mm_tma_kernel
 from .schedule import Schedule
@@ -32,6 +33,7 @@ DECODE_MAX_M = 64
 FUSED_MAX_M = 256
 TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the default up to TMA_DEFAULT_MAX_M
 TMA_DEFAULT_MAX_M = 256
+CSLT_MIN_M = 1024       # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 
 
@@ -44,7 +46,8 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8
     engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32);
-                            # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit)
+                            # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit);
+                            # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
     block_k: int = 64       # tma: K-step (divides the tile)
     chunk_n: int = 0        # decompress + GEMM (split_k 0): rows decompressed at a time (0 = the whole weight)
@@ -59,12 +62,13 @@ def _pow2_floor(v: int) -> int:
 
 
 def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False,
-               silu_mul: bool = False, tma: bool = False) -> list[KernelConfig]:
+               silu_mul: bool = False, tma: bool = False, cslt: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
     with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices,
     and with staged=True (sm_90+) its staged variant at those and at its default warps; with tma=True (sm_90+,
-    16-bit) and M <= TMA_MAX_M the TMA kernel at a few block shapes and splits."""
+    16-bit) and M <= TMA_MAX_M the TMA kernel at a few block shapes and splits; with cslt=True (an all-2:4 layer
+    cuSPARSELt can run) cuSPARSELt."""
     t = sched.tile
     k_tiles = sched.k // t
     out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp", staged=stg) for stg in (False, True)
@@ -85,6 +89,8 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
                             out.append(KernelConfig(bm, bn, split, warps, stages))
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
+        if cslt:
+            out.append(KernelConfig(0, 0, 0, 4, 1, engine="cslt"))
         if sched.n > CHUNK_N:
             out.append(KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N))
         if tma and m <= TMA_MAX_M and t % 64 == 0:
@@ -119,13 +125,17 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
     return m <= 8 and sched.dense_col.numel() >= 0.5 * n_tiles
 
 
-def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False) -> KernelConfig:
+def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False,
+                    cslt: bool = False) -> KernelConfig:
     """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): the TMA kernel with 64-row
     blocks and split-K for ~4 programs an SM up to M=128 (0.46-0.69x cuBLAS against 0.36-0.45x for
     decompress + cuBLAS), and with 128-row blocks up to TMA_DEFAULT_MAX_M on layers taller than CHUNK_N
     (11008x4096 at M=256: 0.46-0.52x against 0.39-0.40x; on 4096-row layers decompress + cuBLAS won there,
     0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
-    M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90)."""
+    M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90).
+    With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt."""
+    if cslt and m >= CSLT_MIN_M:
+        return KernelConfig(0, 0, 0, 4, 1, engine="cslt")
     if tma and sched.tile % 64 == 0 and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
         bm = 64 if m <= 128 else 128
         programs = triton.cdiv(m, bm) * (sched.n // 64)
@@ -135,7 +145,8 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
 
 
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
-                   staged: bool = False, silu_mul: bool = False, tma: bool = False) -> KernelConfig:
+                   staged: bool = False, silu_mul: bool = False, tma: bool = False,
+                   cslt: bool = False) -> KernelConfig:
     """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
     staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
@@ -147,7 +158,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
         warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
         return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
     if m > DECODE_MAX_M:
-        return prefill_default(m, sched, n_out, num_sms, tma)
+        return prefill_default(m, sched, n_out, num_sms, tma, cslt)
     n_tiles = (sched.n // t) * (sched.k // t)
     mostly_dense = sched.dense_col.numel() >= 0.6 * n_tiles
     bn = min(t, 64 if mostly_dense and t >= 64 else 128)
@@ -172,6 +183,8 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     if cfg.engine == "mma_sp":
         return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
                           staged=cfg.staged, silu_mul=silu_mul)
+    if cfg.engine == "cslt":
+        return cusparselt.cslt_mm(x, values, meta, sched, bias, n_out, silu_mul, poison)
     if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then the SiLU(gate) * up epilogue in torch
         if cfg.engine == "tma":
             y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
@@ -336,13 +349,14 @@ def _save_disk(entries: dict) -> None:
 
 
 def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False,
-               staged: bool = False, tma: bool = False) -> str:
+               staged: bool = False, tma: bool = False, cslt: bool = False) -> str:
     """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
     return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
-            f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else "") + ("|tma" if tma else ""))
+            f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else "") + ("|tma" if tma else "")
+            + ("|cslt" if cslt else ""))
 
 
 def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
@@ -367,7 +381,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
 
 
-_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED")
+_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT")
 _answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
 
 
@@ -401,7 +415,8 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
     mma = mma_available(x, dense, values, sched, silu_mul)
     staged = mma and mma_sp.staged_available(x, meta)
     tma = m > DECODE_MAX_M and tma_available(x, sched)
-    key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma)
+    cslt = m > DECODE_MAX_M and cusparselt.unsupported(x, values, sched) is None
+    key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma, cslt)
     if key in _memory and (_memory[key][1] or not tune):
         return _memory[key][0], True
     with _lock:
@@ -412,17 +427,17 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
     sms = sm_count(x.device) if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt), False)
         return _memory[key][0], not tune or not x.is_cuda
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma):
+    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma, cslt):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma)
+    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()
