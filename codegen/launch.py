@@ -33,7 +33,8 @@ DECODE_MAX_M = 64
 FUSED_MAX_M = 256
 TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the default up to TMA_DEFAULT_MAX_M
 TMA_DEFAULT_MAX_M = 256
-CSLT_MIN_M = 1024       # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py)
+CSLT_MIN_M = 256        # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py): on the
+                        # H100 it beat decompress + cuBLAS at M=256-4096 on every 7B shape (results/cslt_prefill)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 
 
