@@ -15,7 +15,9 @@ call here is three launches, with no dense intermediate and no second copy of th
 
 The output contract of the hybrid ops (y row-major) does not change. The engine serves CUDA tensors of 16-bit
 activations, tiles that 64 divides, and layers with no dense tile; PATCHC_CSLT=0 turns it off. Mixed layers stay
-on decompress + cuBLAS.
+on decompress + cuBLAS. It runs inside CUDA graphs only (torch.compile mode="reduce-overhead", or a graph the
+user captures): torch._cslt_sparse_mm's per-call host setup makes eager calls slower than decompress + cuBLAS, so
+an eager call configured for it runs decompress + cuBLAS instead (PATCHC_CSLT_EAGER=1 forces cuSPARSELt).
 """
 from __future__ import annotations
 
@@ -180,6 +182,19 @@ def enabled() -> bool:
     return os.environ.get("PATCHC_CSLT", "1").lower() not in ("0", "false", "no")
 
 
+def eager_enabled() -> bool:
+    """Whether eager (uncaptured) calls run cuSPARSELt too. Off by default: torch._cslt_sparse_mm sets up its
+    plan on the host at every call (400-530 us eagerly, bench/NOTES.md), which made an eager 7B prefill 3.1x
+    slower (bench/results/e2e_cslt); inside CUDA graphs that cost is paid once at capture."""
+    return os.environ.get("PATCHC_CSLT_EAGER", "0").lower() in ("1", "true", "yes")
+
+
+def use_now(x: torch.Tensor) -> bool:
+    """Whether a call configured for cuSPARSELt runs it now: while a CUDA graph is being captured (or when
+    PATCHC_CSLT_EAGER=1, or on a CPU tensor, for the tests' stand-in); else the caller runs decompress + cuBLAS."""
+    return not x.is_cuda or eager_enabled() or torch.cuda.is_current_stream_capturing()
+
+
 def unsupported(x: torch.Tensor, values: torch.Tensor, sched: Schedule) -> str | None:
     """Why this call cannot run on cuSPARSELt (None: it can)."""
     if not enabled():
@@ -202,19 +217,37 @@ def unsupported(x: torch.Tensor, values: torch.Tensor, sched: Schedule) -> str |
 _algorithms: dict[tuple, int] = {}
 
 
+def _algorithm_key(wc_shape: tuple, m_padded: int, dtype, device) -> tuple:
+    return (tuple(wc_shape), 1 << (m_padded - 1).bit_length(), dtype, device)
+
+
 def algorithm(wc: torch.Tensor, xt: torch.Tensor) -> int:
     """cuSPARSELt's fastest algorithm for this weight shape, dtype and M bucket: searched once (outside CUDA graph
     capture; while capturing, an unsearched bucket uses the default, 0) and remembered. On the H100 the search
-    took 7B-shape layers at M=2048 from 84-246 us to 74-197 us (bench/results/cslt_prefill)."""
-    m = xt.shape[1]
-    key = (tuple(wc.shape), 1 << (m - 1).bit_length(), wc.dtype, wc.device)
+    took 7B-shape layers at M=2048 from 84-246 us to 74-197 us (bench/results/cslt_prefill).
+    PATCHC_CSLT_SEARCH=0 keeps the default algorithm."""
+    key = _algorithm_key(wc.shape, xt.shape[1], wc.dtype, wc.device)
     alg = _algorithms.get(key)
     if alg is None:
         if not xt.is_cuda or torch.cuda.is_current_stream_capturing():
             return 0
-        found = torch._cslt_sparse_mm_search(wc, xt)
-        alg = _algorithms[key] = int(found[0] if isinstance(found, (tuple, list)) else found)
+        if os.environ.get("PATCHC_CSLT_SEARCH", "1").lower() in ("0", "false", "no"):
+            alg = 0
+        else:
+            found = torch._cslt_sparse_mm_search(wc, xt)
+            alg = int(found[0] if isinstance(found, (tuple, list)) else found)
+        _algorithms[key] = alg
     return alg
+
+
+def prepare(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule) -> None:
+    """On an eager call that will be captured later (the warm-up before CUDA-graph capture): search the algorithm
+    for this shape and M bucket now, since the search cannot run while capturing. Once per (shape, bucket)."""
+    m = triton.cdiv(x.shape[0], PAD_M) * PAD_M
+    key = _algorithm_key((sched.n, sched.k // 2 + sched.k // 16), m, values.dtype, values.device)
+    if key not in _algorithms and not torch.cuda.is_current_stream_capturing():
+        xt = torch.empty((m, sched.k), device=x.device, dtype=x.dtype).normal_().t()
+        algorithm(to_cusparselt(values, meta, sched.n, sched.k, sched.tile), xt)
 
 
 def cslt_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
@@ -225,7 +258,7 @@ def cslt_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Sc
     m, k = x.shape
     wc = to_cusparselt(values, meta, sched.n, k, sched.tile)                                  # [N, K/2 + K/16]
     mp = triton.cdiv(m, PAD_M) * PAD_M
-    if mp != m or x.stride(1) != 1:
+    if mp != m or not x.is_contiguous():
         x = F.pad(x, (0, 0, 0, mp - m)) if mp != m else x.contiguous()                       # [Mp, K]
     alg = algorithm(wc, x.t())
     yt = torch._cslt_sparse_mm(wc, x.t(), alg_id=alg) if alg else torch._cslt_sparse_mm(wc, x.t())  # [N, K] @ [K, Mp]

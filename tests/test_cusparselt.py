@@ -167,7 +167,35 @@ def test_cslt_engine_matches_float64_reference_with_a_reference_cusparselt(c):
 @pytest.mark.skipif(not GPU_CSLT, reason="cuSPARSELt: needs an sm_80+ GPU and a torch built with it")
 @given(cslt_case())
 def test_cslt_engine_matches_float64_reference_on_the_gpu(c):
-    _check_cslt_engine(*c)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATCHC_CSLT_EAGER", "1")     # cuSPARSELt on eager calls too (by default only inside graphs)
+        _check_cslt_engine(*c)
+
+
+@pytest.mark.skipif(not GPU_CSLT, reason="cuSPARSELt: needs an sm_80+ GPU and a torch built with it")
+def test_cslt_runs_inside_cuda_graphs_and_eager_calls_take_decompress_and_search_for_them(monkeypatch):
+    """An eager call configured for cuSPARSELt runs decompress + cuBLAS (no cuSPARSELt call) and searches the
+    algorithm for the capture; the captured call runs cuSPARSELt and matches the eager output."""
+    n, k, t, m = 512, 384, 128, 300
+    p, w, _ = sparse_layer(n, k, t, torch.bfloat16, 7)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    sched = build_schedule(p.bitmap, t).to("cuda")
+    dense, values, meta = p.dense.cuda(), p.values.cuda(), p.meta.cuda()
+    cfg = KernelConfig(0, 0, 0, 4, 1, engine="cslt")
+    real, calls = torch._cslt_sparse_mm, []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cs._algorithms.clear()
+    eager = launch(x, dense, values, meta, sched, None, n, cfg)
+    assert not calls and len(cs._algorithms) == 1                     # decompress + cuBLAS; algorithm searched
+    g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        captured = launch(x, dense, values, meta, sched, None, n, cfg)
+    g.replay()
+    torch.cuda.synchronize()
+    assert calls                                                       # cuSPARSELt inside the graph
+    ref = x.double() @ w.cuda().double().T
+    for y in (eager, captured):
+        assert ((y.double() - ref).norm() / ref.norm()) < 1.5e-2
 
 
 @pytest.mark.skipif(not GPU_CSLT, reason="cuSPARSELt: needs an sm_80+ GPU and a torch built with it")
