@@ -43,6 +43,12 @@ def check_shape(n: int, k: int, ms: list[int], silu: bool) -> list[dict]:
     ref_comp = torch._cslt_compress(w).view(-1).view(torch.int16)
     # torch's buffer can be longer than the values + metadata (seen at 22016 rows): compare what cuSPARSELt reads
     same = bool(torch.equal(comp.view(-1).view(torch.int16), ref_comp[: comp.numel()]))
+    if not same and ref_comp.numel() >= comp.numel():
+        diff = (comp.view(-1).view(torch.int16) != ref_comp[: comp.numel()]).nonzero().flatten()
+        first = int(diff[0])
+        region = "values" if first < rows_w * k // 2 else "metadata"
+        print(f"  note: {diff.numel()} of {comp.numel()} elements differ from torch._cslt_compress for {rows_w}x{k}; "
+              f"first at {first} ({region}), last at {int(diff[-1])}", flush=True)
     if ref_comp.numel() != comp.numel():
         print(f"  note: torch._cslt_compress gave {ref_comp.numel()} elements for {rows_w}x{k}, "
               f"the conversion {comp.numel()}", flush=True)
