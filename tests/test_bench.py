@@ -22,6 +22,18 @@ def test_e2e_quick(tmp_path):
     assert all(x["new_tokens_per_s"] > 0 for x in rows)
 
 
+def test_prefill_e2e_quick(tmp_path):
+    """bench/prefill_e2e.py --quick: dense and patch rows compile, match their eager logits and are timed."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench/prefill_e2e.py"), "--quick", "--device", "cpu",
+                        "--rows", "dense,patch-0.5", "--out", str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT / "bench")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "prefill_e2e.json").read_text())["rows"]
+    assert [x["row"] for x in rows] == ["dense", "patch-0.5"]
+    assert all(x["prefill_ms"] > 0 and x["rel_err_vs_eager"] < 1e-4 for x in rows)
+    assert rows[1]["per_layer_sparsity"]["min"] == rows[1]["per_layer_sparsity"]["max"] == 0.5  # every tile 2:4
+
+
 def test_accuracy_quick_evaluates_lowered_rows_and_resumes(tmp_path):
     """bench/accuracy.py --quick: rows on the tiny model, pruned rows evaluated through patchc.load; a second
     run skips finished rows and rebuilds the report."""
