@@ -145,13 +145,18 @@ def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
     return r
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments the end-to-end scripts share: where results go, which model, which batch of prompts."""
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny shape (tests)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=128)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    model_args(ap)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45")
     ap.add_argument("--tile", type=int, default=128)

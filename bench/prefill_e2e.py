@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from e2e import QUICK, SEVEN_B, build, hybridize_  # bench/e2e.py
+from e2e import QUICK, SEVEN_B, build, hybridize_, model_args  # bench/e2e.py
 from report import machine_env, write_report  # bench/report.py
 
 
@@ -73,7 +73,7 @@ def run_row(label: str, a, shape: dict, ids, dtype) -> dict:
     tokens = ids.numel()
     r = {"row": label, "prefill_ms": round(ms, 3), "tokens_per_s": round(tokens / ms * 1e3, 1),
          "first_call_s": round(first, 2), "rel_err_vs_eager": err, "per_layer_sparsity": info}
-    del model, compiled
+    model = compiled = None  # release the row's model and graphs before the next row
     if cuda:
         torch.cuda.empty_cache()
     return r
@@ -81,11 +81,7 @@ def run_row(label: str, a, shape: dict, ids, dtype) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="tiny shape (tests)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=128)
+    model_args(ap)
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 32 for 7B)")
     ap.add_argument("--rows", default="dense,patch-0.5,patch-0.5-nocslt,patch-0.45")
     ap.add_argument("--tile", type=int, default=128)
