@@ -5,7 +5,8 @@ share of 2:4 tiles, check the kernel against a float64 reference, then time (med
 replays, rotating over weight copies > L2 so no run is served from cache):
   patch     the hybrid kernel with the config users get (default; --tune: autotuned): mma_sp (sparse tensor
             cores) at M <= 16, else the Triton kernel (+ split-K reduction) or decompress + cuBLAS (prefill),
-            or, for a layer with no dense tile from M=1024 on, cuSPARSELt fed from the packed tiles
+            or, for a layer with no dense tile from M=256 (launch.CSLT_MIN_M) on, cuSPARSELt fed from the packed
+            tiles (inside the CUDA graphs it is timed in)
   cublas    F.linear on the dense weight
   compiled  torch.compile(F.linear, mode="max-autotune-no-cudagraphs") on the dense weight (--compiled-ms)
   cslt      cuSPARSELt 2:4 (torch._cslt_sparse_mm, weight compressed once, its algorithm search): every tile

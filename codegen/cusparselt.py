@@ -240,10 +240,15 @@ def algorithm(wc: torch.Tensor, xt: torch.Tensor) -> int:
     return alg
 
 
+def padded_m(m: int) -> int:
+    """The rows of x cuSPARSELt is given: M rounded up to a multiple of PAD_M."""
+    return triton.cdiv(m, PAD_M) * PAD_M
+
+
 def prepare(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule) -> None:
     """On an eager call that will be captured later (the warm-up before CUDA-graph capture): search the algorithm
     for this shape and M bucket now, since the search cannot run while capturing. Once per (shape, bucket)."""
-    m = triton.cdiv(x.shape[0], PAD_M) * PAD_M
+    m = padded_m(x.shape[0])
     key = _algorithm_key((sched.n, sched.k // 2 + sched.k // 16), m, values.dtype, values.device)
     if key not in _algorithms and not torch.cuda.is_current_stream_capturing():
         xt = torch.empty((m, sched.k), device=x.device, dtype=x.dtype).normal_().t()
@@ -257,7 +262,7 @@ def cslt_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Sc
     with NaN first, so an element never written shows."""
     m, k = x.shape
     wc = to_cusparselt(values, meta, sched.n, k, sched.tile)                                  # [N, K/2 + K/16]
-    mp = triton.cdiv(m, PAD_M) * PAD_M
+    mp = padded_m(m)
     if mp != m or not x.is_contiguous():
         x = F.pad(x, (0, 0, 0, mp - m)) if mp != m else x.contiguous()                       # [Mp, K]
     alg = algorithm(wc, x.t())

@@ -188,7 +188,7 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         if cusparselt.use_now(x):
             return cusparselt.cslt_mm(x, values, meta, sched, bias, n_out, silu_mul, poison)
         cusparselt.prepare(x, values, meta, sched)   # eager: search now for the capture that follows
-        cfg = KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N if m >= 1024 and sched.n > CHUNK_N else 0)
+        cfg = prefill_default(m, sched, n_out)        # and run what a layer cuSPARSELt cannot take runs
     if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then the SiLU(gate) * up epilogue in torch
         if cfg.engine == "tma":
             y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
