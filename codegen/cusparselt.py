@@ -46,6 +46,12 @@ def nibble_position(r: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     return ((r >> 6) * (k // 32) + (q >> 3)) * 512 + (low | (r & 7) << 4 | (r >> 4 & 3) << 7)
 
 
+def compressed_shape(n: int, k: int) -> tuple[int, int]:
+    """cuSPARSELt's compressed 2:4 weight of an [N, K] layer: [N, K/2] kept values, then [N, K/16] of codes (4
+    bits a group of 4, as 16-bit elements), viewed as one [N, K/2 + K/16]."""
+    return n, k // 2 + k // 16
+
+
 def to_cusparselt_reference(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile: int) -> torch.Tensor:
     """The conversion in torch ops, from nibble_position (the reference the kernel is tested against).
 
@@ -63,7 +69,7 @@ def to_cusparselt_reference(values: torch.Tensor, meta: torch.Tensor, n: int, k:
     out = torch.empty_like(nib)
     out[nibble_position(idx // g, idx % g, k)] = nib
     codes = (out[0::2] | out[1::2] << 4).view(values.dtype).view(n, k // 16)                 # [N, K/16]
-    return torch.cat([vals.reshape(-1), codes.reshape(-1)]).view(n, k // 2 + k // 16)
+    return torch.cat([vals.reshape(-1), codes.reshape(-1)]).view(compressed_shape(n, k))
 
 
 @triton.jit
@@ -117,9 +123,10 @@ def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile
     if values.shape != (r * c, tile, tile // 2) or meta.shape != (r * c, tile, tile // 8):
         raise ValueError(f"not an all-2:4 packed layer of {n}x{k} at tile {tile}: values {tuple(values.shape)}, "
                          f"codes {tuple(meta.shape)}")
+    rows, width = compressed_shape(n, k)
     nv = n * k // 2
     if out is None:
-        out = torch.empty(nv + n * k // 16, dtype=values.dtype, device=values.device)
+        out = torch.empty(rows * width, dtype=values.dtype, device=values.device)
     flat_bytes = out.view(torch.uint8)
     cols, warps, stages = launch or CONVERT_LAUNCH
     while c % cols:
@@ -127,7 +134,7 @@ def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile
     to_cusparselt_kernel[(n // 64, c // cols)](values.view(torch.int16), meta, out[:nv].view(torch.int16),
                                                flat_bytes[2 * nv:], k, TILE=tile, C=c, COLS=cols,
                                                NUM_STAGES=stages, num_warps=warps)
-    return out.view(n, k // 2 + k // 16)
+    return out.view(rows, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ def prepare(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Sc
     """On an eager call that will be captured later (the warm-up before CUDA-graph capture): search the algorithm
     for this shape and M bucket now, since the search cannot run while capturing. Once per (shape, bucket)."""
     m = padded_m(x.shape[0])
-    key = _algorithm_key((sched.n, sched.k // 2 + sched.k // 16), m, values.dtype, values.device)
+    key = _algorithm_key(compressed_shape(sched.n, sched.k), m, values.dtype, values.device)
     if key not in _algorithms and not torch.cuda.is_current_stream_capturing():
         xt = torch.empty((m, sched.k), device=x.device, dtype=x.dtype).normal_().t()
         algorithm(to_cusparselt(values, meta, sched.n, sched.k, sched.tile), xt)
