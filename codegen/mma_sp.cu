@@ -108,24 +108,38 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
 }
 // Shared-memory reads of a buffer (generic proxy) before the bulk copy engine (async proxy) refills it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Ask the bulk copy engine to bring `bytes` (a multiple of 16, from a 16-byte aligned address) into L2: one
+// instruction for a tile's rows of the CTA, no registers held while the bytes are in flight.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+// Programmatic dependent launch: wait until the previous kernel in the stream has completed and its writes are
+// visible (a no-op when this launch was not programmatic), and let the next programmatic launch start early.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #else
 __device__ __forceinline__ void mbar_init(uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void prefetch_l2(const void*, uint32_t) {}
+__device__ __forceinline__ void grid_dependency_wait() {}
+__device__ __forceinline__ void launch_dependents() {}
 #endif
 
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
 // slices, so one load of x serves R slices); TILE: the tile size (64 or 128); STAGED: weights through the
-// shared-memory ring (sm_90+) instead of direct loads.
+// shared-memory ring (sm_90+) instead of direct loads. l2_ahead (direct loads, sm_90+): each warp has the
+// bulk copy engine prefetch its next l2_ahead tiles into L2 (0: none), the first ones before waiting on the
+// previous kernel: weights and schedule are never written by a kernel of the forward, so only x and y wait.
 template <typename T, int MB, int R, int TILE, bool STAGED>
 __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ x, int M, int64_t stride_xm,
     const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
     const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
     const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
-    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt) {
+    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt, int l2_ahead) {
   // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
   // tile loop, the cross-warp reduction's [warps, 8 * MB batch rows, 16 * R + 4] fp32 partials (aliasing it).
   extern __shared__ __align__(16) unsigned char smem[];
@@ -186,6 +200,22 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     __syncwarp();
     for (int b = 0; b < STAGES; ++b) fetch(wid + b * team, b);
   }
+  // L2 prefetch of tile jj's rows of this CTA (lane 0; codes only from a 16-byte aligned base).
+  const bool meta16 = (reinterpret_cast<uintptr_t>(meta) & 15) == 0;
+  auto prefetch = [&](int jj) {
+    if (jj >= n_tiles) return;
+    if (jj < nd) {
+      prefetch_l2(dense + ((int64_t)(d0 + jj) * TILE + r0) * TILE, S::DENSE_BYTES);
+    } else {
+      const int64_t i = s0 + (jj - nd);
+      prefetch_l2(values + (i * TILE + r0) * (TILE / 2), S::META_OFFSET);
+      if (meta16) prefetch_l2(meta + (i * TILE + r0) * (TILE / 8), 16 * R * TILE / 8);
+    }
+  };
+  if (!STAGED && lane == 0)
+    for (int a = 0; a < l2_ahead; ++a) prefetch(wid + a * team);
+  launch_dependents();      // the next programmatic launch may start (its waits cover our writes)
+  grid_dependency_wait();   // x (and y's storage) may come from the previous kernel
 
   for (int it = 0, j = wid; j < n_tiles; ++it, j += team) {
     if ((it & 31) == 0) {
@@ -193,6 +223,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
+    if (!STAGED && l2_ahead > 0 && lane == 0) prefetch(j + l2_ahead * team);
     const int buf = it % STAGES;
     const uint32_t sb = ring + buf * S::SIZE;                                     // this tile's buffer (STAGED)
     if constexpr (STAGED) mbar_wait(bars + buf * 8, (it / STAGES) & 1);
@@ -350,43 +381,56 @@ size_t smem_bytes(bool staged, int warps, int mb) {
   return (ring > partial ? ring : partial) + (size_t)warps * STAGES * 8;
 }
 
+// One launch's arguments, as the host entry point gathered them (pointers untyped until the dtype is dispatched).
+struct Launch {
+  int mb, rows, tile, warps;  // batch blocks of 8, 16-row slices a CTA, tile size, warps a CTA
+  bool staged, pdl;           // weights through the shared-memory ring; programmatic dependent launch
+  int l2_ahead;               // tiles a warp has prefetched into L2 ahead of its loads (direct loads)
+  dim3 grid;
+  cudaStream_t stream;
+  const void* x; int M; int64_t sxm;
+  const void *dense, *values; const uint8_t* meta;
+  const int *dcol, *scol, *dstart, *sstart;
+  const void* bias; void* y; int64_t sym;
+  int up_rt;
+};
+
 template <typename T, int MB, int R, int TILE, bool STAGED>
-void launch_kernel(int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm, const T* dense,
-                   const T* values, const uint8_t* meta, const int* dcol, const int* scol, const int* dstart,
-                   const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
+void launch_kernel(const Launch& a) {
   auto kernel = hybrid_mma_sp_kernel<T, MB, R, TILE, STAGED>;
-  const size_t smem = smem_bytes<T, R, TILE>(STAGED, warps, MB);
+  const size_t smem = smem_bytes<T, R, TILE>(STAGED, a.warps, MB);
   if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  kernel<<<grid, dim3(32 * warps), smem, stream>>>(x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y,
-                                                   sym, up_rt);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = a.grid;
+  cfg.blockDim = dim3(32 * a.warps);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = a.stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // may start while the previous kernel drains
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.pdl ? 1 : 0;
+  auto t = [](const void* p) { return static_cast<const T*>(p); };
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, t(a.x), a.M, a.sxm, t(a.dense), t(a.values), a.meta, a.dcol, a.scol,
+                                    a.dstart, a.sstart, t(a.bias), static_cast<T*>(a.y), a.sym, a.up_rt, a.l2_ahead));
 }
 
 template <typename T, int MB, int R>
-void launch_tile(int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x, int M, int64_t sxm,
-                 const T* dense, const T* values, const uint8_t* meta, const int* dcol, const int* scol,
-                 const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
-#define PATCHC_K(TILE_, STAGED_) \
-  launch_kernel<T, MB, R, TILE_, STAGED_>(warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym, up_rt)
-  if (tile == 64) {
-    if (staged) PATCHC_K(64, true); else PATCHC_K(64, false);
+void launch_tile(const Launch& a) {
+  if (a.tile == 64) {
+    if (a.staged) launch_kernel<T, MB, R, 64, true>(a); else launch_kernel<T, MB, R, 64, false>(a);
   } else {
-    if (staged) PATCHC_K(128, true); else PATCHC_K(128, false);
+    if (a.staged) launch_kernel<T, MB, R, 128, true>(a); else launch_kernel<T, MB, R, 128, false>(a);
   }
-#undef PATCHC_K
 }
 
 template <typename T>
-void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid, cudaStream_t stream, const T* x,
-                  int M, int64_t sxm, const T* dense, const T* values, const uint8_t* meta, const int* dcol,
-                  const int* scol, const int* dstart, const int* sstart, const T* bias, T* y, int64_t sym, int up_rt) {
-#define PATCHC_LAUNCH(MB_, R_) \
-  launch_tile<T, MB_, R_>(tile, staged, warps, grid, stream, x, M, sxm, dense, values, meta, dcol, scol, dstart, sstart, bias, y, sym, up_rt)
-  if (rows == 1) {
-    if (mb == 1) PATCHC_LAUNCH(1, 1); else if (mb == 2) PATCHC_LAUNCH(2, 1); else PATCHC_LAUNCH(4, 1);
+void launch_typed(const Launch& a) {
+  if (a.rows == 1) {
+    if (a.mb == 1) launch_tile<T, 1, 1>(a); else if (a.mb == 2) launch_tile<T, 2, 1>(a); else launch_tile<T, 4, 1>(a);
   } else {
-    if (mb == 1) PATCHC_LAUNCH(1, 2); else PATCHC_LAUNCH(2, 2);  // M > 16 with 2 slices would spill
+    if (a.mb == 1) launch_tile<T, 1, 2>(a); else launch_tile<T, 2, 2>(a);  // M > 16 with 2 slices would spill
   }
-#undef PATCHC_LAUNCH
 }
 
 }  // namespace patchc
@@ -396,7 +440,8 @@ void launch_typed(int mb, int rows, int tile, bool staged, int warps, dim3 grid,
 void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
                    torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
                    torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
-                   int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul) {
+                   int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul,
+                   int64_t l2_ahead, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
   // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
   // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
@@ -420,26 +465,22 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   const dim3 grid(n_out / (16 * slices));
   TORCH_CHECK(staged || sizeof(float) * warps * 8 * mb * (16 * slices + 4) <= 48 * 1024,
               "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int* dcol = dense_col.data_ptr<int>();
-  const int* scol = sparse_col.data_ptr<int>();
-  const int* dst = dense_start.data_ptr<int>();
-  const int* sst = sparse_start.data_ptr<int>();
-  const uint8_t* e = meta.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kBFloat16) {
-    using T = __nv_bfloat16;
-    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
-    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
-                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
-                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kHalf, "hybrid_mma_sp: x must be bfloat16 or float16");
-    using T = __half;
-    auto p = [](const torch::Tensor& v) { return reinterpret_cast<const T*>(v.data_ptr()); };
-    patchc::launch_typed<T>(mb, slices, tile, staged != 0, warps, grid, stream, p(x), M, x.stride(0), p(dense), p(values), e,
-                            dcol, scol, dst, sst, bias ? p(*bias) : nullptr,
-                            reinterpret_cast<T*>(y.data_ptr()), y.stride(0), up_rt);
-  }
+  TORCH_CHECK(l2_ahead >= 0 && (pdl == 0 || pdl == 1), "hybrid_mma_sp: l2_ahead must be >= 0 and pdl 0 or 1");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "hybrid_mma_sp: x must be bfloat16 or float16");
+  patchc::Launch a;
+  a.mb = mb; a.rows = (int)slices; a.tile = (int)tile; a.warps = (int)warps;
+  a.staged = staged != 0; a.pdl = pdl != 0; a.l2_ahead = (int)l2_ahead;
+  a.grid = grid;
+  a.stream = c10::cuda::getCurrentCUDAStream();
+  a.x = x.data_ptr(); a.M = M; a.sxm = x.stride(0);
+  a.dense = dense.data_ptr(); a.values = values.data_ptr(); a.meta = meta.data_ptr<uint8_t>();
+  a.dcol = dense_col.data_ptr<int>(); a.scol = sparse_col.data_ptr<int>();
+  a.dstart = dense_start.data_ptr<int>(); a.sstart = sparse_start.data_ptr<int>();
+  a.bias = bias ? bias->data_ptr() : nullptr; a.y = y.data_ptr(); a.sym = y.stride(0);
+  a.up_rt = up_rt;
+  if (x.scalar_type() == at::kBFloat16) patchc::launch_typed<__nv_bfloat16>(a);
+  else patchc::launch_typed<__half>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 #endif

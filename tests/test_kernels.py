@@ -51,7 +51,9 @@ def reference(x, w, bitmap, pattern, t, bias):
     return y + bias.double() if bias is not None else y
 
 
-def run_case(t, bitmap, m, dtype, with_bias, seed, cfg_fn, silu=False):
+def run_case(t, bitmap, m, dtype, with_bias, seed, cfg_fn, silu=False, graph=False):
+    """graph=True: the launch (poisoning its output first) is captured in a CUDA graph and replayed, as under
+    mode="reduce-overhead"; there the mma.sp kernel is a programmatic dependent launch (sm_90+)."""
     g = torch.Generator().manual_seed(seed)
     r, c = bitmap.shape
     n, k = r * t, c * t
@@ -66,8 +68,15 @@ def run_case(t, bitmap, m, dtype, with_bias, seed, cfg_fn, silu=False):
     n_out = n // 2 if silu else n
     cfg = cfg_fn(m, sched, n_out)
     dev = lambda v: v.to(DEVICE) if v is not None else None  # noqa: E731
-    y = launch(dev(x), dev(p.dense), dev(p.values), dev(p.meta), sched, dev(bias), n_out, cfg, silu_mul=silu,
-               poison=True)
+    args = (dev(x), dev(p.dense), dev(p.values), dev(p.meta), sched, dev(bias), n_out, cfg)
+    y = launch(*args, silu_mul=silu, poison=True)
+    if graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = launch(*args, silu_mul=silu, poison=True)
+        g.replay()
+        torch.cuda.synchronize()
     ref = reference(x, w, bitmap, pattern, t, bias)
     if silu:
         ref = torch.nn.functional.silu(ref[:, :n_out]) * ref[:, n_out:]
@@ -232,24 +241,29 @@ def mma_case(draw):
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     slices = draw(st.sampled_from([1, 2] if m <= 16 else [1]))
     warps = draw(st.sampled_from([1, 2, 3, 4, 8, 11, 16]))
-    staged = draw(st.booleans()) and torch.cuda.get_device_capability() >= (9, 0)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    staged = draw(st.booleans()) and hopper
+    l2_ahead = 0 if staged or not hopper else draw(st.sampled_from([0, 1, 2, 1 << 20]))
+    graph = draw(st.booleans())
     silu = draw(st.booleans())
     if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
         bitmap = torch.cat([bitmap, bitmap.flip(1)], 0)
     n_out = bitmap.shape[0] * t // (2 if silu else 1)
     if mma_sp.launch_error(m, n_out, t, warps, slices, staged, silu):
         warps, slices = 4, 1
-    return t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu
+    return t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, l2_ahead, graph
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
 @given(mma_case())
 def test_mma_sp_kernel_matches_float64_reference(c):
     """Direct loads and (sm_90+) the staged variant, whose warps each refill a ring of shared-memory buffers;
-    plain outputs and SiLU(gate) * up (half the warps on the gate row-tile, half on the up one)."""
-    t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu = c
-    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged)
-    run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu)
+    plain outputs and SiLU(gate) * up (half the warps on the gate row-tile, half on the up one); (sm_90+) tiles
+    prefetched into L2 ahead, and, captured in a CUDA graph, the programmatic dependent launch, whose output must
+    land after the poisoning fill that precedes it."""
+    t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, l2_ahead, graph = c
+    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged, l2_ahead=l2_ahead)
+    run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
