@@ -123,9 +123,9 @@ def read_floor_us(nbytes: int) -> dict:
     bufs = [b for (b,) in rotating_copies((torch.randint(-100, 100, (words,), device="cuda", dtype=torch.int32),),
                                           nbytes)]
     best, best_cfg = float("inf"), None
-    for block in (1024, 2048, 4096):
-        for iters in (1, 2, 4, 8):
-            for warps in (4, 8):
+    for block in (2048, 4096):
+        for iters in (2, 4, 8):
+            for warps in (8,):
                 grid = (triton.cdiv(words, block * iters),)
                 out = torch.empty(grid[0], device="cuda", dtype=torch.int32)
                 fns = [lambda b=b, o=out, bl=block, it=iters, w=warps: _read_kernel[grid](b, o, words, BLOCK=bl,
@@ -149,10 +149,10 @@ def time_variant(x, packs, sched, n, warps, sl, l2, pdl, after_write: bool, xs=N
     return graph_time_ms([lambda c=c, i=i: call(c, i) for i, c in enumerate(packs)]) * 1e3
 
 
-def sweep(cases, l2s, bw, out_rows: list) -> None:
-    for n, k in SHAPES:
-        for m, sparsities in cases:
-            for s in sparsities:
+def sweep(cases, l2s, bw, out_rows: list, log_path: str | None = None) -> None:
+    """cases: (N, K, M, sparsity); each row is also appended to log_path (JSON lines) as soon as it is measured."""
+    for n, k, m, s in cases:
+            if True:
                 x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
                 warps, sl = mma_sp.default_launch(m, n, 132)
                 packs = rotating_copies((d, v, e), p.nbytes)
@@ -180,6 +180,12 @@ def sweep(cases, l2s, bw, out_rows: list) -> None:
                 base = row["chain"]["l2=0,pdl=0"]
                 best = min(row["chain"], key=row["chain"].get)
                 row["best_chain"] = best
+                print("  chain       " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["chain"].items()), flush=True)
+                print("  after write " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["after_write"].items()),
+                      flush=True)
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 print(f"{n}x{k} M={m} s={s} ({warps}w{sl}s) floor {floor:.2f} read {rf['read_us']:.2f} "
                       f"copy {rf['copy_us']:.2f} cuBLAS {cublas:.2f} | chain base {base:.2f} best {best} "
                       f"{row['chain'][best]:.2f} | after-write base {row['after_write']['l2=0,pdl=0']:.2f} "
@@ -213,6 +219,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/decode_l2_pdl")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the float64 and chain checks")
+    ap.add_argument("--cases", default="", help="N x K:M:sparsity,... (default: the 7B shapes at M=16 25-50%%, M=1 50%%)")
+    ap.add_argument("--l2s", default="0,1,2,4,all")
+    ap.add_argument("--no-launch-sweep", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -223,14 +233,24 @@ def main() -> None:
            "python": platform.python_version(), "copy_bandwidth_GBps": round(bw / 1e9, 1),
            "date": time.strftime("%Y-%m-%d")}
     print(env, flush=True)
-    checks = check(a.quick)
-    chain = chain_check()
-    l2s = (0, 1, 2, 4, ALL)
+    checks = [] if a.no_check else check(a.quick)
+    chain = None if a.no_check else chain_check()
+    l2s = tuple(ALL if v == "all" else int(v) for v in a.l2s.split(","))
+    if a.cases:
+        cases = []
+        for c in a.cases.split(","):
+            nk, m, s = c.split(":")
+            n, k = map(int, nk.split("x"))
+            cases.append((n, k, int(m), float(s)))
+    else:
+        cases = [(n, k, m, s) for n, k in SHAPES
+                 for m, ss in ([(16, (0.5,))] if a.quick else [(16, (0.25, 0.35, 0.45, 0.5)), (1, (0.5,))]) for s in ss]
     rows, launches = [], []
-    sweep([(16, (0.5,))] if a.quick else [(16, (0.25, 0.35, 0.45, 0.5)), (1, (0.5,))], l2s, bw, rows)
-    launch_sweep((0, 2, ALL), launches)
-    res = {"env": env, "checks": len(checks), "max_rel_err": max(r["rel_err"] for r in checks), "chain_check": chain,
-           "sweep": rows, "launches": launches}
+    sweep(cases, l2s, bw, rows, os.path.join(a.out, "decode_l2_pdl.jsonl"))
+    if not a.no_launch_sweep:
+        launch_sweep((0, 2, ALL), launches)
+    res = {"env": env, "checks": len(checks), "max_rel_err": max((r["rel_err"] for r in checks), default=None),
+           "chain_check": chain, "sweep": rows, "launches": launches}
     tmp = os.path.join(a.out, "decode_l2_pdl.json.tmp")
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
