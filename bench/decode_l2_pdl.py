@@ -1,17 +1,19 @@
-"""Decode (mma.sp kernel): weights prefetched into L2 by the bulk copy engine, and programmatic dependent launch.
+"""Decode (mma.sp kernel): programmatic dependent launch, and the read floor of a decode layer's bytes.
 
 One device call answers, at the LLaMA-2-7B shapes (bench/NOTES.md, "Eighth session"):
-  1. correctness: every l2_ahead x pdl variant against float64 (tiles 64/128, bf16/fp16, M 1..32, bias, SiLU*up),
-     and a captured two-layer chain with programmatic launches whose input changes between replays, compared
-     bit for bit with the same chain launched plainly (a read of x before the previous kernel's writes shows);
-  2. the sweep: default (warps, slices), l2_ahead in {0, 1, 2, 4, all} x pdl {off, on}, timed two ways in CUDA
-     graphs rotating over weight copies > L2: "chain" (the kernel after itself, as bench/kernels.py times it)
-     and "after write" (each call preceded by an elementwise kernel writing its x, as in a model);
-  3. (warps, slices) again with the best l2_ahead, at M=16;
-  4. the read floor: the fastest of several streaming-read kernels over the same packed bytes (and a copy of
+  1. correctness: plain and programmatic launches against float64 (tiles 64/128, bf16/fp16, M 1..32, bias,
+     SiLU*up), and a captured two-layer chain with programmatic launches whose input changes between replays,
+     compared bit for bit with the same chain launched plainly (a read of x before the previous kernel's writes
+     shows);
+  2. the sweep: default (warps, slices), pdl off / on, timed two ways in CUDA graphs rotating over weight copies
+     > L2: "chain" (the kernel after itself, as bench/kernels.py times it) and "after write" (each call preceded
+     by an elementwise kernel writing its x, as in a model);
+  3. the read floor: the fastest of several streaming-read kernels over the same packed bytes (and a copy of
      them), same rotation, to put the byte floor (bytes / 1 GiB-copy bandwidth) beside what a read of this
      size achieves.
-    python bench/decode_l2_pdl.py --out bench/results/decode_l2_pdl [--quick]
+(The first two calls also timed weights prefetched into L2 by the bulk copy engine, `l2_ahead`, since removed:
+slower everywhere; results/decode_l2_pdl/call*.)
+    python bench/decode_l2_pdl.py --out bench/results/decode_l2_pdl [--quick] [--no-check] [--cases N x K:M:s,...]
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ from patchc.codegen.launch import graph_time_ms
 
 from kernels import copy_bandwidth, make_layer, rotating_copies  # bench/kernels.py
 
-ALL = 1 << 20  # l2_ahead larger than any warp's tile count: prefetch every tile of the warp up front
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 
@@ -49,26 +50,25 @@ def check(quick: bool) -> list[dict]:
             for m in ((1, 16) if quick else (1, 5, 16, 24, 32)):
                 for s in (0.0, 0.3, 0.5):
                     x, d, v, e, sched, ref, p = make_layer(n, k, m, s, tile=tile, dtype=dtype, seed=m + n)
-                    for l2 in (0, 1, 2, ALL):
-                        for pdl in (False, True):
-                            warps, sl = mma_sp.default_launch(m, n, 132, tile)
-                            y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, l2_ahead=l2, pdl=pdl)
-                            err = rel_err(y, ref)
-                            assert err < 1.5e-2, (n, k, m, s, dtype, l2, pdl, err)
-                            rows.append({"N": n, "K": k, "tile": tile, "dtype": str(dtype), "M": m, "s": s,
-                                         "l2_ahead": l2, "pdl": pdl, "rel_err": err})
-    # SiLU(gate) * up and bias, l2_ahead on
+                    for pdl in (False, True):
+                        warps, sl = mma_sp.default_launch(m, n, 132, tile)
+                        y = mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, pdl=pdl)
+                        err = rel_err(y, ref)
+                        assert err < 1.5e-2, (n, k, m, s, dtype, pdl, err)
+                        rows.append({"N": n, "K": k, "tile": tile, "dtype": str(dtype), "M": m, "s": s,
+                                     "pdl": pdl, "rel_err": err})
+    # SiLU(gate) * up and bias
     n, k = 1024, 512
     x, d, v, e, sched, ref, p = make_layer(2 * n, k, 16, 0.4, seed=7)
     bias = torch.randn(2 * n, device="cuda", dtype=x.dtype)
     full = ref + bias.double()
     want = F.silu(full[:, :n]) * full[:, n:]
     warps, sl = mma_sp.default_launch(16, n, 132, 128, silu_mul=True)
-    for l2, pdl in ((0, False), (2, True), (ALL, True)):
-        y = mma_sp.run(x, d, v, e, sched, bias, n, warps, sl, poison=True, silu_mul=True, l2_ahead=l2, pdl=pdl)
+    for pdl in (False, True):
+        y = mma_sp.run(x, d, v, e, sched, bias, n, warps, sl, poison=True, silu_mul=True, pdl=pdl)
         err = rel_err(y, want)
-        assert err < 1.5e-2, ("silu", l2, pdl, err)
-        rows.append({"N": n, "K": k, "silu_mul": True, "bias": True, "M": 16, "l2_ahead": l2, "pdl": pdl, "rel_err": err})
+        assert err < 1.5e-2, ("silu", pdl, err)
+        rows.append({"N": n, "K": k, "silu_mul": True, "bias": True, "M": 16, "pdl": pdl, "rel_err": err})
     print(f"float64 checks: {len(rows)} passed, max rel err {max(r['rel_err'] for r in rows):.2e}", flush=True)
     return rows
 
@@ -82,8 +82,8 @@ def chain_check(replays: int = 20) -> dict:
     w1, w2 = mma_sp.default_launch(m, 11008, 132), mma_sp.default_launch(m, 4096, 132)
 
     def fwd(pdl):
-        h = mma_sp.run(x, d1, v1, e1, s1, None, 11008, *w1, l2_ahead=2, pdl=pdl)
-        return mma_sp.run(h, d2, v2, e2, s2, None, 4096, *w2, l2_ahead=2, pdl=pdl)
+        h = mma_sp.run(x, d1, v1, e1, s1, None, 11008, *w1, pdl=pdl)
+        return mma_sp.run(h, d2, v2, e2, s2, None, 4096, *w2, pdl=pdl)
 
     graphs, outs = {}, {}
     for pdl in (False, True):
@@ -141,76 +141,53 @@ def read_floor_us(nbytes: int) -> dict:
     return {"read_us": round(best, 2), "read_cfg": best_cfg, "copy_us": round(copy_us, 2)}
 
 
-def time_variant(x, packs, sched, n, warps, sl, l2, pdl, after_write: bool, xs=None) -> float:
+def time_variant(x, packs, sched, n, warps, sl, pdl, after_write: bool, xs=None) -> float:
     def call(c, i):
         if after_write:
             x.copy_(xs[i % len(xs)])  # what precedes a linear in a model: an elementwise kernel writing its x
-        return mma_sp.run(x, *c, sched, None, n, warps, sl, l2_ahead=l2, pdl=pdl)
+        return mma_sp.run(x, *c, sched, None, n, warps, sl, pdl=pdl)
     return graph_time_ms([lambda c=c, i=i: call(c, i) for i, c in enumerate(packs)]) * 1e3
 
 
-def sweep(cases, l2s, bw, out_rows: list, log_path: str | None = None) -> None:
+def sweep(cases, bw, out_rows: list, log_path: str | None = None) -> None:
     """cases: (N, K, M, sparsity); each row is also appended to log_path (JSON lines) as soon as it is measured."""
     for n, k, m, s in cases:
-            if True:
-                x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
-                warps, sl = mma_sp.default_launch(m, n, 132)
-                packs = rotating_copies((d, v, e), p.nbytes)
-                xs = [torch.randn_like(x) for _ in range(4)]
-                write_us = graph_time_ms([lambda i=i: x.copy_(xs[i]) for i in range(len(xs))]) * 1e3
-                wd = torch.randn(n, k, device="cuda", dtype=x.dtype) * 0.02
-                wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
-                cublas = graph_time_ms([lambda w_=w_: F.linear(x, w_) for w_ in wds]) * 1e3
-                del wds
-                floor = (p.nbytes + x.nbytes + m * n * 2) / bw * 1e6
-                rf = read_floor_us(p.nbytes)
-                row = {"N": n, "K": k, "M": m, "sparsity": s, "warps": warps, "slices": sl, "bytes": p.nbytes,
-                       "floor_us": round(floor, 2), **rf, "cublas_us": round(cublas, 2), "write_us": round(write_us, 2),
-                       "chain": {}, "after_write": {}}
-                for rnd in range(2):  # two rounds, interleaved; the median of the rounds' times per variant
-                    for l2 in l2s:
-                        for pdl in (False, True):
-                            key = f"l2={l2 if l2 != ALL else 'all'},pdl={int(pdl)}"
-                            row["chain"].setdefault(key, []).append(
-                                time_variant(x, packs, sched, n, warps, sl, l2, pdl, False))
-                            row["after_write"].setdefault(key, []).append(
-                                time_variant(x, packs, sched, n, warps, sl, l2, pdl, True, xs))
-                for mode in ("chain", "after_write"):
-                    row[mode] = {kk: round(statistics.median(vv), 2) for kk, vv in row[mode].items()}
-                base = row["chain"]["l2=0,pdl=0"]
-                best = min(row["chain"], key=row["chain"].get)
-                row["best_chain"] = best
-                print("  chain       " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["chain"].items()), flush=True)
-                print("  after write " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["after_write"].items()),
-                      flush=True)
-                if log_path:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                print(f"{n}x{k} M={m} s={s} ({warps}w{sl}s) floor {floor:.2f} read {rf['read_us']:.2f} "
-                      f"copy {rf['copy_us']:.2f} cuBLAS {cublas:.2f} | chain base {base:.2f} best {best} "
-                      f"{row['chain'][best]:.2f} | after-write base {row['after_write']['l2=0,pdl=0']:.2f} "
-                      f"best {min(row['after_write'].values()):.2f} (write {write_us:.2f})", flush=True)
-                out_rows.append(row)
-                del packs
-                torch.cuda.empty_cache()
-
-
-def launch_sweep(l2s, out_rows: list) -> None:
-    """(warps, slices) with l2_ahead on, M=16, 50%: does the prefetch move the best launch?"""
-    m, s = 16, 0.5
-    for n, k in SHAPES:
         x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
+        warps, sl = mma_sp.default_launch(m, n, 132)
         packs = rotating_copies((d, v, e), p.nbytes)
-        for warps in (4, 8, 16):
-            for sl in (1, 2):
-                if mma_sp.launch_error(m, n, 128, warps, sl):
-                    continue
-                for l2 in l2s:
-                    us = time_variant(x, packs, sched, n, warps, sl, l2, False, False)
-                    out_rows.append({"N": n, "K": k, "M": m, "sparsity": s, "warps": warps, "slices": sl,
-                                     "l2_ahead": l2 if l2 != ALL else "all", "chain_us": round(us, 2)})
-                    print(f"launch {n}x{k} M=16 s=0.5 {warps}w{sl}s l2={l2 if l2 != ALL else 'all'}: {us:.2f} us",
-                          flush=True)
+        xs = [torch.randn_like(x) for _ in range(4)]
+        write_us = graph_time_ms([lambda i=i: x.copy_(xs[i]) for i in range(len(xs))]) * 1e3
+        wd = torch.randn(n, k, device="cuda", dtype=x.dtype) * 0.02
+        wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
+        cublas = graph_time_ms([lambda w_=w_: F.linear(x, w_) for w_ in wds]) * 1e3
+        del wds
+        floor = (p.nbytes + x.nbytes + m * n * 2) / bw * 1e6
+        rf = read_floor_us(p.nbytes)
+        row = {"N": n, "K": k, "M": m, "sparsity": s, "warps": warps, "slices": sl, "bytes": p.nbytes,
+               "floor_us": round(floor, 2), **rf, "cublas_us": round(cublas, 2), "write_us": round(write_us, 2),
+               "chain": {}, "after_write": {}}
+        for rnd in range(2):  # two rounds, interleaved; the median of the rounds' times per variant
+            for pdl in (False, True):
+                key = f"pdl={int(pdl)}"
+                row["chain"].setdefault(key, []).append(time_variant(x, packs, sched, n, warps, sl, pdl, False))
+                row["after_write"].setdefault(key, []).append(
+                    time_variant(x, packs, sched, n, warps, sl, pdl, True, xs))
+        for mode in ("chain", "after_write"):
+            row[mode] = {kk: round(statistics.median(vv), 2) for kk, vv in row[mode].items()}
+        base = row["chain"]["pdl=0"]
+        best = min(row["chain"], key=row["chain"].get)
+        row["best_chain"] = best
+        print("  chain       " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["chain"].items()), flush=True)
+        print("  after write " + " ".join(f"{kk} {vv:.2f}" for kk, vv in row["after_write"].items()),
+              flush=True)
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"{n}x{k} M={m} s={s} ({warps}w{sl}s) floor {floor:.2f} read {rf['read_us']:.2f} "
+              f"copy {rf['copy_us']:.2f} cuBLAS {cublas:.2f} | chain base {base:.2f} best {best} "
+              f"{row['chain'][best]:.2f} | after-write base {row['after_write']['pdl=0']:.2f} "
+              f"best {min(row['after_write'].values()):.2f} (write {write_us:.2f})", flush=True)
+        out_rows.append(row)
         del packs
         torch.cuda.empty_cache()
 
@@ -221,8 +198,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 and chain checks")
     ap.add_argument("--cases", default="", help="N x K:M:sparsity,... (default: the 7B shapes at M=16 25-50%%, M=1 50%%)")
-    ap.add_argument("--l2s", default="0,1,2,4,all")
-    ap.add_argument("--no-launch-sweep", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
@@ -235,7 +210,6 @@ def main() -> None:
     print(env, flush=True)
     checks = [] if a.no_check else check(a.quick)
     chain = None if a.no_check else chain_check()
-    l2s = tuple(ALL if v == "all" else int(v) for v in a.l2s.split(","))
     if a.cases:
         cases = []
         for c in a.cases.split(","):
@@ -245,12 +219,10 @@ def main() -> None:
     else:
         cases = [(n, k, m, s) for n, k in SHAPES
                  for m, ss in ([(16, (0.5,))] if a.quick else [(16, (0.25, 0.35, 0.45, 0.5)), (1, (0.5,))]) for s in ss]
-    rows, launches = [], []
-    sweep(cases, l2s, bw, rows, os.path.join(a.out, "decode_l2_pdl.jsonl"))
-    if not a.no_launch_sweep:
-        launch_sweep((0, 2, ALL), launches)
+    rows = []
+    sweep(cases, bw, rows, os.path.join(a.out, "decode_l2_pdl.jsonl"))
     res = {"env": env, "checks": len(checks), "max_rel_err": max((r["rel_err"] for r in checks), default=None),
-           "chain_check": chain, "sweep": rows, "launches": launches}
+           "chain_check": chain, "sweep": rows}
     tmp = os.path.join(a.out, "decode_l2_pdl.json.tmp")
     with open(tmp, "w") as f:
         json.dump(res, f, indent=1)
@@ -264,8 +236,8 @@ def main() -> None:
         bc, aw = r["chain"], r["after_write"]
         bk, ak = min(bc, key=bc.get), min(aw, key=aw.get)
         lines.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']} | {r['floor_us']} | {r['read_us']} | "
-                     f"{r['cublas_us']} | {bc['l2=0,pdl=0']} | {bc[bk]} ({bk}) | {bc[bk] / r['floor_us']:.3f} | "
-                     f"{bc[bk] / r['read_us']:.3f} | {aw['l2=0,pdl=0']} | {aw[ak]} ({ak}) |")
+                     f"{r['cublas_us']} | {bc['pdl=0']} | {bc[bk]} ({bk}) | {bc[bk] / r['floor_us']:.3f} | "
+                     f"{bc[bk] / r['read_us']:.3f} | {aw['pdl=0']} | {aw[ak]} ({ak}) |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "decode_l2_pdl.md.tmp"), "w") as f:
         f.write(md)

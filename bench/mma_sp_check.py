@@ -41,7 +41,7 @@ def ab(old, a):
                 def call(ext, c, y):
                     extra = (int(a.ab_staged), 0)  # old: a mma_sp.cu with the (staged, silu_mul) arguments
                     if ext is mma_sp.extension():
-                        extra += (0, 0)            # the current one also takes (l2_ahead, pdl)
+                        extra += (0,)              # the current one also takes pdl
                     ext.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
                                       None, y, sched.tile, warps, sl, *extra)
                 for ext in (old, mma_sp.extension()):

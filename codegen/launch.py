@@ -50,7 +50,6 @@ class KernelConfig:
                             # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit);
                             # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
-    l2_ahead: int = 0       # mma_sp, direct loads: tiles a warp has prefetched into L2 ahead (sm_90+)
     block_k: int = 64       # tma: K-step (divides the tile)
     chunk_n: int = 0        # decompress + GEMM (split_k 0): rows decompressed at a time (0 = the whole weight)
 
@@ -184,7 +183,7 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
     assert k == sched.k and sched.n == (2 * n_out if silu_mul else n_out), (k, sched.k, sched.n, n_out)
     if cfg.engine == "mma_sp":
         return mma_sp.run(x, dense, values, meta, sched, bias, n_out, cfg.num_warps, cfg.block_n // 16, poison=poison,
-                          staged=cfg.staged, silu_mul=silu_mul, l2_ahead=cfg.l2_ahead)
+                          staged=cfg.staged, silu_mul=silu_mul)
     if cfg.engine == "cslt":
         if cusparselt.use_now(x):
             return cusparselt.cslt_mm(x, values, meta, sched, bias, n_out, silu_mul, poison)

@@ -108,11 +108,6 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
 }
 // Shared-memory reads of a buffer (generic proxy) before the bulk copy engine (async proxy) refills it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-// Ask the bulk copy engine to bring `bytes` (a multiple of 16, from a 16-byte aligned address) into L2: one
-// instruction for a tile's rows of the CTA, no registers held while the bytes are in flight.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
 // Programmatic dependent launch: wait until the previous kernel in the stream has completed and its writes are
 // visible (a no-op when this launch was not programmatic), and let the next programmatic launch start early.
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
@@ -123,23 +118,22 @@ __device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void fence_proxy_async() {}
-__device__ __forceinline__ void prefetch_l2(const void*, uint32_t) {}
 __device__ __forceinline__ void grid_dependency_wait() {}
 __device__ __forceinline__ void launch_dependents() {}
 #endif
 
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
 // slices, so one load of x serves R slices); TILE: the tile size (64 or 128); STAGED: weights through the
-// shared-memory ring (sm_90+) instead of direct loads. l2_ahead (direct loads, sm_90+): each warp has the
-// bulk copy engine prefetch its next l2_ahead tiles into L2 (0: none), the first ones before waiting on the
-// previous kernel: weights and schedule are never written by a kernel of the forward, so only x and y wait.
+// shared-memory ring (sm_90+) instead of direct loads. Launched as a programmatic dependent (sm_90+, under CUDA
+// graph capture), a CTA may start while the previous kernel drains: the schedule and (STAGED) the first tiles'
+// copies, which no kernel of the forward writes, go ahead; x and y wait for the previous kernel.
 template <typename T, int MB, int R, int TILE, bool STAGED>
 __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ x, int M, int64_t stride_xm,
     const T* __restrict__ dense, const T* __restrict__ values, const uint8_t* __restrict__ meta,
     const int* __restrict__ dense_col, const int* __restrict__ sparse_col,
     const int* __restrict__ dense_start, const int* __restrict__ sparse_start,
-    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt, int l2_ahead) {
+    const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt) {
   // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
   // tile loop, the cross-warp reduction's [warps, 8 * MB batch rows, 16 * R + 4] fp32 partials (aliasing it).
   extern __shared__ __align__(16) unsigned char smem[];
@@ -200,20 +194,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     __syncwarp();
     for (int b = 0; b < STAGES; ++b) fetch(wid + b * team, b);
   }
-  // L2 prefetch of tile jj's rows of this CTA (lane 0; codes only from a 16-byte aligned base).
-  const bool meta16 = (reinterpret_cast<uintptr_t>(meta) & 15) == 0;
-  auto prefetch = [&](int jj) {
-    if (jj >= n_tiles) return;
-    if (jj < nd) {
-      prefetch_l2(dense + ((int64_t)(d0 + jj) * TILE + r0) * TILE, S::DENSE_BYTES);
-    } else {
-      const int64_t i = s0 + (jj - nd);
-      prefetch_l2(values + (i * TILE + r0) * (TILE / 2), S::META_OFFSET);
-      if (meta16) prefetch_l2(meta + (i * TILE + r0) * (TILE / 8), 16 * R * TILE / 8);
-    }
-  };
-  if (!STAGED && lane == 0)
-    for (int a = 0; a < l2_ahead; ++a) prefetch(wid + a * team);
   launch_dependents();      // the next programmatic launch may start (its waits cover our writes)
   grid_dependency_wait();   // x (and y's storage) may come from the previous kernel
 
@@ -223,7 +203,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
-    if (!STAGED && l2_ahead > 0 && lane == 0) prefetch(j + l2_ahead * team);
     const int buf = it % STAGES;
     const uint32_t sb = ring + buf * S::SIZE;                                     // this tile's buffer (STAGED)
     if constexpr (STAGED) mbar_wait(bars + buf * 8, (it / STAGES) & 1);
@@ -385,7 +364,6 @@ size_t smem_bytes(bool staged, int warps, int mb) {
 struct Launch {
   int mb, rows, tile, warps;  // batch blocks of 8, 16-row slices a CTA, tile size, warps a CTA
   bool staged, pdl;           // weights through the shared-memory ring; programmatic dependent launch
-  int l2_ahead;               // tiles a warp has prefetched into L2 ahead of its loads (direct loads)
   dim3 grid;
   cudaStream_t stream;
   const void* x; int M; int64_t sxm;
@@ -412,7 +390,7 @@ void launch_kernel(const Launch& a) {
   cfg.numAttrs = a.pdl ? 1 : 0;
   auto t = [](const void* p) { return static_cast<const T*>(p); };
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, t(a.x), a.M, a.sxm, t(a.dense), t(a.values), a.meta, a.dcol, a.scol,
-                                    a.dstart, a.sstart, t(a.bias), static_cast<T*>(a.y), a.sym, a.up_rt, a.l2_ahead));
+                                    a.dstart, a.sstart, t(a.bias), static_cast<T*>(a.y), a.sym, a.up_rt));
 }
 
 template <typename T, int MB, int R>
@@ -441,7 +419,7 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
                    torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start,
                    torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, torch::Tensor y,
                    int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul,
-                   int64_t l2_ahead, int64_t pdl) {
+                   int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "hybrid_mma_sp: x must be a CUDA [M, K] row-major");
   // Messages carry no numbers: streaming an integer into an error message crashed inside this extension on
   // the GPU image (libstdc++ mismatch); codegen/mma_sp.py validates the arguments with readable errors first.
@@ -465,12 +443,12 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   const dim3 grid(n_out / (16 * slices));
   TORCH_CHECK(staged || sizeof(float) * warps * 8 * mb * (16 * slices + 4) <= 48 * 1024,
               "hybrid_mma_sp: warps x slices need more than 48 KB of shared memory");
-  TORCH_CHECK(l2_ahead >= 0 && (pdl == 0 || pdl == 1), "hybrid_mma_sp: l2_ahead must be >= 0 and pdl 0 or 1");
+  TORCH_CHECK(pdl == 0 || pdl == 1, "hybrid_mma_sp: pdl must be 0 or 1");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "hybrid_mma_sp: x must be bfloat16 or float16");
   patchc::Launch a;
   a.mb = mb; a.rows = (int)slices; a.tile = (int)tile; a.warps = (int)warps;
-  a.staged = staged != 0; a.pdl = pdl != 0; a.l2_ahead = (int)l2_ahead;
+  a.staged = staged != 0; a.pdl = pdl != 0;
   a.grid = grid;
   a.stream = c10::cuda::getCurrentCUDAStream();
   a.x = x.data_ptr(); a.M = M; a.sxm = x.stride(0);

@@ -73,7 +73,7 @@ def build(src: str):
             "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
             "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
             "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul, "
-            "int64_t l2_ahead, int64_t pdl);")
+            "int64_t pdl);")
     return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
                        extra_cuda_cflags=["-O3"], verbose=False)
 
@@ -218,22 +218,22 @@ def _default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: b
 
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether this call is launched as a programmatic dependent (sm_90+): only while a CUDA graph is captured,
-    where the launch's early start (its weights prefetched into L2 while the previous kernel drains) is what
-    pays, and where no kernel of the captured forward writes the weights it prefetches. PATCHC_PDL=0: never."""
+    where the launch may start while the previous kernel drains (H100, bench/results/decode_l2_pdl: 1-7% off a
+    decode launch that follows another of ours, as down_proj follows gate/up; no change after other kernels).
+    PATCHC_PDL=0: never."""
     return (os.environ.get("PATCHC_PDL", "1") != "0" and capability(x.device) >= (9, 0)
             and torch.cuda.is_current_stream_capturing())
 
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
         bias: torch.Tensor | None, n_out: int, warps: int, slices: int = 1, poison: bool = False,
-        staged: bool = False, silu_mul: bool = False, l2_ahead: int = 0, pdl: bool | None = None) -> torch.Tensor:
+        staged: bool = False, silu_mul: bool = False, pdl: bool | None = None) -> torch.Tensor:
     """y [M, n_out] = x [M, K] @ W^T + bias on the sparse tensor cores, one CTA per `slices` x 16 output
     rows with `warps` warps splitting its K-tiles; staged=True streams the weights through shared memory with
     bulk copies (sm_90+, see staged_available). silu_mul=True: W is [gate; up] (2 * n_out rows) and
     y = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up), one launch. The caller checked `unsupported`.
-    l2_ahead (direct loads, sm_90+): each warp has its next l2_ahead tiles prefetched into L2 by the bulk copy
-    engine, the first ones before the launch waits on the previous kernel. pdl: launch as a programmatic
-    dependent (None: pdl_enabled). poison=True fills y with NaN first, so an element the kernel misses shows."""
+    pdl: launch as a programmatic dependent (None: pdl_enabled). poison=True fills y with NaN first, so an
+    element the kernel misses shows."""
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the mma.sp kernel is unavailable: {_build_error}")
@@ -247,8 +247,6 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     for name, t, align in (("dense", dense, 16), ("values", values, 16), ("meta", meta, 8)):
         if t.numel() and t.data_ptr() % align:
             raise ValueError(f"packed {name} storage is not {align}-byte aligned")
-    if l2_ahead < 0:
-        raise ValueError(f"mma_sp.run: l2_ahead={l2_ahead} must be >= 0")
     if pdl is None:
         pdl = pdl_enabled(x)
     elif pdl and capability(x.device) < (9, 0):
@@ -259,5 +257,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
         torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     ext.hybrid_mma_sp(x, dense, values, meta, sched.dense_col, sched.sparse_col, sched.dense_start,
                       sched.sparse_start, bias, y, sched.tile, warps, slices, int(staged), int(silu_mul),
-                      int(l2_ahead), int(pdl))
+                      int(pdl))
     return y

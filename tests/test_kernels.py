@@ -243,7 +243,6 @@ def mma_case(draw):
     warps = draw(st.sampled_from([1, 2, 3, 4, 8, 11, 16]))
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     staged = draw(st.booleans()) and hopper
-    l2_ahead = 0 if staged or not hopper else draw(st.sampled_from([0, 1, 2, 1 << 20]))
     graph = draw(st.booleans())
     silu = draw(st.booleans())
     if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
@@ -251,18 +250,18 @@ def mma_case(draw):
     n_out = bitmap.shape[0] * t // (2 if silu else 1)
     if mma_sp.launch_error(m, n_out, t, warps, slices, staged, silu):
         warps, slices = 4, 1
-    return t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, l2_ahead, graph
+    return t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, graph
 
 
 @pytest.mark.skipif(not _mma_ready(), reason="mma.sp kernel: needs an sm_80+ GPU and nvcc")
 @given(mma_case())
 def test_mma_sp_kernel_matches_float64_reference(c):
     """Direct loads and (sm_90+) the staged variant, whose warps each refill a ring of shared-memory buffers;
-    plain outputs and SiLU(gate) * up (half the warps on the gate row-tile, half on the up one); (sm_90+) tiles
-    prefetched into L2 ahead, and, captured in a CUDA graph, the programmatic dependent launch, whose output must
-    land after the poisoning fill that precedes it."""
-    t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, l2_ahead, graph = c
-    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged, l2_ahead=l2_ahead)
+    plain outputs and SiLU(gate) * up (half the warps on the gate row-tile, half on the up one); and, captured in
+    a CUDA graph, the programmatic dependent launch (sm_90+), whose output must land after the poisoning fill
+    that precedes it."""
+    t, bitmap, m, dtype, bias, seed, warps, slices, staged, silu, graph = c
+    cfg = KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=staged)
     run_case(t, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
 
