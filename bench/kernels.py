@@ -12,6 +12,7 @@ replays, rotating over weight copies > L2 so no run is served from cache):
   cslt      cuSPARSELt 2:4 (torch._cslt_sparse_mm, weight compressed once, its algorithm search): every tile
             2:4, i.e. the 50% point of the vendor's own sparse path
   floor     (packed weight bytes + x + y bytes) / measured copy bandwidth
+The decode kernel is timed as plain launches (PATCHC_PDL=0) unless --pdl.
 The dense baselines depend on (shape, M) only and are timed once per pair.
     python bench/kernels.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -176,7 +178,13 @@ def main() -> None:
     ap.add_argument("--no-plain-dense", action="store_true",
                     help="0%%: time the hybrid kernels on the all-dense layer (default: F.linear, as the runtime runs it)")
     ap.add_argument("--budget-s", type=float, default=None)
+    ap.add_argument("--pdl", action="store_true",
+                    help="time the decode kernel as programmatic dependent launches (each call then overlaps the "
+                         "previous one of the same graph: the chain bench/decode_l2_pdl.py measures; off by default, "
+                         "since in a model most linears follow kernels that are not)")
     a = ap.parse_args()
+    if not a.pdl:
+        os.environ["PATCHC_PDL"] = "0"
     from pathlib import Path
 
     out = Path(a.out)

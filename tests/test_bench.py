@@ -99,3 +99,25 @@ def test_train_speed_quick(tmp_path):
     assert all(x["fits"] and x["step_ms"] > 0 for x in res["rows"]) and "vs_plain" in res["rows"][2]
     assert res["rows"][2]["mask_params"] > res["rows"][1]["mask_params"]  # joint learns 2:4 logits too
     assert "torch" in res["env"]
+
+
+def test_read_floor_kernel_reads_every_word():
+    """bench/decode_l2_pdl.py's read floor is a time to read a layer's packed bytes: its kernel must load every
+    word exactly once (the per-program sums add up to the buffer's sum, for buffers that do not fill the last
+    program), or the floor would be too low."""
+    import pytest
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import triton
+    from decode_l2_pdl import _read_kernel
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    for words, block, iters in ((5000, 256, 2), (4096, 1024, 4), (777, 128, 8)):
+        src = torch.randint(-1000, 1000, (words,), generator=g, dtype=torch.int32).to(dev)
+        grid = (triton.cdiv(words, block * iters),)
+        out = torch.empty(grid[0], dtype=torch.int32, device=dev)
+        _read_kernel[grid](src, out, words, BLOCK=block, ITERS=iters)
+        assert out.sum().item() == src.sum().item(), (words, block, iters)
