@@ -22,6 +22,7 @@ an eager call configured for it runs decompress + cuBLAS instead (PATCHC_CSLT_EA
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -241,10 +242,23 @@ def algorithm(wc: torch.Tensor, xt: torch.Tensor) -> int:
         if os.environ.get("PATCHC_CSLT_SEARCH", "1").lower() in ("0", "false", "no"):
             alg = 0
         else:
-            found = torch._cslt_sparse_mm_search(wc, xt)
-            alg = int(found[0] if isinstance(found, (tuple, list)) else found)
+            alg = _search(wc, xt)
         _algorithms[key] = alg
     return alg
+
+
+def _search(wc: torch.Tensor, xt: torch.Tensor) -> int:
+    """cuSPARSELt's algorithm search: torch._cslt_sparse_mm_search (torch 2.11 warns that it is deprecated; the
+    warning is ours to handle, not the user's), or where a later torch has removed it, its successor
+    torch._C._cusparselt.mm_search (compressed A, B, bias, alpha, out dtype, transpose_result) -> (alg_id, ...)."""
+    old = getattr(torch, "_cslt_sparse_mm_search", None)
+    if old is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*_cslt_sparse_mm_search is deprecated")
+            found = old(wc, xt)
+    else:
+        found = torch._C._cusparselt.mm_search(wc, xt, None, None, None, False)
+    return int(found[0] if isinstance(found, (tuple, list)) else found)
 
 
 def padded_m(m: int) -> int:

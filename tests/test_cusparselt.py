@@ -236,3 +236,28 @@ def test_cslt_can_be_switched_off(monkeypatch):
     p, _, _ = sparse_layer(128, 128, 64, torch.float16, 0)
     assert cs.unsupported(torch.randn(128, 128, dtype=torch.float16), p.values,
                           build_schedule(p.bitmap, 64)) == "PATCHC_CSLT=0"
+
+
+def test_algorithm_search_survives_torch_deprecating_and_removing_it(monkeypatch):
+    """torch 2.11 warns that torch._cslt_sparse_mm_search is deprecated: the search still uses it, without passing
+    the warning on to the user; a torch without it gets torch._C._cusparselt.mm_search, whose tuple's first field
+    is the algorithm."""
+    import types
+    import warnings
+
+    calls = []
+
+    def old(wc, xt):
+        warnings.warn("torch._cslt_sparse_mm_search is deprecated and will be removed", UserWarning)
+        calls.append("old")
+        return 3
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", old, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cs._search(None, None) == 3
+    monkeypatch.delattr(torch, "_cslt_sparse_mm_search")
+    fake = types.SimpleNamespace(mm_search=lambda *a: calls.append(("new", len(a))) or (5, 1, True, 9))
+    monkeypatch.setattr(torch._C, "_cusparselt", fake, raising=False)
+    assert cs._search(None, None) == 5
+    assert calls == ["old", ("new", 6)]
