@@ -10,12 +10,14 @@ import patchc.backend as backend
 from patchc.lower import load, lower, stack_groups_
 from patchc.runtime import hybrid_layers
 
+from conftest import TINY_ARCHS
+
 @pytest.fixture(scope="module")
 def ckpts(pruned_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("ck")
-    for arch in ("llama", "gpt2"):
+    for arch in TINY_ARCHS:
         lower(pruned_tiny(arch, 0.35), root / arch)
-    return {arch: root / arch for arch in ("llama", "gpt2")}
+    return {arch: root / arch for arch in TINY_ARCHS}
 
 
 def test_backend_resolves_by_name():
@@ -26,7 +28,7 @@ def test_backend_resolves_by_name():
     assert "patch" in list_backends(exclude_tags=())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
     torch._dynamo.reset()
     model = load(ckpts[arch])
@@ -38,7 +40,7 @@ def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     rep = backend.LAST_REPORT
     assert sorted(rep.swapped) == sorted(hybrid_layers(model, packed_only=True)) and not rep.reference
-    if arch == "llama":  # q/k/v and gate/up read one input each: each group runs as one launch
+    if arch in ("llama", "qwen2"):  # q/k/v and gate/up read one input each: each group runs as one launch
         sizes = sorted(len(g) for g in rep.shared_input_groups)
         assert sizes == [2, 2, 3, 3]
         assert sorted(len(g) for g in rep.stacked) == [2, 2, 3, 3]
@@ -84,9 +86,10 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     assert sorted(backend.LAST_REPORT.swapped) == sorted(hybrid_layers(model, packed_only=True))
 
 
-def test_generate_on_the_compiled_model(ckpts):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_on_the_compiled_model(arch, ckpts):
     torch._dynamo.reset()
-    model = load(ckpts["llama"])
+    model = load(ckpts[arch])
     ids = torch.randint(0, 256, (1, 10))
     want = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=256)
     model.forward = torch.compile(model.forward, backend="patch")
