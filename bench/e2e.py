@@ -24,6 +24,7 @@ from patchc import mask as hm
 from patchc.format import pack_layer
 from patchc.lower import stack_groups_
 from patchc.runtime import HybridLinear
+from patchc.speed import time_generate
 
 from report import machine_env, write_report  # bench/report.py
 
@@ -80,34 +81,6 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0, plain_dense: bo
             "plain_dense_layers": sum(p_ == 0 for p_ in per_layer) if plain_dense else 0}
 
 
-disable = [False]  # generate(disable_compile=...): True when the forward is compiled by us (--compile manual)
-
-
-def time_generate(model, ids, new: int, device) -> dict:
-    """Prefill and full generate times (static cache, greedy); the first call includes compilation."""
-    def gen(n):
-        sync(device)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                       pad_token_id=0, disable_compile=disable[0])
-        sync(device)
-        return time.perf_counter() - t0
-
-    first = gen(new)             # cold: compile + autotune + graph capture
-    gen(new)                     # warm-up of every shape
-    full = min(gen(new) for _ in range(2))
-    prefill = min(gen(1) for _ in range(2))
-    batch = ids.shape[0]
-    return {"first_call_s": round(first, 2), "total_ms": round(full * 1e3, 2), "prefill_ms": round(prefill * 1e3, 2),
-            "decode_ms_per_token": round((full - prefill) * 1e3 / max(1, new - 1), 3),
-            "new_tokens_per_s": round(batch * new / full, 1)}
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
     """Build the model of one row (dense or hybrid at a sparsity), time generate(), measure memory."""
     cuda = str(a.device).startswith("cuda")
@@ -136,8 +109,8 @@ def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
                 torch.compiler.cudagraph_mark_step_begin()
             return _compiled(*args, **kwargs)
         model.forward = forward
-    disable[0] = a.compile != "hf"
-    r = {"row": label, **time_generate(model, ids, a.new, a.device), "per_layer_sparsity": info}
+    r = {"row": label, **time_generate(model, ids, a.new, a.device, disable_compile=a.compile != "hf"),
+         "per_layer_sparsity": info}
     if cuda:
         r["weights_GB"] = round(weights_gb, 2)         # the model as loaded (weights, packed or dense)
         r["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9 - start_gb, 2)  # generate()'s peak

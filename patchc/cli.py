@@ -1,4 +1,4 @@
-"""The `patchc` command line: prune, eval, lower, inspect."""
+"""The `patchc` command line: prune, eval, lower, inspect, bench."""
 from __future__ import annotations
 
 import argparse
@@ -225,6 +225,40 @@ def run_inspect(a) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="generation speed of a packed checkpoint against its dense twin, here")
+    p.add_argument("dir", help="output folder of `patchc lower` (packed)")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--batch", type=int, default=16, help="sequences generated together (default 16)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens a sequence (default 128)")
+    p.add_argument("--new", type=int, default=128, help="new tokens a sequence (default 128)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="eager generate() (default on CUDA: generate() compiles its decode step with CUDA graphs)")
+    p.add_argument("--json", default=None, help="also write the report to this file")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(a) -> int:
+    from patchc.speed import BenchConfig, bench
+
+    device = _device(a.device)
+    cfg = BenchConfig(batch=a.batch, prompt=a.prompt, new=a.new, compile=False if a.no_compile else None)
+    r = bench(a.dir, cfg, device=device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"{'':6} {'tokens/s':>10} {'decode ms/token':>16} {'prefill ms':>11} {'weights GB':>11} {'first call s':>13}")
+    for row in r["rows"]:
+        print(f"{row['row']:6} {row['new_tokens_per_s']:>10} {row['decode_ms_per_token']:>16} {row['prefill_ms']:>11} "
+              f"{row['weights_GB']:>11} {row['first_call_s']:>13}")
+    print(f"packed / dense: {r['speedup_tokens_per_s']}x tokens/s, {r['speedup_decode']}x decode, "
+          f"{r['weights_ratio']}x weight memory ({device}, batch {a.batch}, {a.prompt} + {a.new} tokens)")
+    if device == "cpu":
+        print("(on the CPU both run the reference path: the numbers say nothing about GPU speed)")
+    if a.json:
+        from patchc.io import write_json
+
+        write_json(a.json, r)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchc", description="learnable tile-level hybrid sparsity for LLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_lower(sub)
     add_inspect(sub)
+    add_bench(sub)
     return p
 
 

@@ -1,0 +1,132 @@
+"""Generation speed of a packed checkpoint against its dense twin on this machine (`patchc bench`).
+
+The dense twin is the same model with every hybrid linear replaced by an nn.Linear holding its decompressed
+weight W * M: the same outputs, dense cuBLAS GEMMs. Both run HF generate() the same way (static KV cache,
+greedy, a fixed number of new tokens); on a GPU generate() compiles its decode step with CUDA graphs, with the
+`patch` backend for the packed model and inductor for the twin, as bench/e2e.py measures.
+
+    report = bench("ckpt/smol35", BenchConfig(batch=16, prompt=128, new=128), device="cuda")
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .format import unpack_layer
+from .runtime import HybridLinear
+
+
+@dataclass
+class BenchConfig:
+    batch: int = 16            # sequences generated together (the decode GEMMs' M)
+    prompt: int = 128          # prompt tokens a sequence (random ids, seeded)
+    new: int = 128             # new tokens a sequence (min = max: every row generates exactly this many)
+    compile: bool | None = None  # generate()'s compiled decode step (CUDA graphs); None: on CUDA devices only
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch", "prompt", "new"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BenchConfig.{name} must be >= 1 (got {getattr(self, name)})")
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_generate(model, ids: torch.Tensor, new: int, device, disable_compile: bool = False) -> dict:
+    """Prefill and full generate() times (static cache, greedy): the first call (compilation, autotuning, graph
+    capture), one warm-up, then the best of two; prefill = generating one token. disable_compile=True keeps
+    generate() from compiling its decode step (a forward compiled by the caller, or eager)."""
+    def gen(n):
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                       pad_token_id=0, disable_compile=disable_compile)
+        sync(device)
+        return time.perf_counter() - t0
+
+    first = gen(new)             # cold: compile + autotune + graph capture
+    gen(new)                     # warm-up of every shape
+    full = min(gen(new) for _ in range(2))
+    prefill = min(gen(1) for _ in range(2))
+    batch = ids.shape[0]
+    return {"first_call_s": round(first, 2), "total_ms": round(full * 1e3, 2), "prefill_ms": round(prefill * 1e3, 2),
+            "decode_ms_per_token": round((full - prefill) * 1e3 / max(1, new - 1), 3),
+            "new_tokens_per_s": round(batch * new / full, 1)}
+
+
+@torch.no_grad()
+def densify_(model: torch.nn.Module) -> int:
+    """Replace every HybridLinear of `model` by an nn.Linear holding its decompressed weight W * M (in place);
+    returns how many were replaced. The packed storage is released once nothing else holds it."""
+    names = [n for n, m in model.named_modules() if isinstance(m, HybridLinear)]
+    for name in names:
+        m = model.get_submodule(name)
+        w = m.weight if m.weight is not None else unpack_layer(m.packed)        # [out, in]
+        lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+        if m.bias is not None:
+            lin.bias = torch.nn.Parameter(m.bias.detach(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return len(names)
+
+
+def weights_gb(model: torch.nn.Module) -> float:
+    """Bytes of the model's parameters and buffers, in GB (each storage counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / 1e9
+
+
+def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) -> dict:
+    compiled = cfg.compile if cfg.compile is not None else str(device).startswith("cuda")
+    torch._dynamo.reset()
+    if compiled:
+        from transformers import CompileConfig
+
+        model.generation_config.compile_config = CompileConfig(backend=backend, mode="reduce-overhead")
+    log(f"[patchc] bench: {label} ({'compiled decode step, ' + backend if compiled else 'eager'}), "
+        f"batch {cfg.batch}, {cfg.prompt} + {cfg.new} tokens ...")
+    row = {"row": label, "weights_GB": round(weights_gb(model), 3),
+           **time_generate(model, ids, cfg.new, device, disable_compile=not compiled)}
+    log(f"[patchc] bench: {label}: {row['new_tokens_per_s']} new tokens/s, decode {row['decode_ms_per_token']} "
+        f"ms/token, prefill {row['prefill_ms']} ms, first call {row['first_call_s']} s")
+    return row
+
+
+def bench(path: str | Path, cfg: BenchConfig = BenchConfig(), device: str = "cuda", log=print) -> dict:
+    """Time generate() on the packed checkpoint at `path`, then on its dense twin (the same model densified in
+    place, so the two never hold memory together); returns both rows and the ratios."""
+    from .lower import load
+
+    model = load(path, device=device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, vocab, (cfg.batch, cfg.prompt), generator=g).to(device)
+    if cfg.prompt + cfg.new > getattr(model.config, "max_position_embeddings", 1 << 30):
+        raise ValueError(f"prompt + new = {cfg.prompt + cfg.new} tokens exceed the model's "
+                         f"max_position_embeddings ({model.config.max_position_embeddings}); lower --prompt/--new")
+    rows = [_run(model, "patch", ids, cfg, device, "patch", log)]
+    densify_(model)
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    rows.append(_run(model, "dense", ids, cfg, device, "inductor", log))
+    patch, dense = rows
+    return {"checkpoint": str(path), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None,
+            "config": asdict(cfg), "rows": rows,
+            "speedup_tokens_per_s": round(patch["new_tokens_per_s"] / dense["new_tokens_per_s"], 3),
+            "speedup_decode": round(dense["decode_ms_per_token"] / max(patch["decode_ms_per_token"], 1e-9), 3),
+            "weights_ratio": round(patch["weights_GB"] / dense["weights_GB"], 3)}

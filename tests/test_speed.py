@@ -1,0 +1,53 @@
+"""`patchc bench`: a packed checkpoint against its dense twin (the timing itself is only meaningful on a GPU;
+on the CPU these tests check the twin's equivalence, the report and the errors)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from patchc.lower import load, lower
+from patchc.runtime import HybridLinear, hybrid_layers
+from patchc.speed import BenchConfig, densify_, weights_gb
+
+
+@pytest.fixture(scope="module")
+def ckpt(pruned_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "ck"
+    lower(pruned_tiny("llama", 0.35), out)
+    return out
+
+
+def test_dense_twin_computes_what_the_packed_model_computes(ckpt):
+    model = load(ckpt)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits
+    packed_gb, n_hybrid = weights_gb(model), len(hybrid_layers(model))
+    assert densify_(model) == n_hybrid > 0
+    assert not any(isinstance(m, HybridLinear) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    assert weights_gb(model) > packed_gb  # the 2:4 tiles' zeros are stored again
+
+
+def test_bench_command_reports_both_rows(ckpt, tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(ckpt), "--device", "cpu", "--batch", "2",
+                        "--prompt", "8", "--new", "4", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert [row["row"] for row in rep["rows"]] == ["patch", "dense"]
+    assert all(row["new_tokens_per_s"] > 0 and row["total_ms"] >= row["prefill_ms"] for row in rep["rows"])
+    assert 0 < rep["weights_ratio"] < 1 and rep["config"]["new"] == 4
+    assert "packed / dense" in r.stdout and "reference path" in r.stdout
+
+
+def test_bench_errors_are_clear(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        BenchConfig(batch=0)
+    r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(ckpt), "--device", "cpu", "--prompt", "1000",
+                        "--new", "100"], capture_output=True, text=True)
+    assert r.returncode == 2 and "max_position_embeddings" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(tmp_path / "nope"), "--device", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "error" in r.stderr
