@@ -105,10 +105,12 @@ def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) ->
     return row
 
 
-def bench(path: str | Path, cfg: BenchConfig = BenchConfig(), device: str = "cuda", log=print) -> dict:
+def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda", log=print) -> dict:
     """Time generate() on the packed checkpoint at `path`, then on its dense twin (the same model densified in
     place, so the two never hold memory together); returns both rows and the ratios."""
     from .lower import load
+
+    cfg = cfg or BenchConfig()
 
     model = load(path, device=device)
     vocab = model.config.vocab_size
