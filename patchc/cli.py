@@ -249,7 +249,8 @@ def run_bench(a) -> int:
         print(f"{row['row']:6} {row['new_tokens_per_s']:>10} {row['decode_ms_per_token']:>16} {row['prefill_ms']:>11} "
               f"{row['weights_GB']:>11} {row['first_call_s']:>13}")
     print(f"packed / dense: {r['speedup_tokens_per_s']}x tokens/s, {r['speedup_decode']}x decode, "
-          f"{r['weights_ratio']}x weight memory ({device}, batch {a.batch}, {a.prompt} + {a.new} tokens)")
+          f"{r['weights_ratio']}x weight memory ({device}, batch {a.batch}, {a.prompt} + {a.new} tokens); "
+          f"greedy tokens alike before the first difference: {r['greedy_agreement']:.1%}")
     if device == "cpu":
         print("(on the CPU both run the reference path: the numbers say nothing about GPU speed)")
     if a.json:

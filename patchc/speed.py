@@ -89,6 +89,14 @@ def weights_gb(model: torch.nn.Module) -> float:
     return total / 1e9
 
 
+def greedy_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean share of each sequence's tokens ([batch, new] each) that a and b have alike before their first
+    difference: after one, the two continue from different prefixes, so later matches say nothing."""
+    same = a == b                                                                          # [batch, new]
+    agree = torch.where(same.all(1), same.shape[1], (~same).int().argmax(1))              # [batch]
+    return agree.float().mean().item() / same.shape[1]
+
+
 def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) -> dict:
     compiled = cfg.compile if cfg.compile is not None else str(device).startswith("cuda")
     torch._dynamo.reset()
@@ -102,12 +110,16 @@ def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) ->
            **time_generate(model, ids, cfg.new, device, disable_compile=not compiled)}
     log(f"[patchc] bench: {label}: {row['new_tokens_per_s']} new tokens/s, decode {row['decode_ms_per_token']} "
         f"ms/token, prefill {row['prefill_ms']} ms, first call {row['first_call_s']} s")
-    return row
+    out = model.generate(ids, max_new_tokens=cfg.new, min_new_tokens=cfg.new, do_sample=False,
+                         cache_implementation="static", pad_token_id=0, disable_compile=not compiled)
+    return row, out[:, ids.shape[1]:].cpu()                                 # the greedy tokens [batch, new]
 
 
 def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda", log=print) -> dict:
     """Time generate() on the packed checkpoint at `path`, then on its dense twin (the same model densified in
-    place, so the two never hold memory together); returns both rows and the ratios."""
+    place, so the two never hold memory together); returns both rows, the ratios, and greedy_agreement: the mean
+    share of each sequence's new tokens the two generate alike before their first difference (1.0: identical;
+    16-bit kernels and cuBLAS round differently, so long greedy runs may part)."""
     from .lower import load
 
     cfg = cfg or BenchConfig()
@@ -119,16 +131,16 @@ def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda"
     if cfg.prompt + cfg.new > getattr(model.config, "max_position_embeddings", 1 << 30):
         raise ValueError(f"prompt + new = {cfg.prompt + cfg.new} tokens exceed the model's "
                          f"max_position_embeddings ({model.config.max_position_embeddings}); lower --prompt/--new")
-    rows = [_run(model, "patch", ids, cfg, device, "patch", log)]
+    patch, patch_tokens = _run(model, "patch", ids, cfg, device, "patch", log)
     densify_(model)
     gc.collect()
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-    rows.append(_run(model, "dense", ids, cfg, device, "inductor", log))
-    patch, dense = rows
+    dense, dense_tokens = _run(model, "dense", ids, cfg, device, "inductor", log)
     return {"checkpoint": str(path), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None,
-            "config": asdict(cfg), "rows": rows,
+            "config": asdict(cfg), "rows": [patch, dense],
+            "greedy_agreement": round(greedy_agreement(patch_tokens, dense_tokens), 4),
             "speedup_tokens_per_s": round(patch["new_tokens_per_s"] / dense["new_tokens_per_s"], 3),
             "speedup_decode": round(dense["decode_ms_per_token"] / max(patch["decode_ms_per_token"], 1e-9), 3),
             "weights_ratio": round(patch["weights_GB"] / dense["weights_GB"], 3)}

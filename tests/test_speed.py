@@ -9,7 +9,7 @@ import torch
 
 from patchc.lower import load, lower
 from patchc.runtime import HybridLinear, hybrid_layers
-from patchc.speed import BenchConfig, densify_, weights_gb
+from patchc.speed import BenchConfig, densify_, greedy_agreement, weights_gb
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,7 @@ def test_bench_command_reports_both_rows(ckpt, tmp_path):
     assert [row["row"] for row in rep["rows"]] == ["patch", "dense"]
     assert all(row["new_tokens_per_s"] > 0 and row["total_ms"] >= row["prefill_ms"] for row in rep["rows"])
     assert 0 < rep["weights_ratio"] < 1 and rep["config"]["new"] == 4
+    assert rep["greedy_agreement"] == 1.0  # on the CPU the reference path computes exactly what the twin does
     assert "packed / dense" in r.stdout and "reference path" in r.stdout
 
 
@@ -51,3 +52,10 @@ def test_bench_errors_are_clear(ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(tmp_path / "nope"), "--device", "cpu"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_greedy_agreement_counts_tokens_before_the_first_difference():
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    b = torch.tensor([[1, 2, 9, 4], [1, 2, 3, 4], [0, 6, 7, 8]])   # the 4th of row 0 matches again: not counted
+    assert greedy_agreement(a, b) == pytest.approx((2 + 4 + 0) / 12)
+    assert greedy_agreement(a, a) == 1.0
