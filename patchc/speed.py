@@ -97,7 +97,8 @@ def greedy_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return agree.float().mean().item() / same.shape[1]
 
 
-def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) -> dict:
+def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) -> tuple[dict, torch.Tensor]:
+    """One row: the timings, and the greedy tokens [batch, new] it generates."""
     compiled = cfg.compile if cfg.compile is not None else str(device).startswith("cuda")
     torch._dynamo.reset()
     if compiled:
@@ -120,25 +121,27 @@ def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda"
     place, so the two never hold memory together); returns both rows, the ratios, and greedy_agreement: the mean
     share of each sequence's new tokens the two generate alike before their first difference (1.0: identical;
     16-bit kernels and cuBLAS round differently, so long greedy runs may part)."""
-    from .lower import load
+    from transformers import AutoConfig
+
+    from .lower import load, read_manifest
 
     cfg = cfg or BenchConfig()
-
-    model = load(path, device=device)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, vocab, (cfg.batch, cfg.prompt), generator=g).to(device)
-    if cfg.prompt + cfg.new > getattr(model.config, "max_position_embeddings", 1 << 30):
+    cuda = str(device).startswith("cuda")
+    read_manifest(path)                                 # a clear error for what is not a packed checkpoint
+    config = AutoConfig.from_pretrained(path)           # checked before the weights are read
+    if cfg.prompt + cfg.new > getattr(config, "max_position_embeddings", 1 << 30):
         raise ValueError(f"prompt + new = {cfg.prompt + cfg.new} tokens exceed the model's "
-                         f"max_position_embeddings ({model.config.max_position_embeddings}); lower --prompt/--new")
+                         f"max_position_embeddings ({config.max_position_embeddings}); lower --prompt/--new")
+    model = load(path, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.prompt), generator=g).to(device)
     patch, patch_tokens = _run(model, "patch", ids, cfg, device, "patch", log)
     densify_(model)
     gc.collect()
-    if str(device).startswith("cuda"):
+    if cuda:
         torch.cuda.empty_cache()
     dense, dense_tokens = _run(model, "dense", ids, cfg, device, "inductor", log)
-    return {"checkpoint": str(path), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None,
+    return {"checkpoint": str(path), "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "config": asdict(cfg), "rows": [patch, dense],
             "greedy_agreement": round(greedy_agreement(patch_tokens, dense_tokens), 4),
             "speedup_tokens_per_s": round(patch["new_tokens_per_s"] / dense["new_tokens_per_s"], 3),
