@@ -5,11 +5,14 @@ Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (32 on layers
 tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
-Above that (M > 64): up to M=128 (M=256 on layers taller than CHUNK_N) on sm_90+ the TMA kernel (the tile lists
-as a tensor-core GEMM, dense tiles read in place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
+Above that (M > 64): from M = WGMMA_MIN_M on an H100 / H200 (sm_90a, tile 128, 16-bit) the wgmma kernel
+(codegen/wgmma.cu: dense tiles on wgmma, 2:4 tiles on sparse wgmma, both read in place); up to M=128 (M=256 on
+layers taller than CHUNK_N) on sm_90+ the TMA kernel (the tile lists as a tensor-core GEMM, dense tiles read in
+place, 2:4 tiles expanded in registers, split-K); else the layer is decompressed into a transient dense
 weight (in CHUNK_N-row pieces for tall layers at M >= 1024) for the vendor GEMM, except that layers with no
 dense tile run on cuSPARSELt from M = CSLT_MIN_M (codegen/cusparselt.py). The tuner also tries the
-pointer-load fused kernel up to FUSED_MAX_M, the TMA kernel up to TMA_MAX_M and cuSPARSELt above DECODE_MAX_M.
+pointer-load fused kernel up to FUSED_MAX_M, the TMA kernel up to TMA_MAX_M and cuSPARSELt and the wgmma kernel
+above DECODE_MAX_M.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import triton
 
 from patchc.models import dtype_name
 
-from . import cusparselt, mma_sp
+from . import cusparselt, mma_sp, wgmma
 from .device import capability, sm_count
 from .kernels import decompress_kernel, hybrid_mm_kernel, hybrid_mm_tma_kernel
 from .schedule import Schedule
@@ -35,6 +38,10 @@ TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the d
 TMA_DEFAULT_MAX_M = 256
 CSLT_MIN_M = 256        # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py): on the
                         # H100 it beat decompress + cuBLAS at M=256-4096 on every 7B shape (results/cslt_prefill)
+WGMMA_MIN_M = 512       # from here on the wgmma kernel is the default where it runs: on the H100 at M=512-4096 it
+                        # beat decompress + cuBLAS on every 7B shape at 0-45% (results/wgmma) ...
+CSLT_OVER_WGMMA_M = 4096  # ... and cuSPARSELt on all-2:4 layers below here (M=512-1024: 1.02-1.20x the speed,
+                        # M=2048: 0.98-1.07x; M=4096: 0.93-0.98x, so all-2:4 layers go to cuSPARSELt from here)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 
 
@@ -48,7 +55,8 @@ class KernelConfig:
     group_m: int = 8
     engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32);
                             # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit);
-                            # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py)
+                            # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py);
+                            # "wgmma": the Hopper prefill GEMM (codegen/wgmma.cu, sm_90a)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
     block_k: int = 64       # tma: K-step (divides the tile)
     chunk_n: int = 0        # decompress + GEMM (split_k 0): rows decompressed at a time (0 = the whole weight)
@@ -63,13 +71,14 @@ def _pow2_floor(v: int) -> int:
 
 
 def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: bool = False,
-               silu_mul: bool = False, tma: bool = False, cslt: bool = False) -> list[KernelConfig]:
+               silu_mul: bool = False, tma: bool = False, cslt: bool = False,
+               wg: bool = False) -> list[KernelConfig]:
     """The configs the tuner tries for this M (a small set: every one costs a compile). Up to
     FUSED_MAX_M the fused split-K kernel competes; above DECODE_MAX_M, decompress + vendor GEMM too;
     with mma=True (mma_sp can run this call) the sparse-tensor-core kernel at 4/8/16 warps x 1/2 slices,
     and with staged=True (sm_90+) its staged variant at those and at its default warps; with tma=True (sm_90+,
     16-bit) and M <= TMA_MAX_M the TMA kernel at a few block shapes and splits; with cslt=True (an all-2:4 layer
-    cuSPARSELt can run) cuSPARSELt."""
+    cuSPARSELt can run) cuSPARSELt; with wg=True (the wgmma kernel can run this call) the wgmma kernel."""
     t = sched.tile
     k_tiles = sched.k // t
     out = [KernelConfig(0, 16 * sl, 0, w, 1, engine="mma_sp", staged=stg) for stg in (False, True)
@@ -92,6 +101,8 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
         if cslt:
             out.append(KernelConfig(0, 0, 0, 4, 1, engine="cslt"))
+        if wg:
+            out.append(WGMMA)
         if sched.n > CHUNK_N:
             out.append(KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N))
         if tma and m <= TMA_MAX_M and t % 64 == 0:
@@ -126,15 +137,23 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
     return m <= 8 and sched.dense_col.numel() >= 0.5 * n_tiles
 
 
+WGMMA = KernelConfig(0, wgmma.BLOCK_N, 0, 12, 4, engine="wgmma")
+
+
 def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False,
-                    cslt: bool = False) -> KernelConfig:
+                    cslt: bool = False, wg: bool = False) -> KernelConfig:
     """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): the TMA kernel with 64-row
     blocks and split-K for ~4 programs an SM up to M=128 (0.46-0.69x cuBLAS against 0.36-0.45x for
     decompress + cuBLAS), and with 128-row blocks up to TMA_DEFAULT_MAX_M on layers taller than CHUNK_N
     (11008x4096 at M=256: 0.46-0.52x against 0.39-0.40x; on 4096-row layers decompress + cuBLAS won there,
     0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
     M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90).
-    With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt."""
+    With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt. Ahead of all of these,
+    with wg=True (the wgmma kernel can run this call) from WGMMA_MIN_M on: the wgmma kernel, except for all-2:4
+    layers from CSLT_OVER_WGMMA_M on (H100, results/wgmma: M=2048 1.02-1.26x cuBLAS dense at 25-45% where
+    decompress + cuBLAS ran 0.85-0.92x; M=512-4096 1.08-1.55x faster than decompress + cuBLAS at 25-45%)."""
+    if wg and m >= WGMMA_MIN_M and not (cslt and m >= CSLT_OVER_WGMMA_M):
+        return WGMMA
     if cslt and m >= CSLT_MIN_M:
         return KernelConfig(0, 0, 0, 4, 1, engine="cslt")
     if tma and sched.tile % 64 == 0 and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
@@ -147,7 +166,7 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
 
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
                    staged: bool = False, silu_mul: bool = False, tma: bool = False,
-                   cslt: bool = False) -> KernelConfig:
+                   cslt: bool = False, wg: bool = False) -> KernelConfig:
     """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
     staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
@@ -159,7 +178,7 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
         warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
         return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
     if m > DECODE_MAX_M:
-        return prefill_default(m, sched, n_out, num_sms, tma, cslt)
+        return prefill_default(m, sched, n_out, num_sms, tma, cslt, wg)
     n_tiles = (sched.n // t) * (sched.k // t)
     mostly_dense = sched.dense_col.numel() >= 0.6 * n_tiles
     bn = min(t, 64 if mostly_dense and t >= 64 else 128)
@@ -188,9 +207,15 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         if cusparselt.use_now(x):
             return cusparselt.cslt_mm(x, values, meta, sched, bias, n_out, silu_mul, poison)
         cusparselt.prepare(x, values, meta, sched)   # eager: search now for the capture that follows
-        cfg = prefill_default(m, sched, n_out)        # and run what a layer cuSPARSELt cannot take runs
-    if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then the SiLU(gate) * up epilogue in torch
-        if cfg.engine == "tma":
+        wg = wgmma_available(x, dense, values, sched)  # and run what runs where cuSPARSELt cannot
+        cfg = prefill_default(m, sched, n_out, wg=wg, cslt=False)
+    if cfg.engine in ("tma", "wgmma") or cfg.split_k == 0:  # all stacked rows, then SiLU(gate) * up in torch
+        if cfg.engine == "wgmma":
+            reason = wgmma.unsupported(x, values.dtype if values.numel() else dense.dtype, sched)
+            if reason:
+                raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
+            y = wgmma.run(x, dense, values, meta, sched, bias, poison)
+        elif cfg.engine == "tma":
             y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
         else:  # prefill: decompress into a transient dense weight, then the vendor GEMM
             y = decompress_mm(x, dense, values, meta, sched, bias, cfg.chunk_n, poison)
@@ -353,14 +378,14 @@ def _save_disk(entries: dict) -> None:
 
 
 def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma: bool = False,
-               staged: bool = False, tma: bool = False, cslt: bool = False) -> str:
+               staged: bool = False, tma: bool = False, cslt: bool = False, wg: bool = False) -> str:
     """Layers of one shape and similar density share a tuned config (tuning every bitmap separately
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
     return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
             f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else "") + ("|tma" if tma else "")
-            + ("|cslt" if cslt else ""))
+            + ("|cslt" if cslt else "") + ("|wgmma" if wg else ""))
 
 
 def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
@@ -369,6 +394,14 @@ def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
         return False
     w_dtype = values.dtype if values.numel() else dense.dtype
     return mma_sp.unsupported(x, w_dtype, sched, silu_mul) is None and mma_sp.extension() is not None
+
+
+def wgmma_available(x, dense, values, sched: Schedule) -> bool:
+    """Whether this call can run on the wgmma prefill kernel (building it on first use)."""
+    if not x.is_cuda:
+        return False
+    w_dtype = values.dtype if values.numel() else dense.dtype
+    return wgmma.unsupported(x, w_dtype, sched) is None and wgmma.extension() is not None
 
 
 def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
@@ -385,7 +418,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
 
 
-_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT")
+_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA")
 _answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
 
 
@@ -420,7 +453,8 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
     staged = mma and mma_sp.staged_available(x, meta)
     tma = m > DECODE_MAX_M and tma_available(x, sched)
     cslt = m > DECODE_MAX_M and cusparselt.unsupported(x, values, sched) is None
-    key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma, cslt)
+    wg = m > DECODE_MAX_M and wgmma_available(x, dense, values, sched)
+    key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma, cslt, wg)
     if key in _memory and (_memory[key][1] or not tune):
         return _memory[key][0], True
     with _lock:
@@ -431,17 +465,17 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
     sms = sm_count(x.device) if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg), False)
         return _memory[key][0], not tune or not x.is_cuda
     best, best_ms = None, float("inf")
-    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma, cslt):
+    for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma, cslt, wg):
         try:
             ms = graph_time_ms([lambda c=cfg: launch(x, dense, values, meta, sched, bias, n_out, c, silu_mul)])
         except Exception:  # noqa: BLE001 - a config that does not compile (e.g. out of shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt)
+    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

@@ -11,15 +11,12 @@ through shared memory with bulk copies (codegen/launch.py decides where; PATCHC_
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import sys
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
+from .cuda_build import CudaKernel
 from .device import capability
 from .schedule import Schedule
 
@@ -33,9 +30,13 @@ SHORT_DEFAULT_MAX_M = 32
 TILES = (64, 128)
 SOURCE = Path(__file__).with_name("mma_sp.cu")
 
-_lock = threading.Lock()
-_ext = None
-_build_error: str | None = None
+_KERNEL = CudaKernel(
+    "patchc_mma_sp", "mma.sp decode kernel", SOURCE.read_text,
+    "void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
+    "torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start, torch::Tensor sparse_start, "
+    "c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, "
+    "int64_t staged, int64_t silu_mul, int64_t pdl);",
+    ["hybrid_mma_sp"], ["-O3"], "PATCHC_MMA_SP")
 
 
 def enabled() -> bool:
@@ -43,49 +44,14 @@ def enabled() -> bool:
 
 
 def extension():
-    """The compiled extension (built on first use, then cached by torch in ~/.cache/torch_extensions),
-    or None with a warning naming the reason if it cannot be built here."""
-    global _ext, _build_error
-    if _ext is not None or _build_error is not None:
-        return _ext
-    with _lock:
-        if _ext is not None or _build_error is not None:
-            return _ext
-        try:
-            _ext = build(SOURCE.read_text())
-        except Exception as e:  # noqa: BLE001 - no nvcc / no compiler: the Triton kernels still run
-            _build_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            warnings.warn(f"patchc: the mma.sp decode kernel could not be built ({_build_error}); decode runs "
-                          "on the Triton kernels. Set PATCHC_MMA_SP=0 to silence this.", stacklevel=2)
-    return _ext
+    """The compiled extension, or None (with a warning naming the reason) if it cannot be built here."""
+    return _KERNEL.extension()
 
 
 def build(src: str):
-    """Compile (or load from torch's extension cache) the kernel source `src`; named by its hash, so an edited
-    kernel builds anew and bench/mma_sp_check.py --ab can load an older version beside the current one."""
-    from torch.utils.cpp_extension import load_inline
-
-    name = "patchc_mma_sp_" + hashlib.sha256(src.encode()).hexdigest()[:12]
-    if not _built(name):
-        print("patchc: building the mma.sp decode kernel with nvcc (once per machine and version, about a "
-              "minute; cached in ~/.cache/torch_extensions)", file=sys.stderr, flush=True)
-    decl = ("void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, "
-            "torch::Tensor meta, torch::Tensor dense_col, torch::Tensor sparse_col, "
-            "torch::Tensor dense_start, torch::Tensor sparse_start, c10::optional<torch::Tensor> bias, "
-            "torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, int64_t staged, int64_t silu_mul, "
-            "int64_t pdl);")
-    return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_mma_sp"],
-                       extra_cuda_cflags=["-O3"], verbose=False)
-
-
-def _built(name: str) -> bool:
-    """Whether torch's extension cache already holds this build (so loading it is quick)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
-    except Exception:  # noqa: BLE001 - a private helper: if it moves, only the message is lost
-        return False
+    """Compile (or load from torch's extension cache) kernel source `src`; named by its hash, so
+    bench/mma_sp_check.py --ab can load an older version beside the current one."""
+    return _KERNEL.build(src)
 
 
 def default_max_m(n_out: int) -> int:
@@ -236,7 +202,7 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     element the kernel misses shows."""
     ext = extension()
     if ext is None:
-        raise RuntimeError(f"the mma.sp kernel is unavailable: {_build_error}")
+        raise RuntimeError(f"the mma.sp kernel is unavailable: {_KERNEL.error}")
     m = x.shape[0]
     if staged and not staged_available(x, meta):
         raise ValueError("mma_sp.run: staged needs an sm_90+ GPU and 16-byte aligned codes (PATCHC_MMA_SP_STAGED=0 "

@@ -23,6 +23,7 @@ class Schedule:
     sparse_col: torch.Tensor    # int32 [n_sparse]: K-tile of each stored 2:4 tile
     dense_start: torch.Tensor   # int32 [R + 1]: row-tile r's dense tiles are [dense_start[r], dense_start[r+1])
     sparse_start: torch.Tensor  # int32 [R + 1]
+    slot: torch.Tensor          # int32 [R, C]: where tile (r, c) is stored: i >= 0 dense tile i, ~i (< 0) 2:4 tile i
     key: str                    # hash of bitmap + shape + tile: names the layer's kernel specialisation
 
     @property
@@ -36,7 +37,7 @@ class Schedule:
     def to(self, device) -> "Schedule":
         mv = lambda t: t.to(device)  # noqa: E731
         return Schedule(self.n, self.k, self.tile, mv(self.dense_col), mv(self.sparse_col), mv(self.dense_start),
-                        mv(self.sparse_start), self.key)
+                        mv(self.sparse_start), mv(self.slot), self.key)
 
 
 def build_schedule(bitmap: torch.Tensor, tile: int) -> Schedule:
@@ -49,6 +50,9 @@ def build_schedule(bitmap: torch.Tensor, tile: int) -> Schedule:
     zero = torch.zeros(1, dtype=torch.int32, device=bm.device)
     dense_start = torch.cat([zero, bm.sum(1).cumsum(0).to(torch.int32)])
     sparse_start = torch.cat([zero, (~bm).sum(1).cumsum(0).to(torch.int32)])
+    flat = bm.flatten()
+    rank = torch.where(flat, flat.cumsum(0) - 1, (~flat).cumsum(0) - 1)                # index within its kind
+    slot = torch.where(flat, rank, -rank - 1).reshape(r, c).to(torch.int32)            # ~i == -i - 1
     h = hashlib.sha256(bm.to(torch.uint8).cpu().numpy().tobytes())
     h.update(f"{r}x{c}x{tile}".encode())
-    return Schedule(r * tile, c * tile, tile, dense_col, sparse_col, dense_start, sparse_start, h.hexdigest()[:16])
+    return Schedule(r * tile, c * tile, tile, dense_col, sparse_col, dense_start, sparse_start, slot, h.hexdigest()[:16])

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from patchc import mask as hm
-from patchc.format import FormatError, expected_bytes_ratio, pack_layer, unpack_layer, validate_packed
+from patchc.format import FormatError, expected_bytes_ratio, pack_layer, to_tiles, unpack_layer, validate_packed
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -62,3 +62,28 @@ def test_inconsistent_packed_layer_is_refused():
         validate_packed(p, "x")
     with pytest.raises(FormatError, match="multiple of 8"):
         pack_layer(torch.randn(12, 12), torch.ones(3, 3, dtype=torch.bool), torch.zeros(12, 3, dtype=torch.uint8), 4)
+
+
+def test_schedule_slot_points_at_each_tiles_storage():
+    """Schedule.slot[r, c] = i >= 0: tile (r, c) is dense tile i; ~i: it is 2:4 tile i (what the wgmma kernel walks
+    in K order)."""
+    from patchc.codegen.schedule import build_schedule
+
+    g = torch.Generator().manual_seed(3)
+    for r, c in ((1, 1), (3, 5), (6, 2)):
+        bitmap = torch.rand(r, c, generator=g) < 0.5
+        w = torch.randn(r * 16, c * 16, generator=g)
+        p = pack_layer(w, bitmap, torch.randint(0, 6, (r * 16, c * 4), generator=g, dtype=torch.uint8), 16)
+        slot = build_schedule(bitmap, 16).slot
+        assert slot.shape == (r, c) and slot.dtype == torch.int32
+        tiles = to_tiles(w, 16)
+        for i in range(r):
+            for j in range(c):
+                s = int(slot[i, j])
+                assert (s >= 0) == bool(bitmap[i, j])
+                if s >= 0:
+                    assert torch.equal(p.dense[s], tiles[i * c + j])
+                else:  # 2:4 tiles are stored in row-major (r, c) order: ~s counts the 2:4 tiles before (i, j)
+                    assert ~s == int((~bitmap.flatten())[:i * c + j].sum())
+        assert sorted(slot[slot >= 0].tolist()) == list(range(int(bitmap.sum())))
+        assert sorted((~slot[slot < 0]).tolist()) == list(range(int((~bitmap).sum())))

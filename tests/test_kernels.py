@@ -326,3 +326,75 @@ def test_mma_sp_launch_rules():
     x = torch.randn(4, 256)
     sched = build_schedule(torch.ones(1, 2, dtype=torch.bool), 128)
     assert mma_sp.unsupported(x, torch.float32, sched) in ("not a CUDA tensor", "PATCHC_MMA_SP=0")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper prefill GEMM (codegen/wgmma.cu): H100 / H200 only; its source and launch rules are checked anywhere
+# ---------------------------------------------------------------------------------------------
+def _wgmma_ready() -> bool:
+    from patchc.codegen import wgmma
+
+    return DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0) and wgmma.extension() is not None
+
+
+@st.composite
+def wgmma_case(draw):
+    _, bitmap, _, _, bias, seed = draw(case())
+    if not REAL_SHAPES:  # up to 5 row-tiles: an odd count leaves the last CTA one row-tile
+        g = torch.Generator().manual_seed(seed)
+        r, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+        kind = draw(st.sampled_from(["dense", "sparse", "random", "empty_rows"]))
+        bitmap = {"dense": torch.ones(r, c, dtype=torch.bool), "sparse": torch.zeros(r, c, dtype=torch.bool),
+                  "random": torch.rand(r, c, generator=g) < 0.5,
+                  "empty_rows": torch.zeros(r, c, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True)}[kind]
+    m = draw(st.sampled_from([draw(st.integers(1, 300)), draw(st.integers(301, 2100))]))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    silu = draw(st.booleans())
+    if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
+        bitmap = torch.cat([bitmap, bitmap.flip(1)], 0)
+    return bitmap, m, dtype, bias, seed, silu, draw(st.booleans())
+
+
+@pytest.mark.skipif(not _wgmma_ready(), reason="wgmma kernel: needs an H100 / H200 (sm_90a) and nvcc")
+@given(wgmma_case())
+def test_wgmma_kernel_matches_float64_reference(c):
+    """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
+    wgmma in K order, M not a multiple of the 128-token block, bias, SiLU(gate) * up after it, and a CUDA graph
+    replay after a poisoning fill."""
+    from patchc.codegen.launch import WGMMA
+
+    bitmap, m, dtype, bias, seed, silu, graph = c
+    run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: WGMMA, silu=silu, graph=graph)
+
+
+def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
+    """The generated inline asm: m64n128k16 dense and m64n128k32 sparse wgmma for bf16 and fp16, each naming its 64
+    accumulators, both descriptors (and the sparse one its metadata register) and the scale-d operand once."""
+    import re
+
+    from patchc.codegen import wgmma
+
+    src = wgmma.source()
+    for ptx in ("bf16", "f16"):
+        for sparse, k, operands in ((False, 16, 64 + 2 + 1), (True, 32, 64 + 3 + 1)):
+            name = f"wgmma.mma_async{'.sp' if sparse else ''}.sync.aligned.m64n128k{k}.f32.{ptx}.{ptx}"
+            assert src.count(name) == 1, name
+            start = src.rindex("asm volatile(", 0, src.index(name))
+            body = src[start:src.index(");\n", start)]
+            assert sorted({int(i) for i in re.findall(r"%(\d+)", body)}) == list(range(operands)), name
+            assert body.count('"+f"(d[') == 64
+    assert "// @WGMMA_OPS@" in src and "template <> struct Wgmma<__half, 128>" in src
+
+
+def test_wgmma_rules_and_prefill_default():
+    from patchc.codegen import wgmma
+    from patchc.codegen.launch import CSLT_OVER_WGMMA_M, WGMMA, WGMMA_MIN_M, candidates, prefill_default
+
+    sched = build_schedule(torch.rand(4, 3) < 0.5, 128)
+    assert wgmma.unsupported(torch.randn(8, 384), torch.float32, sched) in ("not a CUDA tensor", "PATCHC_WGMMA=0")
+    assert prefill_default(WGMMA_MIN_M, sched, 512, wg=True) == WGMMA
+    assert prefill_default(WGMMA_MIN_M, sched, 512, wg=True, cslt=True) == WGMMA     # ahead of cuSPARSELt ...
+    assert prefill_default(CSLT_OVER_WGMMA_M, sched, 512, wg=True, cslt=True).engine == "cslt"  # ... up to here
+    assert prefill_default(WGMMA_MIN_M - 1, sched, 512, wg=True).engine != "wgmma"
+    assert prefill_default(4096, sched, 512, wg=False).engine != "wgmma"
+    assert WGMMA in candidates(256, sched, 512, wg=True) and WGMMA not in candidates(256, sched, 512)

@@ -1,0 +1,355 @@
+// Prefill GEMM for hybrid (dense / 2:4) tile weights on Hopper's warpgroup tensor cores (sm_90a).
+//
+// y[M, N] = x[M, K] @ (W * Mask)[N, K]^T + bias, for large M. W is stored in patchc's packed format
+// (patchc/format.py, tile T = 128): dense tiles [n_dense, T, T], 2:4 tiles as values [n_sparse, T, T/2] and
+// 4-bit codes [n_sparse, T, T/8]. One CTA computes a [256 rows of W, BN tokens] output tile: two row-tiles,
+// one per consumer warpgroup. Both walk K in order, half a K-tile (64 columns) a step, so one load of x's
+// [BN, 64] block serves both row-tiles (x is what the CTAs of a GEMM read most often from L2); for each row-tile
+// the step's weights are that tile's half: a dense tile as 8 wgmma m64nBNk16 (two 64-row halves x 4 k16),
+// a 2:4 tile as 4 sparse wgmma m64nBNk32 (half the tensor-core time) with its values and codes as stored,
+// all into the same fp32 accumulators. No decompression, no second copy of the weight.
+//
+// The weight is the A operand ("swap AB": A = W rows, B = x^T, D = y^T), so 2:4 along K is exactly the
+// sparse operand's structure. Warp-specialised: warpgroup 0 (one thread) is the producer, issuing each step's
+// bulk tensor copies (TMA) into a ring of STAGES shared-memory stages: x's [BN, 64] box (128-byte swizzle),
+// and per row-tile a dense [128, 64] box (128-byte swizzle) or a 2:4 tile's [128, 32] values box (64-byte
+// swizzle) plus a plain bulk copy of its 2 KB of codes; warpgroups 1 and 2 consume. Full / empty mbarriers per
+// stage; a consumer keeps one step's wgmma group in flight and frees a stage when the group that read it has
+// completed. y is staged through shared memory transposed and written with 16-byte stores.
+//
+// Sparse metadata (PTX ISA, "Sparse wgmma": the per-warp layout of mma.sp m16n8k32 with selector 0): the
+// thread of lane 4g + t (t = 0, 1) of warp w supplies, for one k32 step, the 4-bit codes of rows 16w + g (bits
+// 0-15) and 16w + g + 8 (bits 16-31) for k = 16t .. 16t + 15: bytes 2t, 2t + 1 of that step's 4 code bytes of
+// each row, which is how the packed format stores them (low nibble first). Threads t = 2, 3 are not read.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+namespace patchc_wgmma {
+
+constexpr int TILE = 128;                       // the packed tile (rows and K of a dense tile)
+constexpr int BOX_K = 64;                       // K columns a step: one 128-byte swizzle row of 16-bit elements
+constexpr int W_BOX = TILE * BOX_K * 2;         // [128, 64] of a dense tile: 16 KB ([128, 32] values: 8 KB)
+constexpr int V_BOX = TILE * BOX_K;             // [128, 32] values of a 2:4 tile's half
+constexpr int META_BYTES = TILE * TILE / 8;     // a 2:4 tile's codes: 2 KB
+constexpr int THREADS = 384;                    // producer warpgroup + 2 consumer warpgroups
+constexpr int SMEM_LIMIT = 227 * 1024;          // H100 / H200 shared memory a block may opt in to
+constexpr int MAX_C = 256;                      // K-tiles a row (K <= 32768)
+
+template <int BN>
+struct Layout {
+  static constexpr int X_BOX = BN * BOX_K * 2;                  // [BN, 64] of x
+  static constexpr int W = X_BOX;                               // row-tile c's box at W + c * W_BOX
+  static constexpr int META = X_BOX + 2 * W_BOX;                // row-tile c's codes at META + c * META_BYTES
+  static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
+  static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
+  static constexpr int BUDGET = SMEM_LIMIT - STATIC - 1024 - 64;
+  static constexpr int STAGES = BUDGET / STAGE < 4 ? BUDGET / STAGE : 4;
+  static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
+  static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;   // + alignment slack + the mbarriers
+  static_assert(STAGES >= 2, "two stages at least");
+  static_assert(2 * BN * EPI_PITCH * 2 <= STAGES * STAGE, "the epilogue reuses the ring");
+};
+
+template <typename T, int BN> struct Wgmma;
+
+// @WGMMA_OPS@ (codegen/wgmma.py generates the wgmma wrappers: 64 or 128 accumulator operands each)
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PATCHC_WGMMA_ARCH 1
+#else
+#define PATCHC_WGMMA_ARCH 0
+#endif
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+#if PATCHC_WGMMA_ARCH
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred P1;\n"
+      "WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "\t@!P1 bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
+}
+// A 2D box of a tensor map into shared memory, completing on an mbarrier; c0 = inner (K) coordinate.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R)); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R)); }
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+#endif
+
+// Shared-memory matrix descriptors of K-major operands as TMA lays them out: 128-byte swizzle (rows of 128
+// bytes, 8-row atoms 1024 bytes apart: the stride byte offset) or 64-byte swizzle (rows of 64 bytes, atoms 512
+// bytes apart); the start address moves by 32 bytes a k16 step (16 values of a 2:4 row: a k32 step) inside a row.
+__device__ __forceinline__ uint64_t desc128(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ uint64_t desc64(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(512 >> 4) << 32) | (2ull << 62);
+}
+
+// Keeps a register's value alive (and unchanged) up to this point: wgmma reads its metadata register
+// asynchronously, so the register of a group still in flight must not be reused.
+__device__ __forceinline__ void keep(uint32_t v) { asm volatile("" ::"r"(v)); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
+    const __grid_constant__ CUtensorMap x_map,       // x [M, K], box [BN, 64], 128 B swizzle
+    const __grid_constant__ CUtensorMap dense_map,   // dense [n_dense * T, T], box [T, 64], 128 B swizzle
+    const __grid_constant__ CUtensorMap values_map,  // values [n_sparse * T, T / 2], box [T, 32], 64 B swizzle
+    const uint8_t* __restrict__ meta,                 // [n_sparse, T, T / 8]
+    const int* __restrict__ slot,                     // [R, C]: i >= 0 dense tile i, ~i 2:4 tile i
+    int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym) {
+#if PATCHC_WGMMA_ARCH
+  using L = Layout<BN>;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ int slots[2][MAX_C];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;   // swizzled boxes want 1 KB alignment
+  unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t bars = base + L::STAGES * L::STAGE;            // full[STAGES], then empty[STAGES]
+  auto full = [&](int s) { return bars + 8 * s; };
+  auto empty = [&](int s) { return bars + 8 * (L::STAGES + s); };
+
+  const int rt0 = 2 * blockIdx.y;            // this CTA's row-tiles: rt0 and (if R allows) rt0 + 1
+  const int pair = R - rt0 < 2 ? R - rt0 : 2;
+  const int m0 = blockIdx.x * BN;            // first token of this CTA
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);   // warp-uniform, as ptxas can see
+  // With an odd number of row-tiles the last CTA has one: its second warpgroup then runs the first row-tile's
+  // tiles again and stores nothing (a branch around the mainloop would make ptxas serialise the wgmmas).
+  for (int i = threadIdx.x; i < 2 * C; i += THREADS) slots[i / C][i % C] = slot[(int64_t)(rt0 + (i / C) % pair) * C + i % C];
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < L::STAGES; ++s) {
+      mbar_init(full(s), 1);
+      mbar_init(empty(s), 8);                // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int steps = 2 * C;                   // half a K-tile a step
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) {
+      for (int q = 0; q < steps; ++q) {
+        const int s = q % L::STAGES, kc = q / 2, h = q % 2;
+        if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
+        const uint32_t st = base + s * L::STAGE;
+        uint32_t bytes = L::X_BOX;
+        for (int c = 0; c < 2; ++c) bytes += slots[c][kc] >= 0 ? W_BOX : V_BOX + META_BYTES;
+        mbar_expect(full(s), bytes);
+        tma_load(st, &x_map, kc * TILE + h * BOX_K, m0, full(s));             // x [m0:+BN, 64 columns]
+        for (int c = 0; c < 2; ++c) {
+          const int i = slots[c][kc];
+          if (i >= 0) {
+            tma_load(st + L::W + c * W_BOX, &dense_map, h * BOX_K, i * TILE, full(s));
+          } else {
+            tma_load(st + L::W + c * W_BOX, &values_map, h * BOX_K / 2, ~i * TILE, full(s));
+            bulk_copy(st + L::META + c * META_BYTES, meta + (int64_t)(~i) * META_BYTES, META_BYTES, full(s));
+          }
+        }
+      }
+    }
+  } else {  // consumers: warpgroup c owns row-tile rt0 + c (two 64-row accumulators)
+    setmaxnreg_inc<232>();
+    const int c = wg - 1;
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float acc0[BN / 2], acc1[BN / 2];        // rows 0-63 and 64-127 of the row-tile
+#pragma unroll
+    for (int r = 0; r < BN / 2; ++r) acc0[r] = acc1[r] = 0.f;
+    uint32_t e_prev0 = 0, e_prev1 = 0, e_prev2 = 0, e_prev3 = 0;   // codes of the group still in flight
+    const uint32_t perm = (t & 1) ? 0x7632 : 0x5410;                // halves 1 or 0 of rows g and g + 8
+    for (int q = 0; q < steps; ++q) {
+      const int s = q % L::STAGES, kc = q / 2, h = q % 2;
+      mbar_wait(full(s), (q / L::STAGES) & 1);
+      const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
+      uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+      wgmma_fence();
+      if (slots[c][kc] >= 0) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          Wgmma<T, BN>::dense(acc0, desc128(ws + kk * 32), desc128(xs + kk * 32));
+          Wgmma<T, BN>::dense(acc1, desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
+        }
+      } else {
+        // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row)
+        const unsigned char* ms = base_ptr + (xs - base) + L::META + c * META_BYTES + 8 * h;
+        const int row = warp * 16 + g;
+        const uint2 a_lo = *reinterpret_cast<const uint2*>(ms + row * 16);
+        const uint2 a_hi = *reinterpret_cast<const uint2*>(ms + (row + 8) * 16);
+        const uint2 b_lo = *reinterpret_cast<const uint2*>(ms + (row + 64) * 16);
+        const uint2 b_hi = *reinterpret_cast<const uint2*>(ms + (row + 72) * 16);
+        e0 = __byte_perm(a_lo.x, a_hi.x, perm);
+        e1 = __byte_perm(a_lo.y, a_hi.y, perm);
+        e2 = __byte_perm(b_lo.x, b_hi.x, perm);
+        e3 = __byte_perm(b_lo.y, b_hi.y, perm);
+        Wgmma<T, BN>::sparse(acc0, desc64(ws), desc128(xs), e0);
+        Wgmma<T, BN>::sparse(acc1, desc64(ws + 64 * 64), desc128(xs), e2);
+        Wgmma<T, BN>::sparse(acc0, desc64(ws + 32), desc128(xs + 64), e1);
+        Wgmma<T, BN>::sparse(acc1, desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();                       // the previous step's group is done: its stage is free
+      keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
+      e_prev0 = e0; e_prev1 = e1; e_prev2 = e2; e_prev3 = e3;
+      if (q > 0 && lane == 0) mbar_arrive(empty((q - 1) % L::STAGES));
+    }
+    wgmma_wait<0>();
+    keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
+#pragma unroll
+    for (int r = 0; r < BN / 2; ++r) asm volatile("" : "+f"(acc0[r]), "+f"(acc1[r])::"memory");
+
+    // Epilogue: both consumer warpgroups are past their last wgmma (every stage read), so the ring is free.
+    named_barrier(1, 256);
+    if (c < pair) {
+      T* out = reinterpret_cast<T*>(base_ptr) + c * BN * L::EPI_PITCH;     // [BN tokens, 128 rows (+ pad)]
+      const int n_row0 = (rt0 + c) * TILE;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* acc = half ? acc1 : acc0;
+        const int r = half * 64 + warp * 16 + g;
+        const float b_lo = bias ? to_float(bias[n_row0 + r]) : 0.f;
+        const float b_hi = bias ? to_float(bias[n_row0 + r + 8]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {   // accumulator block j: tokens 8j + 2t, + 1; rows r, r + 8
+          const int tok = 8 * j + 2 * t;
+          out[tok * L::EPI_PITCH + r] = from_float<T>(acc[4 * j + 0] + b_lo);
+          out[(tok + 1) * L::EPI_PITCH + r] = from_float<T>(acc[4 * j + 1] + b_lo);
+          out[tok * L::EPI_PITCH + r + 8] = from_float<T>(acc[4 * j + 2] + b_hi);
+          out[(tok + 1) * L::EPI_PITCH + r + 8] = from_float<T>(acc[4 * j + 3] + b_hi);
+        }
+      }
+      named_barrier(2 + c, 128);
+      const int ct = threadIdx.x % 128;
+#pragma unroll 4
+      for (int q = ct; q < BN * 16; q += 128) {  // 16 chunks of 16 bytes a token row
+        const int tok = q / 16, ch = q % 16;
+        if (m0 + tok < M) {
+          const uint4 v = *reinterpret_cast<const uint4*>(out + tok * L::EPI_PITCH + ch * 8);
+          *reinterpret_cast<uint4*>(y + (int64_t)(m0 + tok) * stride_ym + n_row0 + ch * 8) = v;
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built for sm_90a only; the host refuses other GPUs
+#endif
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (fn == nullptr) {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+    TORCH_CHECK(err == cudaSuccess && q == cudaDriverEntryPointSuccess && p != nullptr,
+                "patchc: cuTensorMapEncodeTiled is not available from the CUDA driver (needs CUDA 12+)");
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }
+  return fn;
+}
+
+// A [rows, cols] row-major 16-bit matrix (row pitch `pitch` elements) read in [box_rows, box_cols] boxes, swizzled
+// by the box's row bytes (128 or 64).
+CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType dt, int64_t rows, int64_t cols, int64_t pitch,
+                       int box_rows, int box_cols) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)pitch * 2};
+  const cuuint32_t box[2] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const auto swizzle = box_cols * 2 == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
+  const CUresult r = encode_fn()(&map, dt, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "patchc: cuTensorMapEncodeTiled failed (", (int)r, ") for a [", rows, ", ", cols,
+              "] matrix with row pitch ", pitch);
+  return map;
+}
+
+template <typename T, int BN>
+void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Tensor& values, const torch::Tensor& meta,
+            const torch::Tensor& slot, const c10::optional<torch::Tensor>& bias, torch::Tensor& y,
+            CUtensorMapDataType dt) {
+  using L = Layout<BN>;
+  const int64_t M = x.size(0), K = x.size(1), R = slot.size(0), C = slot.size(1);
+  const CUtensorMap x_map = tensor_map(x.data_ptr(), dt, M, K, x.stride(0), BN, BOX_K);
+  // An empty field gets a map over x: never read (no tile of that kind), but the kernel wants a valid map.
+  const CUtensorMap d_map = dense.numel() ? tensor_map(dense.data_ptr(), dt, dense.size(0) * TILE, TILE, TILE, TILE, BOX_K)
+                                          : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K);
+  const CUtensorMap v_map = values.numel()
+                                ? tensor_map(values.data_ptr(), dt, values.size(0) * TILE, TILE / 2, TILE / 2, TILE, BOX_K / 2)
+                                : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K / 2);
+  auto kernel = hybrid_wgmma_kernel<T, BN>;
+  TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
+              "patchc: could not raise the shared memory limit of the wgmma kernel to ", L::SMEM, " bytes");
+  const dim3 grid((unsigned)((M + BN - 1) / BN), (unsigned)((R + 1) / 2));
+  kernel<<<grid, THREADS, L::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
+      x_map, d_map, v_map, meta.data_ptr<uint8_t>(), slot.data_ptr<int>(), (int)R, (int)C,
+      bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, reinterpret_cast<T*>(y.data_ptr()), (int)M,
+      y.stride(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace patchc_wgmma
+
+// y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule.
+void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
+                  c10::optional<torch::Tensor> bias, torch::Tensor y) {
+  using namespace patchc_wgmma;
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "patchc wgmma: x must be a CUDA [M, K] matrix with contiguous, 16-byte aligned rows");
+  TORCH_CHECK(slot.dim() == 2 && slot.scalar_type() == torch::kInt && slot.is_contiguous() && slot.is_cuda() &&
+                  slot.size(1) <= MAX_C && x.size(1) == slot.size(1) * TILE && y.size(1) == slot.size(0) * TILE &&
+                  y.size(0) == x.size(0) && y.stride(1) == 1 && y.stride(0) % 8 == 0,
+              "patchc wgmma: x ", x.sizes(), ", y ", y.sizes(), " and the schedule's slots ", slot.sizes(),
+              " do not fit (tile 128, K <= ", MAX_C * TILE, ")");
+  TORCH_CHECK(dense.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type(), "patchc wgmma: weights, x and y must share one 16-bit dtype");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == torch::kHalf, "patchc wgmma: bf16 or fp16 only");
+  const auto dt = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (bf16) launch<__nv_bfloat16, 128>(x, dense, values, meta, slot, bias, y, dt);
+  else launch<__half, 128>(x, dense, values, meta, slot, bias, y, dt);
+}
