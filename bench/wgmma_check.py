@@ -36,13 +36,14 @@ def checks(log) -> bool:
     cases = [(n, 512, s, m, dt, b) for n in (256, 384) for s in (0.0, 0.25, 0.5) for m in (1, 77, 300)
              for dt in (torch.bfloat16, torch.float16) for b in (False, True)]
     cases += [(640, 1024, 0.25, 2048, torch.bfloat16, True), (512, 2048, 0.35, 1000, torch.float16, False)]
-    for n, k, s, m, dt, use_bias in cases:
+    cases = [c + (bn,) for c in cases for bn in wgmma.BLOCK_NS]
+    for n, k, s, m, dt, use_bias, bn in cases:
         x, d, v, e, sched, ref, _ = make_layer(n, k, m, s, dtype=dt, seed=n + m + int(100 * s))
         bias = (torch.randn(n, device="cuda") * 0.1).to(dt) if use_bias else None
         if bias is not None:
             ref = ref + bias.double()
         try:
-            y = wgmma.run(x, d, v, e, sched, bias, poison=True)
+            y = wgmma.run(x, d, v, e, sched, bias, poison=True, block_n=bn)
             torch.cuda.synchronize()
             r = err(y, ref)
             nan = int(torch.isnan(y).sum())
@@ -51,11 +52,11 @@ def checks(log) -> bool:
             print(f"  error: {type(ex).__name__}: {ex}", flush=True)
         good = nan == 0 and r < 1e-2
         ok &= good
-        line = {"check": f"{n}x{k}", "sparsity": s, "M": m, "dtype": str(dt)[6:], "bias": use_bias,
+        line = {"check": f"{n}x{k}", "sparsity": s, "M": m, "block_n": bn, "dtype": str(dt)[6:], "bias": use_bias,
                 "rel_err": r, "nan": nan, "ok": good}
         log.write(json.dumps(line) + "\n")
         if not good or m == 300:
-            print(f"check {n}x{k} s={s} M={m} {str(dt)[6:]} bias={use_bias}: rel err {r:.2e} nan {nan} "
+            print(f"check {n}x{k} s={s} M={m} bn={bn} {str(dt)[6:]} bias={use_bias}: rel err {r:.2e} nan {nan} "
                   f"{'ok' if good else 'FAIL'}", flush=True)
     return ok
 
@@ -70,9 +71,10 @@ def bench(n, k, m, s, log) -> dict:
     paths = {"cublas": [lambda w_=w_: F.linear(x, w_) for w_ in wds],
              "default": [lambda c=c: launch(x, *c, sched, None, n, cfg) for c in packs]}
     row = {"N": n, "K": k, "M": m, "sparsity": s, "default_engine": "decompress" if cfg.engine == "triton" else cfg.engine}
-    row["err_wgmma"] = err(wgmma.run(x, d, v, e, sched, None, poison=True), ref)
-    if row["err_wgmma"] < 1e-2:
-        paths["wgmma"] = [lambda c=c: wgmma.run(x, *c, sched, None) for c in packs]
+    for bn in wgmma.BLOCK_NS:
+        row[f"err_wgmma{bn}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=bn), ref)
+        if row[f"err_wgmma{bn}"] < 1e-2:
+            paths[f"wgmma{bn}"] = [lambda c=c, bn=bn: wgmma.run(x, *c, sched, None, block_n=bn) for c in packs]
     row["err_default"] = err(launch(x, d, v, e, sched, None, n, cfg), ref)
     times = {name: [] for name in paths}
     for _ in range(ROUNDS):
@@ -93,13 +95,15 @@ def bench(n, k, m, s, log) -> dict:
 
 
 def table(rows) -> str:
-    out = ["| N x K | M | sparsity | cuBLAS us | previous default us (engine, vs cuBLAS) | wgmma us | wgmma vs cuBLAS |"
-           " wgmma vs previous |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| N x K | M | sparsity | cuBLAS us | previous default us (engine, vs cuBLAS) | wgmma 64 us (vs cuBLAS) |"
+           " wgmma 128 us (vs cuBLAS) | best wgmma vs previous |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        w = (f"{r['wgmma_us']} | {r['wgmma_vs_cublas']}x | {round(r['default_us'] / r['wgmma_us'], 3)}x"
-             if "wgmma_us" in r else f"err {r['err_wgmma']:.1e} | - | -")
+        cells = [f"{r[f'wgmma{bn}_us']} ({r[f'wgmma{bn}_vs_cublas']}x)" if f"wgmma{bn}_us" in r
+                 else f"err {r[f'err_wgmma{bn}']:.1e}" for bn in wgmma.BLOCK_NS]
+        best = min((r[f"wgmma{bn}_us"] for bn in wgmma.BLOCK_NS if f"wgmma{bn}_us" in r), default=None)
         out.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']} | {r['cublas_us']} | {r['default_us']} "
-                   f"({r['default_engine']}, {r['default_vs_cublas']}x) | {w} |")
+                   f"({r['default_engine']}, {r['default_vs_cublas']}x) | {' | '.join(cells)} | "
+                   f"{round(r['default_us'] / best, 3) if best else '-'}x |")
     return "\n".join(out)
 
 

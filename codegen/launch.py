@@ -38,8 +38,8 @@ TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the d
 TMA_DEFAULT_MAX_M = 256
 CSLT_MIN_M = 256        # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py): on the
                         # H100 it beat decompress + cuBLAS at M=256-4096 on every 7B shape (results/cslt_prefill)
-WGMMA_MIN_M = 512       # from here on the wgmma kernel is the default where it runs: on the H100 at M=512-4096 it
-                        # beat decompress + cuBLAS on every 7B shape at 0-45% (results/wgmma) ...
+WGMMA_MIN_M = 256       # from here on the wgmma kernel is the default where it runs: on the H100 at M=256-4096 it
+                        # beat decompress + cuBLAS and the TMA kernel on every 7B shape at 0-45% (results/wgmma) ...
 CSLT_OVER_WGMMA_M = 4096  # ... and cuSPARSELt on all-2:4 layers below here (M=512-1024: 1.02-1.20x the speed,
                         # M=2048: 0.98-1.07x; M=4096: 0.93-0.98x, so all-2:4 layers go to cuSPARSELt from here)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
@@ -102,7 +102,7 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
         if cslt:
             out.append(KernelConfig(0, 0, 0, 4, 1, engine="cslt"))
         if wg:
-            out.append(WGMMA)
+            out += [WGMMA, WGMMA_64]
         if sched.n > CHUNK_N:
             out.append(KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N))
         if tma and m <= TMA_MAX_M and t % 64 == 0:
@@ -137,7 +137,16 @@ def staged_by_default(m: int, sched: Schedule) -> bool:
     return m <= 8 and sched.dense_col.numel() >= 0.5 * n_tiles
 
 
-WGMMA = KernelConfig(0, wgmma.BLOCK_N, 0, 12, 4, engine="wgmma")
+WGMMA = KernelConfig(0, 128, 0, 12, 4, engine="wgmma")      # block_n: tokens a CTA
+WGMMA_64 = KernelConfig(0, 64, 0, 12, 5, engine="wgmma")
+
+
+def wgmma_default(m: int, sched: Schedule, num_sms: int = 132) -> KernelConfig:
+    """128-token CTAs when they fill at least 0.6 of the SMs, else 64-token ones (H100, results/wgmma: 64 won on
+    4096-row layers at M=256-512, 1.17-1.50x; 128 won at M >= 1024 and on 11008-row layers from M=256, where
+    86 CTAs of 128 tokens ran 1.27-1.48x faster than 172 of 64)."""
+    ctas = triton.cdiv(m, 128) * triton.cdiv(sched.n // sched.tile, 2)
+    return WGMMA if ctas >= 0.6 * num_sms else WGMMA_64
 
 
 def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False,
@@ -149,11 +158,11 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
     0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
     M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90).
     With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt. Ahead of all of these,
-    with wg=True (the wgmma kernel can run this call) from WGMMA_MIN_M on: the wgmma kernel, except for all-2:4
-    layers from CSLT_OVER_WGMMA_M on (H100, results/wgmma: M=2048 1.02-1.26x cuBLAS dense at 25-45% where
-    decompress + cuBLAS ran 0.85-0.92x; M=512-4096 1.08-1.55x faster than decompress + cuBLAS at 25-45%)."""
+    with wg=True (the wgmma kernel can run this call) from WGMMA_MIN_M on: the wgmma kernel (wgmma_default), except
+    for all-2:4 layers from CSLT_OVER_WGMMA_M on (H100, results/wgmma: M=2048 1.00-1.26x cuBLAS dense at 25-45%
+    where decompress + cuBLAS ran 0.84-0.94x; M=256-4096 1.08-1.97x faster than the previous path at 25-45%)."""
     if wg and m >= WGMMA_MIN_M and not (cslt and m >= CSLT_OVER_WGMMA_M):
-        return WGMMA
+        return wgmma_default(m, sched, num_sms)
     if cslt and m >= CSLT_MIN_M:
         return KernelConfig(0, 0, 0, 4, 1, engine="cslt")
     if tma and sched.tile % 64 == 0 and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
@@ -214,7 +223,7 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
             reason = wgmma.unsupported(x, values.dtype if values.numel() else dense.dtype, sched)
             if reason:
                 raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
-            y = wgmma.run(x, dense, values, meta, sched, bias, poison)
+            y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n)
         elif cfg.engine == "tma":
             y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
         else:  # prefill: decompress into a transient dense weight, then the vendor GEMM

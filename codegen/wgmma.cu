@@ -51,7 +51,7 @@ struct Layout {
   static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
   static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
   static constexpr int BUDGET = SMEM_LIMIT - STATIC - 1024 - 64;
-  static constexpr int STAGES = BUDGET / STAGE < 4 ? BUDGET / STAGE : 4;
+  static constexpr int STAGES = BUDGET / STAGE < 6 ? BUDGET / STAGE : 6;   // 4 at BN = 128, 5 at BN = 64
   static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
   static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;   // + alignment slack + the mbarriers
   static_assert(STAGES >= 2, "two stages at least");
@@ -332,9 +332,10 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
 
 }  // namespace patchc_wgmma
 
-// y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule.
+// y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule;
+// block_n: tokens a CTA (64 or 128).
 void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
-                  c10::optional<torch::Tensor> bias, torch::Tensor y) {
+                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n) {
   using namespace patchc_wgmma;
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
@@ -350,6 +351,9 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == torch::kHalf, "patchc wgmma: bf16 or fp16 only");
   const auto dt = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  if (bf16) launch<__nv_bfloat16, 128>(x, dense, values, meta, slot, bias, y, dt);
-  else launch<__half, 128>(x, dense, values, meta, slot, bias, y, dt);
+  TORCH_CHECK(block_n == 64 || block_n == 128, "patchc wgmma: block_n must be 64 or 128, got ", block_n);
+  if (bf16 && block_n == 128) launch<__nv_bfloat16, 128>(x, dense, values, meta, slot, bias, y, dt);
+  else if (bf16) launch<__nv_bfloat16, 64>(x, dense, values, meta, slot, bias, y, dt);
+  else if (block_n == 128) launch<__half, 128>(x, dense, values, meta, slot, bias, y, dt);
+  else launch<__half, 64>(x, dense, values, meta, slot, bias, y, dt);
 }

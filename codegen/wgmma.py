@@ -20,7 +20,7 @@ from .schedule import Schedule
 
 SOURCE = Path(__file__).with_name("wgmma.cu")
 TILE = 128
-BLOCK_N = 128           # tokens a CTA (m64n128 wgmma); a CTA covers 256 rows of W (two row-tiles)
+BLOCK_NS = (64, 128)    # tokens a CTA (m64n64 / m64n128 wgmma); a CTA covers 256 rows of W (two row-tiles)
 MAX_K = 256 * TILE      # wgmma.cu MAX_C K-tiles a row
 DTYPES = {torch.bfloat16: ("__nv_bfloat16", "bf16"), torch.float16: ("__half", "f16")}
 
@@ -45,9 +45,10 @@ def _wgmma_op(block_n: int, sparse: bool, ptx_type: str) -> str:
 def source() -> str:
     """wgmma.cu with its wgmma wrappers generated (inline asm with 64 or 128 accumulator operands each)."""
     ops = []
-    for c_type, ptx_type in DTYPES.values():
-        ops.append(f"template <> struct Wgmma<{c_type}, {BLOCK_N}> {{\n{_wgmma_op(BLOCK_N, False, ptx_type)}"
-                   f"{_wgmma_op(BLOCK_N, True, ptx_type)}}};\n")
+    for block_n in BLOCK_NS:
+        for c_type, ptx_type in DTYPES.values():
+            ops.append(f"template <> struct Wgmma<{c_type}, {block_n}> {{\n{_wgmma_op(block_n, False, ptx_type)}"
+                       f"{_wgmma_op(block_n, True, ptx_type)}}};\n")
     src = SOURCE.read_text()
     marker = "// @WGMMA_OPS@"
     assert marker in src, "wgmma.cu lost its @WGMMA_OPS@ marker"
@@ -57,7 +58,7 @@ def source() -> str:
 _KERNEL = CudaKernel(
     "patchc_wgmma", "wgmma prefill kernel", source,
     "void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
-    "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y);",
+    "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n);",
     ["hybrid_wgmma"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
 
 
@@ -92,9 +93,11 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str |
 
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
-        bias: torch.Tensor | None, poison: bool = False) -> torch.Tensor:
-    """y [M, sched.n] = x [M, K] @ W^T + bias: one CTA per (two row-tiles, BLOCK_N tokens). The caller checked
+        bias: torch.Tensor | None, poison: bool = False, block_n: int = 128) -> torch.Tensor:
+    """y [M, sched.n] = x [M, K] @ W^T + bias: one CTA per (two row-tiles, block_n tokens). The caller checked
     `unsupported`. poison=True fills y with NaN first, so an element the kernel misses shows."""
+    if block_n not in BLOCK_NS:
+        raise ValueError(f"wgmma.run: block_n {block_n} not in {BLOCK_NS}")
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the wgmma kernel is unavailable: {_KERNEL.error}")
@@ -107,5 +110,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((m, sched.n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((m, sched.n), dtype=x.dtype, device=x.device)
     if m:
-        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y)
+        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n)
     return y

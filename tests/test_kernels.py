@@ -352,49 +352,55 @@ def wgmma_case(draw):
     silu = draw(st.booleans())
     if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
         bitmap = torch.cat([bitmap, bitmap.flip(1)], 0)
-    return bitmap, m, dtype, bias, seed, silu, draw(st.booleans())
+    return bitmap, m, dtype, bias, seed, silu, draw(st.booleans()), draw(st.booleans())
 
 
 @pytest.mark.skipif(not _wgmma_ready(), reason="wgmma kernel: needs an H100 / H200 (sm_90a) and nvcc")
 @given(wgmma_case())
 def test_wgmma_kernel_matches_float64_reference(c):
     """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
-    wgmma in K order, M not a multiple of the 128-token block, bias, SiLU(gate) * up after it, and a CUDA graph
+    wgmma in K order, 64- and 128-token blocks, M not a multiple of the block, bias, SiLU(gate) * up after it, and a CUDA graph
     replay after a poisoning fill."""
-    from patchc.codegen.launch import WGMMA
+    from patchc.codegen.launch import WGMMA, WGMMA_64
 
-    bitmap, m, dtype, bias, seed, silu, graph = c
-    run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: WGMMA, silu=silu, graph=graph)
+    bitmap, m, dtype, bias, seed, silu, graph, small = c
+    cfg = WGMMA_64 if small else WGMMA
+    run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
 
 def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
-    """The generated inline asm: m64n128k16 dense and m64n128k32 sparse wgmma for bf16 and fp16, each naming its 64
-    accumulators, both descriptors (and the sparse one its metadata register) and the scale-d operand once."""
+    """The generated inline asm: m64nNk16 dense and m64nNk32 sparse wgmma (N = 64, 128) for bf16 and fp16, each
+    naming its N/2 accumulators, both descriptors (and the sparse one its metadata register) and scale-d once."""
     import re
 
     from patchc.codegen import wgmma
 
     src = wgmma.source()
-    for ptx in ("bf16", "f16"):
-        for sparse, k, operands in ((False, 16, 64 + 2 + 1), (True, 32, 64 + 3 + 1)):
-            name = f"wgmma.mma_async{'.sp' if sparse else ''}.sync.aligned.m64n128k{k}.f32.{ptx}.{ptx}"
-            assert src.count(name) == 1, name
-            start = src.rindex("asm volatile(", 0, src.index(name))
-            body = src[start:src.index(");\n", start)]
-            assert sorted({int(i) for i in re.findall(r"%(\d+)", body)}) == list(range(operands)), name
-            assert body.count('"+f"(d[') == 64
-    assert "// @WGMMA_OPS@" in src and "template <> struct Wgmma<__half, 128>" in src
+    for bn in wgmma.BLOCK_NS:
+        for ptx in ("bf16", "f16"):
+            for sparse, k, operands in ((False, 16, bn // 2 + 2 + 1), (True, 32, bn // 2 + 3 + 1)):
+                name = f"wgmma.mma_async{'.sp' if sparse else ''}.sync.aligned.m64n{bn}k{k}.f32.{ptx}.{ptx}"
+                assert src.count(name + " ") == 1, name
+                start = src.rindex("asm volatile(", 0, src.index(name + " "))
+                body = src[start:src.index(");\n", start)]
+                assert sorted({int(i) for i in re.findall(r"%(\d+)", body)}) == list(range(operands)), name
+                assert body.count('"+f"(d[') == bn // 2
+        assert f"template <> struct Wgmma<__half, {bn}>" in src
+    assert "// @WGMMA_OPS@" in src
 
 
 def test_wgmma_rules_and_prefill_default():
     from patchc.codegen import wgmma
-    from patchc.codegen.launch import CSLT_OVER_WGMMA_M, WGMMA, WGMMA_MIN_M, candidates, prefill_default
+    from patchc.codegen.launch import CSLT_OVER_WGMMA_M, WGMMA, WGMMA_64, WGMMA_MIN_M, candidates, prefill_default
 
     sched = build_schedule(torch.rand(4, 3) < 0.5, 128)
     assert wgmma.unsupported(torch.randn(8, 384), torch.float32, sched) in ("not a CUDA tensor", "PATCHC_WGMMA=0")
-    assert prefill_default(WGMMA_MIN_M, sched, 512, wg=True) == WGMMA
-    assert prefill_default(WGMMA_MIN_M, sched, 512, wg=True, cslt=True) == WGMMA     # ahead of cuSPARSELt ...
+    assert prefill_default(8192, sched, 512, wg=True) == WGMMA              # 64 x 2 CTAs of 128 tokens
+    assert prefill_default(WGMMA_MIN_M, sched, 512, wg=True) == WGMMA_64   # 4 row-tiles: 2 CTAs of 128 tokens ...
+    tall = build_schedule(torch.rand(86, 3) < 0.5, 128)                      # ... 11008 rows: 86 of 128 fill the GPU
+    assert prefill_default(256, tall, 11008, wg=True) == WGMMA and prefill_default(255, tall, 11008, wg=True) != WGMMA
+    assert prefill_default(2048, sched, 512, wg=True, cslt=True).engine == "wgmma"  # ahead of cuSPARSELt ...
     assert prefill_default(CSLT_OVER_WGMMA_M, sched, 512, wg=True, cslt=True).engine == "cslt"  # ... up to here
     assert prefill_default(WGMMA_MIN_M - 1, sched, 512, wg=True).engine != "wgmma"
     assert prefill_default(4096, sched, 512, wg=False).engine != "wgmma"
-    assert WGMMA in candidates(256, sched, 512, wg=True) and WGMMA not in candidates(256, sched, 512)
+    assert {WGMMA, WGMMA_64} <= set(candidates(256, sched, 512, wg=True)) and WGMMA not in candidates(256, sched, 512)
