@@ -160,7 +160,7 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
     With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt. Ahead of all of these,
     with wg=True (the wgmma kernel can run this call) from WGMMA_MIN_M on: the wgmma kernel (wgmma_default), except
     for all-2:4 layers from CSLT_OVER_WGMMA_M on (H100, results/wgmma: M=2048 1.00-1.26x cuBLAS dense at 25-45%
-    where decompress + cuBLAS ran 0.84-0.94x; M=256-4096 1.08-1.97x faster than the previous path at 25-45%)."""
+    where decompress + cuBLAS ran 0.82-0.94x; M=256-4096 1.08-1.97x faster than the previous path at 25-45%)."""
     if wg and m >= WGMMA_MIN_M and not (cslt and m >= CSLT_OVER_WGMMA_M):
         return wgmma_default(m, sched, num_sms)
     if cslt and m >= CSLT_MIN_M:
