@@ -39,26 +39,34 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(model, ids: torch.Tensor, new: int, device, disable_compile: bool = False) -> dict:
+def time_generate(model, ids: torch.Tensor, new: int, device, disable_compile: bool = False,
+                  keep_tokens: bool = False):
     """Prefill and full generate() times (static cache, greedy): the first call (compilation, autotuning, graph
     capture), one warm-up, then the best of two; prefill = generating one token. disable_compile=True keeps
-    generate() from compiling its decode step (a forward compiled by the caller, or eager)."""
+    generate() from compiling its decode step (a forward compiled by the caller, or eager). keep_tokens=True
+    returns (times, the new tokens [batch, new] of the last timed call, on the CPU) instead of the times alone."""
+    out = None
+
     def gen(n):
+        nonlocal out
         sync(device)
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
-                       pad_token_id=0, disable_compile=disable_compile)
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             cache_implementation="static", pad_token_id=0, disable_compile=disable_compile)
         sync(device)
         return time.perf_counter() - t0
 
     first = gen(new)             # cold: compile + autotune + graph capture
     gen(new)                     # warm-up of every shape
     full = min(gen(new) for _ in range(2))
+    tokens = out[:, ids.shape[1]:].cpu() if keep_tokens else None   # [batch, new]
     prefill = min(gen(1) for _ in range(2))
     batch = ids.shape[0]
-    return {"first_call_s": round(first, 2), "total_ms": round(full * 1e3, 2), "prefill_ms": round(prefill * 1e3, 2),
-            "decode_ms_per_token": round((full - prefill) * 1e3 / max(1, new - 1), 3),
-            "new_tokens_per_s": round(batch * new / full, 1)}
+    times = {"first_call_s": round(first, 2), "total_ms": round(full * 1e3, 2),
+             "prefill_ms": round(prefill * 1e3, 2),
+             "decode_ms_per_token": round((full - prefill) * 1e3 / max(1, new - 1), 3),
+             "new_tokens_per_s": round(batch * new / full, 1)}
+    return (times, tokens) if keep_tokens else times
 
 
 @torch.no_grad()
@@ -107,13 +115,11 @@ def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) ->
         model.generation_config.compile_config = CompileConfig(backend=backend, mode="reduce-overhead")
     log(f"[patchc] bench: {label} ({'compiled decode step, ' + backend if compiled else 'eager'}), "
         f"batch {cfg.batch}, {cfg.prompt} + {cfg.new} tokens ...")
-    row = {"row": label, "weights_GB": round(weights_gb(model), 3),
-           **time_generate(model, ids, cfg.new, device, disable_compile=not compiled)}
+    times, tokens = time_generate(model, ids, cfg.new, device, disable_compile=not compiled, keep_tokens=True)
+    row = {"row": label, "weights_GB": round(weights_gb(model), 3), **times}
     log(f"[patchc] bench: {label}: {row['new_tokens_per_s']} new tokens/s, decode {row['decode_ms_per_token']} "
         f"ms/token, prefill {row['prefill_ms']} ms, first call {row['first_call_s']} s")
-    out = model.generate(ids, max_new_tokens=cfg.new, min_new_tokens=cfg.new, do_sample=False,
-                         cache_implementation="static", pad_token_id=0, disable_compile=not compiled)
-    return row, out[:, ids.shape[1]:].cpu()                                 # the greedy tokens [batch, new]
+    return row, tokens                                                      # the greedy tokens [batch, new]
 
 
 def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda", log=print) -> dict:
