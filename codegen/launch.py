@@ -220,7 +220,7 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         cfg = prefill_default(m, sched, n_out, wg=wg, cslt=False)
     if cfg.engine in ("tma", "wgmma") or cfg.split_k == 0:  # all stacked rows, then SiLU(gate) * up in torch
         if cfg.engine == "wgmma":
-            reason = wgmma.unsupported(x, values.dtype if values.numel() else dense.dtype, sched)
+            reason = wgmma.unsupported(x, weight_dtype(dense, values), sched)
             if reason:
                 raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
             y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n)
@@ -397,20 +397,21 @@ def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma:
             + ("|cslt" if cslt else "") + ("|wgmma" if wg else ""))
 
 
+def weight_dtype(dense: torch.Tensor, values: torch.Tensor) -> torch.dtype:
+    """The dtype of a packed layer's weights (one of its two fields may be empty)."""
+    return values.dtype if values.numel() else dense.dtype
+
+
 def mma_available(x, dense, values, sched: Schedule, silu_mul: bool) -> bool:
     """Whether this call can run on the sparse-tensor-core kernel (building it on first use)."""
-    if not x.is_cuda:
-        return False
-    w_dtype = values.dtype if values.numel() else dense.dtype
-    return mma_sp.unsupported(x, w_dtype, sched, silu_mul) is None and mma_sp.extension() is not None
+    return (x.is_cuda and mma_sp.unsupported(x, weight_dtype(dense, values), sched, silu_mul) is None
+            and mma_sp.extension() is not None)
 
 
 def wgmma_available(x, dense, values, sched: Schedule) -> bool:
     """Whether this call can run on the wgmma prefill kernel (building it on first use)."""
-    if not x.is_cuda:
-        return False
-    w_dtype = values.dtype if values.numel() else dense.dtype
-    return wgmma.unsupported(x, w_dtype, sched) is None and wgmma.extension() is not None
+    return (x.is_cuda and wgmma.unsupported(x, weight_dtype(dense, values), sched) is None
+            and wgmma.extension() is not None)
 
 
 def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
