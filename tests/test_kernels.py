@@ -404,3 +404,8 @@ def test_wgmma_rules_and_prefill_default():
     assert prefill_default(WGMMA_MIN_M - 1, sched, 512, wg=True).engine != "wgmma"
     assert prefill_default(4096, sched, 512, wg=False).engine != "wgmma"
     assert {WGMMA, WGMMA_64} <= set(candidates(256, sched, 512, wg=True)) and WGMMA not in candidates(256, sched, 512)
+    # asked to run where it cannot, it says why instead of falling back silently
+    x = torch.randn(8, 384, dtype=torch.float16)
+    with pytest.raises(ValueError, match="wgmma kernel cannot run this call: (not a CUDA tensor|PATCHC_WGMMA=0)"):
+        launch(x, torch.zeros(6, 128, 128, dtype=torch.float16), torch.zeros(6, 128, 64, dtype=torch.float16),
+               torch.zeros(6, 128, 16, dtype=torch.uint8), sched, None, 512, WGMMA)
