@@ -61,7 +61,7 @@ def default_max_m(n_out: int) -> int:
 
 def x_aligned(x: torch.Tensor) -> bool:
     """x is a row-major [M, K] whose rows start on 16-byte boundaries (this kernel's 16-byte loads, and the TMA
-    descriptors of codegen/launch.py)."""
+    descriptors of codegen/launch.py and codegen/wgmma.cu)."""
     return (x.dim() == 2 and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
             and x.data_ptr() % 16 == 0)
 

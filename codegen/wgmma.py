@@ -16,6 +16,7 @@ import torch
 
 from .cuda_build import CudaKernel
 from .device import capability
+from .mma_sp import x_aligned
 from .schedule import Schedule
 
 SOURCE = Path(__file__).with_name("wgmma.cu")
@@ -87,7 +88,7 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str |
         return f"tile {sched.tile} (the wgmma kernel takes {TILE})"
     if sched.k > MAX_K:
         return f"K={sched.k} above {MAX_K}"
-    if x.dim() != 2 or x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+    if not x_aligned(x):
         return "x is not 16-byte aligned row-major"
     return None
 

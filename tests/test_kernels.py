@@ -25,6 +25,17 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if os.environ.get("PATCHC_TEST_SHAPES") == "llama2-7b" else None
 
 
+BITMAP_KINDS = ["dense", "sparse", "random", "empty_rows"]
+
+
+def make_bitmap(kind: str, r: int, c: int, g: torch.Generator) -> torch.Tensor:
+    """bool [r, c] (1 = dense): all dense, all 2:4, random, or 2:4 everywhere but row-tile 0."""
+    if kind == "random":
+        return torch.rand(r, c, generator=g) < 0.5
+    bitmap = torch.full((r, c), kind == "dense", dtype=torch.bool)
+    return bitmap.index_fill_(0, torch.tensor([0]), True) if kind == "empty_rows" else bitmap
+
+
 @st.composite
 def case(draw):
     t = draw(st.sampled_from([16, 32, 64] if DEVICE == "cpu" else [64, 128]))
@@ -34,12 +45,9 @@ def case(draw):
         n, k = draw(st.sampled_from(REAL_SHAPES))
         r, c = n // t, k // t
     m = draw(st.integers(1, 300 if DEVICE == "cuda" else 80))
-    kind = draw(st.sampled_from(["dense", "sparse", "random", "empty_rows"]))
+    kind = draw(st.sampled_from(BITMAP_KINDS))
     seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    bitmap = {"dense": torch.ones(r, c, dtype=torch.bool), "sparse": torch.zeros(r, c, dtype=torch.bool),
-              "random": torch.rand(r, c, generator=g) < 0.5,
-              "empty_rows": torch.zeros(r, c, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True)}[kind]
+    bitmap = make_bitmap(kind, r, c, torch.Generator().manual_seed(seed))
     dtype = draw(st.sampled_from(DTYPES))
     bias = draw(st.booleans())
     return t, bitmap, m, dtype, bias, seed
@@ -343,10 +351,7 @@ def wgmma_case(draw):
     if not REAL_SHAPES:  # up to 5 row-tiles: an odd count leaves the last CTA one row-tile
         g = torch.Generator().manual_seed(seed)
         r, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
-        kind = draw(st.sampled_from(["dense", "sparse", "random", "empty_rows"]))
-        bitmap = {"dense": torch.ones(r, c, dtype=torch.bool), "sparse": torch.zeros(r, c, dtype=torch.bool),
-                  "random": torch.rand(r, c, generator=g) < 0.5,
-                  "empty_rows": torch.zeros(r, c, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True)}[kind]
+        bitmap = make_bitmap(draw(st.sampled_from(BITMAP_KINDS)), r, c, g)
     m = draw(st.sampled_from([draw(st.integers(1, 300)), draw(st.integers(301, 2100))]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     silu = draw(st.booleans())
