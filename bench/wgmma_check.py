@@ -36,7 +36,7 @@ def checks(log) -> bool:
     cases = [(n, 512, s, m, dt, b) for n in (256, 384) for s in (0.0, 0.25, 0.5) for m in (1, 77, 300)
              for dt in (torch.bfloat16, torch.float16) for b in (False, True)]
     cases += [(640, 1024, 0.25, 2048, torch.bfloat16, True), (512, 2048, 0.35, 1000, torch.float16, False)]
-    cases = [c + (bn,) for c in cases for bn in wgmma.BLOCK_NS]
+    cases = [c + (bn,) for c in cases for bn in wgmma.PREFILL_BLOCK_NS]
     for n, k, s, m, dt, use_bias, bn in cases:
         x, d, v, e, sched, ref, _ = make_layer(n, k, m, s, dtype=dt, seed=n + m + int(100 * s))
         bias = (torch.randn(n, device="cuda") * 0.1).to(dt) if use_bias else None
@@ -71,7 +71,7 @@ def bench(n, k, m, s, log) -> dict:
     paths = {"cublas": [lambda w_=w_: F.linear(x, w_) for w_ in wds],
              "default": [lambda c=c: launch(x, *c, sched, None, n, cfg) for c in packs]}
     row = {"N": n, "K": k, "M": m, "sparsity": s, "default_engine": "decompress" if cfg.engine == "triton" else cfg.engine}
-    for bn in wgmma.BLOCK_NS:
+    for bn in wgmma.PREFILL_BLOCK_NS:
         row[f"err_wgmma{bn}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=bn), ref)
         if row[f"err_wgmma{bn}"] < 1e-2:
             paths[f"wgmma{bn}"] = [lambda c=c, bn=bn: wgmma.run(x, *c, sched, None, block_n=bn) for c in packs]
@@ -99,8 +99,8 @@ def table(rows) -> str:
            " wgmma 128 us (vs cuBLAS) | best wgmma vs previous |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[f'wgmma{bn}_us']} ({r[f'wgmma{bn}_vs_cublas']}x)" if f"wgmma{bn}_us" in r
-                 else f"err {r[f'err_wgmma{bn}']:.1e}" for bn in wgmma.BLOCK_NS]
-        best = min((r[f"wgmma{bn}_us"] for bn in wgmma.BLOCK_NS if f"wgmma{bn}_us" in r), default=None)
+                 else f"err {r[f'err_wgmma{bn}']:.1e}" for bn in wgmma.PREFILL_BLOCK_NS]
+        best = min((r[f"wgmma{bn}_us"] for bn in wgmma.PREFILL_BLOCK_NS if f"wgmma{bn}_us" in r), default=None)
         out.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']} | {r['cublas_us']} | {r['default_us']} "
                    f"({r['default_engine']}, {r['default_vs_cublas']}x) | {' | '.join(cells)} | "
                    f"{round(r['default_us'] / best, 3) if best else '-'}x |")

@@ -1,8 +1,9 @@
 """Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
-Decode (M <= 64) is memory bound. With 16-bit activations, M <= 16 (32 on layers of at most 4096 output rows;
-tuned: <= 32) and an sm_80+ GPU it runs on the
+Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
+layers runs on the wgmma kernel with 16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
+activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
 Above that (M > 64): from M = WGMMA_MIN_M on an H100 / H200 (sm_90a, tile 128, 16-bit) the wgmma kernel
@@ -43,6 +44,11 @@ WGMMA_MIN_M = 256       # from here on the wgmma kernel is the default where it 
 CSLT_OVER_WGMMA_M = 4096  # ... and cuSPARSELt on all-2:4 layers below here (M=512-1024: 1.02-1.20x the speed,
                         # M=2048: 0.98-1.07x; M=4096: 0.93-0.98x, so all-2:4 layers go to cuSPARSELt from here)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
+WGMMA_DECODE_MAX_M = 16  # up to here the wgmma kernel's 16-token CTAs are the decode default where it runs ...
+WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs (8192 rows; SiLU * up: gate and up
+                        # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
+                        # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) mma.sp was 1.0-1.35x faster
+H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,10 @@ class KernelConfig:
     num_stages: int
     group_m: int = 8
     engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32);
+                            # "wgmma": the Hopper GEMM (codegen/wgmma.cu, sm_90a; block_n = tokens a CTA, split_k
+                            # = CTAs of a cluster splitting K, 0 or 1: none);
                             # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit);
-                            # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py);
-                            # "wgmma": the Hopper prefill GEMM (codegen/wgmma.cu, sm_90a)
+                            # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
     block_k: int = 64       # tma: K-step (divides the tile)
     chunk_n: int = 0        # decompress + GEMM (split_k 0): rows decompressed at a time (0 = the whole weight)
@@ -97,6 +104,8 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
                     if split <= k_tiles:
                         for warps, stages in ((4, 2), (4, 3)):
                             out.append(KernelConfig(bm, bn, split, warps, stages))
+    if wg and m <= WGMMA_DECODE_MAX_M:
+        out += [wgmma_decode(split) for split in range(1, min(wgmma.MAX_SPLIT, k_tiles) + 1)]
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
         if cslt:
@@ -141,6 +150,28 @@ WGMMA = KernelConfig(0, 128, 0, 12, 4, engine="wgmma")      # block_n: tokens a 
 WGMMA_64 = KernelConfig(0, 64, 0, 12, 5, engine="wgmma")
 
 
+def wgmma_decode(split: int) -> KernelConfig:
+    """The wgmma kernel at decode: 16-token CTAs, K split over a cluster of `split` CTAs."""
+    return KernelConfig(0, wgmma.DECODE_BLOCK_N, split, 12, 5, engine="wgmma")
+
+
+def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
+    """CTA row pairs of the wgmma kernel: two row-tiles a CTA, or with SiLU * up a gate and its up row-tile."""
+    r = sched.n // sched.tile
+    return r // 2 if silu_mul else triton.cdiv(r, 2)
+
+
+def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
+                         max_clusters: tuple[int, ...] = H100_MAX_CLUSTERS) -> KernelConfig:
+    """The largest split (at most the K-tiles) whose clusters all run at once (max_clusters[s - 1]: clusters of s
+    CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1. Decode streams weights at up to ~80 GB/s
+    an SM (the ring's bytes in flight over DRAM latency), so more CTAs read faster, but a second wave of clusters
+    doubles the time (H100, results/decode_wgmma: split 8 of 16 pairs, 15 clusters at once, 1.4-1.5x split 6)."""
+    pairs = wgmma_decode_pairs(sched, silu_mul)
+    top = max(1, min(wgmma.MAX_SPLIT, sched.k // sched.tile, len(max_clusters)))
+    return wgmma_decode(max([s for s in range(1, top + 1) if pairs <= max_clusters[s - 1]], default=1))
+
+
 def wgmma_default(m: int, sched: Schedule, num_sms: int = 132) -> KernelConfig:
     """128-token CTAs when they fill at least 0.6 of the SMs, else 64-token ones (H100, results/wgmma: 64 won on
     4096-row layers at M=256-512, 1.17-1.50x; 128 won at M >= 1024 and on 11008-row layers from M=256, where
@@ -175,13 +206,18 @@ def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma
 
 def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
                    staged: bool = False, silu_mul: bool = False, tma: bool = False,
-                   cslt: bool = False, wg: bool = False) -> KernelConfig:
+                   cslt: bool = False, wg: bool = False, max_clusters: tuple[int, ...] | None = None) -> KernelConfig:
     """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
     staged=True (sm_90+) and staged_by_default says so.
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
     mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
-    (at most 8); prefill: prefill_default."""
+    (at most 8); prefill: prefill_default. Ahead of these, with wg=True (the wgmma kernel can run this call), M up
+    to WGMMA_DECODE_MAX_M on layers of at least WGMMA_DECODE_MIN_PAIRS row pairs: the wgmma kernel's decode CTAs
+    (wgmma_decode_default; max_clusters: the GPU's, default the H100's)."""
     t = sched.tile
+    fused = silu_mul and wgmma_fuses_silu(sched)
+    if wg and m <= WGMMA_DECODE_MAX_M and wgmma_decode_pairs(sched, fused) >= WGMMA_DECODE_MIN_PAIRS:
+        return wgmma_decode_default(sched, fused, max_clusters or H100_MAX_CLUSTERS)
     if mma and m <= mma_sp.default_max_m(n_out):
         stg = staged and staged_by_default(m, sched)
         warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
@@ -218,13 +254,15 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         cusparselt.prepare(x, values, meta, sched)   # eager: search now for the capture that follows
         wg = wgmma_available(x, dense, values, sched)  # and run what runs where cuSPARSELt cannot
         cfg = prefill_default(m, sched, n_out, wg=wg, cslt=False)
-    if cfg.engine in ("tma", "wgmma") or cfg.split_k == 0:  # all stacked rows, then SiLU(gate) * up in torch
-        if cfg.engine == "wgmma":
-            reason = wgmma.unsupported(x, weight_dtype(dense, values), sched)
-            if reason:
-                raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
-            y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n)
-        elif cfg.engine == "tma":
+    if cfg.engine == "wgmma":
+        reason = wgmma.unsupported(x, weight_dtype(dense, values), sched)
+        if reason:
+            raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
+        fused = silu_mul and wgmma_fuses_silu(sched)
+        y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n, max(1, cfg.split_k), fused)
+        return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul and not fused else y
+    if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then SiLU(gate) * up in torch
+        if cfg.engine == "tma":
             y = _launch_tma(x, dense, values, meta, sched, bias, cfg, poison)
         else:  # prefill: decompress into a transient dense weight, then the vendor GEMM
             y = decompress_mm(x, dense, values, meta, sched, bias, cfg.chunk_n, poison)
@@ -414,6 +452,18 @@ def wgmma_available(x, dense, values, sched: Schedule) -> bool:
             and wgmma.extension() is not None)
 
 
+def wgmma_fuses_silu(sched: Schedule) -> bool:
+    """The wgmma kernel writes SiLU(gate) * up itself when gate and up have whole row-tiles each (a CTA pairs gate
+    row-tile p with up row-tile p + R / 2)."""
+    return (sched.n // sched.tile) % 2 == 0
+
+
+def wgmma_clusters(device: torch.device) -> tuple[int, ...]:
+    """Clusters of 1..MAX_SPLIT decode CTAs the GPU runs at once (queried once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(wgmma.max_clusters(index, wgmma.DECODE_BLOCK_N, s) for s in range(1, wgmma.MAX_SPLIT + 1))
+
+
 def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
     """Whether this call can run on the TMA kernel: 16-bit activations, a tile that 64 divides, and an sm_90+
     GPU (or Triton's interpreter, for the CPU tests)."""
@@ -428,7 +478,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
 
 
-_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA")
+_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA", "PATCHC_WGMMA_DECODE")
 _answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
 
 
@@ -463,7 +513,8 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
     staged = mma and mma_sp.staged_available(x, meta)
     tma = m > DECODE_MAX_M and tma_available(x, sched)
     cslt = m > DECODE_MAX_M and cusparselt.unsupported(x, values, sched) is None
-    wg = m > DECODE_MAX_M and wgmma_available(x, dense, values, sched)
+    wg = (m > DECODE_MAX_M or (m <= WGMMA_DECODE_MAX_M and wgmma.decode_enabled())) and \
+        wgmma_available(x, dense, values, sched)
     key = config_key(sched, m, x.dtype, silu_mul, mma, staged, tma, cslt, wg)
     if key in _memory and (_memory[key][1] or not tune):
         return _memory[key][0], True
@@ -474,8 +525,9 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
         return _memory[key][0], True
     sms = sm_count(x.device) if x.is_cuda else 132
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    clusters = wgmma_clusters(x.device) if wg and m <= WGMMA_DECODE_MAX_M else None
     if not tune or not x.is_cuda or capturing:
-        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg), False)
+        _memory[key] = (default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg, clusters), False)
         return _memory[key][0], not tune or not x.is_cuda
     best, best_ms = None, float("inf")
     for cfg in candidates(m, sched, n_out, mma, staged, silu_mul, tma, cslt, wg):
@@ -485,7 +537,7 @@ def _get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg)
+    best = best or default_config(m, sched, n_out, sms, mma, staged, silu_mul, tma, cslt, wg, clusters)
     _memory[key] = (best, True)
     with _lock:
         disk = _load_disk()

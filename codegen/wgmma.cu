@@ -17,6 +17,12 @@
 // stage; a consumer keeps one step's wgmma group in flight and frees a stage when the group that read it has
 // completed. y is staged through shared memory transposed and written with 16-byte stores.
 //
+// Decode (M <= 16: BN = 16) is memory bound and has far fewer CTAs than SMs at one CTA a row pair, so K is split
+// over a thread-block cluster of `split` CTAs (cluster dims 1 x 1 x split), each streaming its share of the K-tiles
+// through the same ring; their fp32 partials meet in shared memory and each CTA sums a slice of the output over
+// the cluster's CTAs (distributed shared memory) and writes it. The same fp32 epilogue serves silu_mul: a CTA then
+// pairs gate row-tile p with up row-tile p + R / 2 (one per consumer warpgroup) and writes SiLU(gate) * up.
+//
 // Sparse metadata (PTX ISA, "Sparse wgmma": the per-warp layout of mma.sp m16n8k32 with selector 0): the
 // thread of lane 4g + t (t = 0, 1) of warp w supplies, for one k32 step, the 4-bit codes of rows 16w + g (bits
 // 0-15) and 16w + g + 8 (bits 16-31) for k = 16t .. 16t + 15: bytes 2t, 2t + 1 of that step's 4 code bytes of
@@ -56,6 +62,8 @@ struct Layout {
   static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;   // + alignment slack + the mbarriers
   static_assert(STAGES >= 2, "two stages at least");
   static_assert(2 * BN * EPI_PITCH * 2 <= STAGES * STAGE, "the epilogue reuses the ring");
+  static constexpr int RED_PITCH = 2 * TILE + 4;                // fp32 partials [BN tokens, 256 rows (+ pad)]
+  static_assert(BN * RED_PITCH * 4 <= STAGES * STAGE, "the fp32 epilogue reuses the ring");
 };
 
 template <typename T, int BN> struct Wgmma;
@@ -107,6 +115,24 @@ __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// Four floats at shared address `addr` of the cluster's CTA `rank` (distributed shared memory).
+__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  float4 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
+  return v;
+}
+__device__ __forceinline__ float4 ld_shared_f4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+  return v;
+}
 #endif
 
 // Shared-memory matrix descriptors of K-major operands as TMA lays them out: 128-byte swizzle (rows of 128
@@ -131,6 +157,14 @@ template <typename T>
 __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
+
+template <typename T>
+__device__ __forceinline__ void store4(T* p, float a, float b, float c, float d) {  // 8-byte aligned
+  union { T h[4]; uint2 u; } v;
+  v.h[0] = from_float<T>(a); v.h[1] = from_float<T>(b); v.h[2] = from_float<T>(c); v.h[3] = from_float<T>(d);
+  *reinterpret_cast<uint2*>(p) = v.u;
+}
 
 template <typename T, int BN>
 __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
@@ -139,7 +173,9 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const __grid_constant__ CUtensorMap values_map,  // values [n_sparse * T, T / 2], box [T, 32], 64 B swizzle
     const uint8_t* __restrict__ meta,                 // [n_sparse, T, T / 8]
     const int* __restrict__ slot,                     // [R, C]: i >= 0 dense tile i, ~i 2:4 tile i
-    int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym) {
+    int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym,
+    int split,                                        // CTAs of a cluster splitting K (gridDim.z)
+    int silu_mul) {                                   // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
 #if PATCHC_WGMMA_ARCH
   using L = Layout<BN>;
   extern __shared__ unsigned char smem_raw[];
@@ -150,13 +186,21 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (L::STAGES + s); };
 
-  const int rt0 = 2 * blockIdx.y;            // this CTA's row-tiles: rt0 and (if R allows) rt0 + 1
-  const int pair = R - rt0 < 2 ? R - rt0 : 2;
+  // This CTA's row-tiles rt[0], rt[1]: 2p and (if R allows) 2p + 1; with silu_mul gate p and up p + R / 2.
+  const int rt0 = silu_mul ? blockIdx.y : 2 * blockIdx.y;
+  const int pair = silu_mul ? 2 : (R - rt0 < 2 ? R - rt0 : 2);
+  const int rt1 = silu_mul ? blockIdx.y + R / 2 : rt0 + pair - 1;
   const int m0 = blockIdx.x * BN;            // first token of this CTA
+  const int rank = blockIdx.z;               // = %cluster_ctarank (cluster dims 1 x 1 x split, gridDim.z = split)
+  // This CTA's K-tiles [kc0, kc1), warp-uniform as ptxas can see (else it serialises the wgmmas: C7520).
+  const int kc0 = __shfl_sync(0xffffffff, rank * C / split, 0), kc1 = __shfl_sync(0xffffffff, (rank + 1) * C / split, 0);
   const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);   // warp-uniform, as ptxas can see
   // With an odd number of row-tiles the last CTA has one: its second warpgroup then runs the first row-tile's
   // tiles again and stores nothing (a branch around the mainloop would make ptxas serialise the wgmmas).
-  for (int i = threadIdx.x; i < 2 * C; i += THREADS) slots[i / C][i % C] = slot[(int64_t)(rt0 + (i / C) % pair) * C + i % C];
+  if (threadIdx.x == 0)  // the descriptors' first use waits on them otherwise
+    for (const CUtensorMap* m : {&x_map, &dense_map, &values_map})
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(m)) : "memory");
+  for (int i = threadIdx.x; i < 2 * C; i += THREADS) slots[i / C][i % C] = slot[(int64_t)(i < C ? rt0 : rt1) * C + i % C];
   if (threadIdx.x == 0) {
     for (int s = 0; s < L::STAGES; ++s) {
       mbar_init(full(s), 1);
@@ -165,13 +209,13 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  const int steps = 2 * C;                   // half a K-tile a step
+  const int steps = 2 * (kc1 - kc0);         // half a K-tile a step
 
   if (wg == 0) {  // producer
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
       for (int q = 0; q < steps; ++q) {
-        const int s = q % L::STAGES, kc = q / 2, h = q % 2;
+        const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
         if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
         const uint32_t st = base + s * L::STAGE;
         uint32_t bytes = L::X_BOX;
@@ -193,13 +237,18 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     setmaxnreg_inc<232>();
     const int c = wg - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    float acc0[BN / 2], acc1[BN / 2];        // rows 0-63 and 64-127 of the row-tile
+    // Rows 0-63 and 64-127 of the row-tile, in NSETS independent sets: at decode a wgmma is latency, not tensor
+    // time, and a step's wgmmas on one accumulator would run one after another (summed after the mainloop).
+    constexpr int NSETS = BN <= 32 ? 4 : 1;
+    float acc0[NSETS][BN / 2], acc1[NSETS][BN / 2];
 #pragma unroll
-    for (int r = 0; r < BN / 2; ++r) acc0[r] = acc1[r] = 0.f;
+    for (int a = 0; a < NSETS; ++a)
+#pragma unroll
+      for (int r = 0; r < BN / 2; ++r) acc0[a][r] = acc1[a][r] = 0.f;
     uint32_t e_prev0 = 0, e_prev1 = 0, e_prev2 = 0, e_prev3 = 0;   // codes of the group still in flight
     const uint32_t perm = (t & 1) ? 0x7632 : 0x5410;                // halves 1 or 0 of rows g and g + 8
     for (int q = 0; q < steps; ++q) {
-      const int s = q % L::STAGES, kc = q / 2, h = q % 2;
+      const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
       mbar_wait(full(s), (q / L::STAGES) & 1);
       const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
       uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
@@ -207,8 +256,8 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       if (slots[c][kc] >= 0) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          Wgmma<T, BN>::dense(acc0, desc128(ws + kk * 32), desc128(xs + kk * 32));
-          Wgmma<T, BN>::dense(acc1, desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
+          Wgmma<T, BN>::dense(acc0[kk % NSETS], desc128(ws + kk * 32), desc128(xs + kk * 32));
+          Wgmma<T, BN>::dense(acc1[kk % NSETS], desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
         }
       } else {
         // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row)
@@ -222,10 +271,10 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         e1 = __byte_perm(a_lo.y, a_hi.y, perm);
         e2 = __byte_perm(b_lo.x, b_hi.x, perm);
         e3 = __byte_perm(b_lo.y, b_hi.y, perm);
-        Wgmma<T, BN>::sparse(acc0, desc64(ws), desc128(xs), e0);
-        Wgmma<T, BN>::sparse(acc1, desc64(ws + 64 * 64), desc128(xs), e2);
-        Wgmma<T, BN>::sparse(acc0, desc64(ws + 32), desc128(xs + 64), e1);
-        Wgmma<T, BN>::sparse(acc1, desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
+        Wgmma<T, BN>::sparse(acc0[0], desc64(ws), desc128(xs), e0);
+        Wgmma<T, BN>::sparse(acc1[0], desc64(ws + 64 * 64), desc128(xs), e2);
+        Wgmma<T, BN>::sparse(acc0[1 % NSETS], desc64(ws + 32), desc128(xs + 64), e1);
+        Wgmma<T, BN>::sparse(acc1[1 % NSETS], desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
       }
       wgmma_commit();
       wgmma_wait<1>();                       // the previous step's group is done: its stage is free
@@ -236,16 +285,37 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     wgmma_wait<0>();
     keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
 #pragma unroll
-    for (int r = 0; r < BN / 2; ++r) asm volatile("" : "+f"(acc0[r]), "+f"(acc1[r])::"memory");
+    for (int a = 0; a < NSETS; ++a)
+#pragma unroll
+      for (int r = 0; r < BN / 2; ++r) asm volatile("" : "+f"(acc0[a][r]), "+f"(acc1[a][r])::"memory");
+#pragma unroll
+    for (int a = 1; a < NSETS; ++a)
+#pragma unroll
+      for (int r = 0; r < BN / 2; ++r) acc0[0][r] += acc0[a][r], acc1[0][r] += acc1[a][r];
 
     // Epilogue: both consumer warpgroups are past their last wgmma (every stage read), so the ring is free.
     named_barrier(1, 256);
-    if (c < pair) {
+    if (split > 1 || silu_mul) {  // fp32 partials [BN tokens, 256 rows]: the cluster's sum is written below
+      float* red = reinterpret_cast<float*>(base_ptr);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* acc = half ? acc1[0] : acc0[0];
+        const int r = c * TILE + half * 64 + warp * 16 + g;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {   // conflict-free: tokens 2t apart are 8t banks apart
+          const int tok = 8 * j + 2 * t;
+          red[tok * L::RED_PITCH + r] = acc[4 * j + 0];
+          red[(tok + 1) * L::RED_PITCH + r] = acc[4 * j + 1];
+          red[tok * L::RED_PITCH + r + 8] = acc[4 * j + 2];
+          red[(tok + 1) * L::RED_PITCH + r + 8] = acc[4 * j + 3];
+        }
+      }
+    } else if (c < pair) {
       T* out = reinterpret_cast<T*>(base_ptr) + c * BN * L::EPI_PITCH;     // [BN tokens, 128 rows (+ pad)]
       const int n_row0 = (rt0 + c) * TILE;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const float* acc = half ? acc1 : acc0;
+        const float* acc = half ? acc1[0] : acc0[0];
         const int r = half * 64 + warp * 16 + g;
         const float b_lo = bias ? to_float(bias[n_row0 + r]) : 0.f;
         const float b_hi = bias ? to_float(bias[n_row0 + r + 8]) : 0.f;
@@ -269,6 +339,44 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         }
       }
     }
+  }
+  if (split > 1 || silu_mul) {
+    // Every thread of every CTA (producer warpgroup included) meets here twice: the partials are written, then
+    // read (a CTA's shared memory must outlive the cluster's reads of it).
+    if (split > 1) cluster_sync(); else __syncthreads();
+    if (wg > 0) {
+      const uint32_t red = base;
+      const int groups = (silu_mul ? TILE : 2 * TILE) / 4;     // four rows a thread: output rows / 4 a token
+      for (int i = rank * 256 + (int)threadIdx.x - 128; i < BN * groups; i += split * 256) {
+        const int tok = i / groups, row = (i % groups) * 4;   // row of the CTA's 256 (silu_mul: of its 128 gates)
+        const uint32_t at = red + (uint32_t)(tok * L::RED_PITCH + row) * 4;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), u = a;
+        for (int q = 0; q < split; ++q) {
+          const float4 v = split > 1 ? ld_cluster_f4(at, q) : ld_shared_f4(at);
+          a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+          if (silu_mul) {
+            const float4 w = split > 1 ? ld_cluster_f4(at + TILE * 4, q) : ld_shared_f4(at + TILE * 4);
+            u.x += w.x; u.y += w.y; u.z += w.z; u.w += w.w;
+          }
+        }
+        if (m0 + tok >= M || row >= pair * TILE) continue;
+        const int n = (row < TILE ? rt0 : rt1) * TILE + row % TILE;   // W's row (the gate's, with silu_mul)
+        if (bias) {
+          a.x += to_float(bias[n]); a.y += to_float(bias[n + 1]); a.z += to_float(bias[n + 2]); a.w += to_float(bias[n + 3]);
+        }
+        T* out = y + (int64_t)(m0 + tok) * stride_ym;
+        if (silu_mul) {
+          if (bias) {
+            const int nu = rt1 * TILE + row;
+            u.x += to_float(bias[nu]); u.y += to_float(bias[nu + 1]); u.z += to_float(bias[nu + 2]); u.w += to_float(bias[nu + 3]);
+          }
+          store4(out + n, silu(a.x) * u.x, silu(a.y) * u.y, silu(a.z) * u.z, silu(a.w) * u.w);
+        } else {
+          store4(out + n, a.x, a.y, a.z, a.w);
+        }
+      }
+    }
+    if (split > 1) cluster_sync();
   }
 #else
   __trap();  // built for sm_90a only; the host refuses other GPUs
@@ -309,7 +417,7 @@ CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType dt, int64_t rows, in
 template <typename T, int BN>
 void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Tensor& values, const torch::Tensor& meta,
             const torch::Tensor& slot, const c10::optional<torch::Tensor>& bias, torch::Tensor& y,
-            CUtensorMapDataType dt) {
+            CUtensorMapDataType dt, int split, bool silu_mul) {
   using L = Layout<BN>;
   const int64_t M = x.size(0), K = x.size(1), R = slot.size(0), C = slot.size(1);
   const CUtensorMap x_map = tensor_map(x.data_ptr(), dt, M, K, x.stride(0), BN, BOX_K);
@@ -322,27 +430,80 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   auto kernel = hybrid_wgmma_kernel<T, BN>;
   TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
               "patchc: could not raise the shared memory limit of the wgmma kernel to ", L::SMEM, " bytes");
-  const dim3 grid((unsigned)((M + BN - 1) / BN), (unsigned)((R + 1) / 2));
-  kernel<<<grid, THREADS, L::SMEM, c10::cuda::getCurrentCUDAStream()>>>(
-      x_map, d_map, v_map, meta.data_ptr<uint8_t>(), slot.data_ptr<int>(), (int)R, (int)C,
-      bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr, reinterpret_cast<T*>(y.data_ptr()), (int)M,
-      y.stride(0));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)((M + BN - 1) / BN), (unsigned)(silu_mul ? R / 2 : (R + 1) / 2), (unsigned)split);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = L::SMEM;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;   // the K-splitting CTAs of one output tile: a cluster
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = (unsigned)split;
+  cfg.attrs = attr;
+  cfg.numAttrs = split > 1 ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(
+      &cfg, kernel, x_map, d_map, v_map, (const uint8_t*)meta.data_ptr<uint8_t>(), (const int*)slot.data_ptr<int>(),
+      (int)R, (int)C, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : (const T*)nullptr,
+      reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul);
+  TORCH_CHECK(err == cudaSuccess, "patchc wgmma: launch failed (", cudaGetErrorString(err), ") with a cluster of ",
+              split, " CTAs");
+}
+
+template <typename T, int BN>
+int max_clusters(int split) {
+  using L = Layout<BN>;
+  auto kernel = hybrid_wgmma_kernel<T, BN>;
+  TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
+              "patchc: could not raise the shared memory limit of the wgmma kernel");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(1, 1, (unsigned)split);
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = L::SMEM;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = (unsigned)split;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  TORCH_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess, "patchc wgmma: occupancy query failed");
+  return n;
 }
 
 }  // namespace patchc_wgmma
 
+// How many clusters of `split` CTAs (block_n tokens each) the current GPU runs at once.
+int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {
+  using namespace patchc_wgmma;
+  TORCH_CHECK(split >= 1 && split <= 8, "patchc wgmma: split must be 1..8");
+  switch (block_n) {
+#define PATCHC_WGMMA_CASE(BN) \
+  case BN:                    \
+    return max_clusters<__nv_bfloat16, BN>((int)split);
+    PATCHC_WGMMA_BLOCK_NS
+#undef PATCHC_WGMMA_CASE
+    default:
+      TORCH_CHECK(false, "patchc wgmma: block_n ", block_n, " was not built");
+  }
+  return 0;
+}
+
 // y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule;
-// block_n: tokens a CTA (64 or 128).
+// block_n: tokens a CTA (16, 32, 64 or 128); split: CTAs (a cluster) splitting K, 1..8; silu_mul: W = [gate; up]
+// and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up).
 void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
-                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n) {
+                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split,
+                  int64_t silu_mul) {
   using namespace patchc_wgmma;
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "patchc wgmma: x must be a CUDA [M, K] matrix with contiguous, 16-byte aligned rows");
   TORCH_CHECK(slot.dim() == 2 && slot.scalar_type() == torch::kInt && slot.is_contiguous() && slot.is_cuda() &&
-                  slot.size(1) <= MAX_C && x.size(1) == slot.size(1) * TILE && y.size(1) == slot.size(0) * TILE &&
+                  slot.size(1) <= MAX_C && x.size(1) == slot.size(1) * TILE &&
+                  y.size(1) * (silu_mul ? 2 : 1) == slot.size(0) * TILE && (!silu_mul || slot.size(0) % 2 == 0) &&
                   y.size(0) == x.size(0) && y.stride(1) == 1 && y.stride(0) % 8 == 0,
               "patchc wgmma: x ", x.sizes(), ", y ", y.sizes(), " and the schedule's slots ", slot.sizes(),
               " do not fit (tile 128, K <= ", MAX_C * TILE, ")");
@@ -351,9 +512,22 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf16 || x.scalar_type() == torch::kHalf, "patchc wgmma: bf16 or fp16 only");
   const auto dt = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  TORCH_CHECK(block_n == 64 || block_n == 128, "patchc wgmma: block_n must be 64 or 128, got ", block_n);
-  if (bf16 && block_n == 128) launch<__nv_bfloat16, 128>(x, dense, values, meta, slot, bias, y, dt);
-  else if (bf16) launch<__nv_bfloat16, 64>(x, dense, values, meta, slot, bias, y, dt);
-  else if (block_n == 128) launch<__half, 128>(x, dense, values, meta, slot, bias, y, dt);
-  else launch<__half, 64>(x, dense, values, meta, slot, bias, y, dt);
+  TORCH_CHECK(split >= 1 && split <= 8 && split <= slot.size(1), "patchc wgmma: split must be 1..8 and at most the "
+              "K-tiles");
+  TORCH_CHECK(!bias || (bias->is_cuda() && bias->is_contiguous() && bias->scalar_type() == x.scalar_type() &&
+                        bias->numel() == slot.size(0) * TILE),
+              "patchc wgmma: bias must be a contiguous CUDA vector of N elements in x's dtype");
+  const int s = (int)split;
+  const bool silu = silu_mul != 0;
+  switch (block_n) {
+#define PATCHC_WGMMA_CASE(BN)                                                                   \
+  case BN:                                                                                      \
+    if (bf16) launch<__nv_bfloat16, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu);  \
+    else launch<__half, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu);              \
+    break;
+    PATCHC_WGMMA_BLOCK_NS
+#undef PATCHC_WGMMA_CASE
+    default:
+      TORCH_CHECK(false, "patchc wgmma: block_n ", block_n, " was not built");
+  }
 }

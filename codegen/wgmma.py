@@ -1,5 +1,7 @@
-"""The prefill GEMM on Hopper's warpgroup tensor cores: dense tiles through wgmma, 2:4 tiles through sparse
-wgmma, both read in place from the packed format, one launch, no decompression.
+"""The Hopper GEMM on warpgroup tensor cores: dense tiles through wgmma, 2:4 tiles through sparse wgmma, both
+read in place from the packed format, one launch, no decompression. Prefill runs 64- or 128-token CTAs; decode
+(M <= 16) 16-token CTAs with K split over a thread-block cluster, the partials summed in distributed shared
+memory; either can fuse SiLU(gate) * up for a stacked [gate; up] weight.
 
 Decompress + cuBLAS, the fallback for layers that mix dense and 2:4 tiles, has to write and read a
 transient dense weight and then does the full dense FLOPs; Triton 3.6 has no sparse dot. wgmma.cu
@@ -9,6 +11,7 @@ compute capability 9.0 exactly (sm_90a code runs nowhere else). PATCHC_WGMMA=0 t
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -21,7 +24,10 @@ from .schedule import Schedule
 
 SOURCE = Path(__file__).with_name("wgmma.cu")
 TILE = 128
-BLOCK_NS = (64, 128)    # tokens a CTA (m64n64 / m64n128 wgmma); a CTA covers 256 rows of W (two row-tiles)
+BLOCK_NS = (16, 64, 128)  # tokens a CTA (m64nBNk16 wgmma); a CTA covers 256 rows of W (two row-tiles)
+PREFILL_BLOCK_NS = (64, 128)
+DECODE_BLOCK_N = 16       # M <= 16, K split over a cluster
+MAX_SPLIT = 8             # CTAs of a cluster splitting K (portable cluster size)
 MAX_K = 256 * TILE      # wgmma.cu MAX_C K-tiles a row
 DTYPES = {torch.bfloat16: ("__nv_bfloat16", "bf16"), torch.float16: ("__half", "f16")}
 
@@ -50,6 +56,7 @@ def source() -> str:
         for c_type, ptx_type in DTYPES.values():
             ops.append(f"template <> struct Wgmma<{c_type}, {block_n}> {{\n{_wgmma_op(block_n, False, ptx_type)}"
                        f"{_wgmma_op(block_n, True, ptx_type)}}};\n")
+    ops.append("#define PATCHC_WGMMA_BLOCK_NS " + " ".join(f"PATCHC_WGMMA_CASE({b})" for b in BLOCK_NS) + "\n")
     src = SOURCE.read_text()
     marker = "// @WGMMA_OPS@"
     assert marker in src, "wgmma.cu lost its @WGMMA_OPS@ marker"
@@ -57,19 +64,36 @@ def source() -> str:
 
 
 _KERNEL = CudaKernel(
-    "patchc_wgmma", "wgmma prefill kernel", source,
+    "patchc_wgmma", "wgmma kernel", source,
     "void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
-    "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n);",
-    ["hybrid_wgmma"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
+    "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split, "
+    "int64_t silu_mul);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
+    ["hybrid_wgmma", "wgmma_max_clusters"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
 
 
 def enabled() -> bool:
     return os.environ.get("PATCHC_WGMMA", "1").lower() not in ("0", "false", "no")
 
 
+def decode_enabled() -> bool:
+    """Whether decode (M <= 16) may use the kernel's 16-token CTAs (PATCHC_WGMMA_DECODE=0: the mma.sp kernel)."""
+    return os.environ.get("PATCHC_WGMMA_DECODE", "1").lower() not in ("0", "false", "no")
+
+
 def extension():
     """The compiled extension, or None (with a warning naming the reason) if it cannot be built here."""
     return _KERNEL.extension()
+
+
+@functools.lru_cache(maxsize=None)
+def max_clusters(device_index: int, block_n: int, split: int) -> int:
+    """How many clusters of `split` CTAs of block_n tokens the GPU runs at once (cudaOccupancyMaxActiveClusters:
+    a cluster's CTAs share one GPC, one CTA an SM), or 0 where the kernel is not built."""
+    ext = extension()
+    if ext is None:
+        return 0
+    with torch.cuda.device(device_index):
+        return int(ext.wgmma_max_clusters(block_n, split))
 
 
 def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str | None:
@@ -94,22 +118,31 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str |
 
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
-        bias: torch.Tensor | None, poison: bool = False, block_n: int = 128) -> torch.Tensor:
-    """y [M, sched.n] = x [M, K] @ W^T + bias: one CTA per (two row-tiles, block_n tokens). The caller checked
-    `unsupported`. poison=True fills y with NaN first, so an element the kernel misses shows."""
+        bias: torch.Tensor | None, poison: bool = False, block_n: int = 128, split: int = 1,
+        silu_mul: bool = False) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T + bias (N = sched.n), or with silu_mul (W = [gate; up] stacked, bias likewise)
+    y [M, N / 2] = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up). One CTA per (two row-tiles, block_n tokens,
+    1 / split of K); split > 1 launches clusters of `split` CTAs. The caller checked `unsupported`.
+    poison=True fills y with NaN first, so an element the kernel misses shows."""
     if block_n not in BLOCK_NS:
         raise ValueError(f"wgmma.run: block_n {block_n} not in {BLOCK_NS}")
+    k_tiles = sched.k // TILE
+    if not 1 <= split <= min(MAX_SPLIT, k_tiles):
+        raise ValueError(f"wgmma.run: split {split} must be 1..{min(MAX_SPLIT, k_tiles)} (at most the {k_tiles} K-tiles)")
+    if silu_mul and (sched.n // TILE) % 2:
+        raise ValueError(f"wgmma.run: silu_mul needs an even number of row-tiles (gate and up), got N={sched.n}")
     ext = extension()
     if ext is None:
         raise RuntimeError(f"the wgmma kernel is unavailable: {_KERNEL.error}")
     for name, t in (("dense", dense), ("values", values), ("meta", meta)):
         if t.numel() and (t.data_ptr() % 16 or not t.is_contiguous()):
             raise ValueError(f"packed {name} storage is not contiguous and 16-byte aligned")
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
     m = x.shape[0]
-    y = torch.full((m, sched.n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
-        torch.empty((m, sched.n), dtype=x.dtype, device=x.device)
+    n = sched.n // 2 if silu_mul else sched.n
+    y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
+        torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
-        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n)
+        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n, split, int(silu_mul))
     return y

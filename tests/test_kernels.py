@@ -282,7 +282,7 @@ def test_decode_default_runs_on_the_sparse_tensor_cores():
     x = torch.randn(16, 384, device="cuda", dtype=torch.bfloat16)
     cfg = get_config(x, torch.empty(2, 128, 128, device="cuda", dtype=torch.bfloat16),
                      torch.empty(4, 128, 64, device="cuda", dtype=torch.bfloat16), None, sched, None, 256, tune=False)
-    assert cfg.engine == "mma_sp"
+    assert cfg.engine == "mma_sp"   # (two row-tiles: too few CTA row pairs for the wgmma kernel's decode CTAs)
     run_case(128, bitmap, 16, torch.bfloat16, True, 0, cfg_fn=lambda *_: cfg)
 
 
@@ -352,30 +352,36 @@ def wgmma_case(draw):
         g = torch.Generator().manual_seed(seed)
         r, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
         bitmap = make_bitmap(draw(st.sampled_from(BITMAP_KINDS)), r, c, g)
-    m = draw(st.sampled_from([draw(st.integers(1, 300)), draw(st.integers(301, 2100))]))
+    from patchc.codegen import wgmma
+    from patchc.codegen.launch import WGMMA, WGMMA_64, wgmma_decode
+
+    decode = draw(st.booleans())
+    m = draw(st.integers(1, 16)) if decode else \
+        draw(st.sampled_from([draw(st.integers(1, 300)), draw(st.integers(301, 2100))]))
+    cfg = wgmma_decode(draw(st.integers(1, min(wgmma.MAX_SPLIT, bitmap.shape[1])))) if decode else \
+        draw(st.sampled_from([WGMMA, WGMMA_64]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     silu = draw(st.booleans())
-    if silu and bitmap.shape[0] % 2:  # gate and up stacked: an even number of row-tiles
+    if silu and draw(st.booleans()):  # gate and up stacked: an even number of row-tiles is fused in the kernel
         bitmap = torch.cat([bitmap, bitmap.flip(1)], 0)
-    return bitmap, m, dtype, bias, seed, silu, draw(st.booleans()), draw(st.booleans())
+    return bitmap, m, dtype, bias, seed, silu, draw(st.booleans()), cfg
 
 
 @pytest.mark.skipif(not _wgmma_ready(), reason="wgmma kernel: needs an H100 / H200 (sm_90a) and nvcc")
 @given(wgmma_case())
 def test_wgmma_kernel_matches_float64_reference(c):
     """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
-    wgmma in K order, 64- and 128-token blocks, M not a multiple of the block, bias, SiLU(gate) * up after it, and a CUDA graph
-    replay after a poisoning fill."""
-    from patchc.codegen.launch import WGMMA, WGMMA_64
-
-    bitmap, m, dtype, bias, seed, silu, graph, small = c
-    cfg = WGMMA_64 if small else WGMMA
+    wgmma in K order; 64- and 128-token blocks, and 16-token blocks with K split over a cluster of 1..8 CTAs whose
+    partials meet in distributed shared memory; M not a multiple of the block, bias, SiLU(gate) * up (in the
+    kernel when gate and up are whole row-tiles, else after it), and a CUDA graph replay after a poisoning fill."""
+    bitmap, m, dtype, bias, seed, silu, graph, cfg = c
     run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
 
 def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
-    """The generated inline asm: m64nNk16 dense and m64nNk32 sparse wgmma (N = 64, 128) for bf16 and fp16, each
-    naming its N/2 accumulators, both descriptors (and the sparse one its metadata register) and scale-d once."""
+    """The generated inline asm: m64nNk16 dense and m64nNk32 sparse wgmma (N = 16, 64, 128) for bf16 and fp16, each
+    naming its N/2 accumulators, both descriptors (and the sparse one its metadata register) and scale-d once; and
+    the host dispatches every block size built."""
     import re
 
     from patchc.codegen import wgmma
@@ -392,6 +398,39 @@ def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
                 assert body.count('"+f"(d[') == bn // 2
         assert f"template <> struct Wgmma<__half, {bn}>" in src
     assert "// @WGMMA_OPS@" in src
+    cases = re.search(r"#define PATCHC_WGMMA_BLOCK_NS (.*)\n", src).group(1)
+    assert re.findall(r"PATCHC_WGMMA_CASE\((\d+)\)", cases) == [str(bn) for bn in wgmma.BLOCK_NS]
+
+
+def test_wgmma_decode_default_splits_k_over_a_cluster():
+    """M <= 16 on tall layers runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the largest
+    cluster whose clusters all run at once (a second wave doubles the time); SiLU(gate) * up pairs each gate
+    row-tile with its up row-tile in one CTA, so half the pairs. Short layers stay on the mma.sp kernel."""
+    from patchc.codegen import wgmma
+    from patchc.codegen.launch import (H100_MAX_CLUSTERS, WGMMA_DECODE_MAX_M, candidates, default_config,
+                                       wgmma_decode, wgmma_decode_default)
+
+    def sched(r, c):
+        return build_schedule(torch.rand(r, c, generator=torch.Generator().manual_seed(r * c)) < 0.5, 128)
+    # H100: 132 / 66 / 39 / 30 / 22 / 17 / 15 / 15 clusters of 1..8 CTAs at once
+    for (r, c, silu), split in (((32, 32, False), 6), ((86, 32, False), 2), ((32, 86, False), 6),
+                                ((172, 32, True), 1), ((96, 32, False), 2), ((32, 4, False), 4), ((400, 32, False), 1)):
+        cfg = wgmma_decode_default(sched(r, c), silu, H100_MAX_CLUSTERS)
+        assert cfg == wgmma_decode(split) and cfg.engine == "wgmma" and cfg.block_n == wgmma.DECODE_BLOCK_N, (r, c, cfg)
+    assert wgmma_decode_default(sched(32, 32), max_clusters=(132,) * 8) == wgmma_decode(8)
+    tall, short = sched(86, 32), sched(32, 32)
+    assert default_config(WGMMA_DECODE_MAX_M, tall, 11008, mma=True, wg=True) == wgmma_decode(2)
+    assert default_config(1, sched(172, 32), 11008, mma=True, wg=True, silu_mul=True) == wgmma_decode(1)
+    assert default_config(16, sched(62, 32), 7936, mma=True, wg=True).engine == "mma_sp"   # 31 pairs
+    assert default_config(16, short, 4096, mma=True, wg=True).engine == "mma_sp"
+    assert default_config(WGMMA_DECODE_MAX_M + 1, tall, 11008, mma=True, wg=True).engine != "wgmma"
+    assert default_config(1, tall, 11008, mma=True, wg=False).engine == "mma_sp"
+    assert {wgmma_decode(i) for i in range(1, 9)} <= set(candidates(16, short, 4096, mma=True, wg=True))
+    assert not any(c.engine == "wgmma" for c in candidates(16, short, 4096, mma=True))
+    with pytest.raises(ValueError, match="split 9 must be 1..8"):
+        wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=16, split=9)
+    with pytest.raises(ValueError, match="even number of row-tiles"):
+        wgmma.run(torch.randn(4, 512), None, None, None, sched(3, 4), None, block_n=16, silu_mul=True)
 
 
 def test_wgmma_rules_and_prefill_default():
