@@ -33,6 +33,7 @@ from kernels import SHAPES, copy_bandwidth, graph_time_us, make_layer, rotating_
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import mma_sp, wgmma
+from patchc.codegen.launch import get_config, launch
 
 ROUNDS = 2
 SPLITS = (1, 2, 3, 4, 6, 8)
@@ -110,9 +111,13 @@ def bench(n, k, m, s, bw, log) -> dict:
     wd = torch.randn(n, k, device="cuda", dtype=x.dtype) * 0.02
     wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
     warps, sl = mma_sp.default_launch(m, n, 132)
+    cfg = get_config(x, d, v, e, sched, None, n, tune=False)      # what a user gets
     paths = {"cublas": [lambda w_=w_: F.linear(x, w_) for w_ in wds],
-             "mma_sp": [lambda c=c: mma_sp.run(x, *c, sched, None, n, warps, sl) for c in packs]}
+             "mma_sp": [lambda c=c: mma_sp.run(x, *c, sched, None, n, warps, sl) for c in packs],
+             "default": [lambda c=c: launch(x, *c, sched, None, n, cfg) for c in packs]}
     row = {"N": n, "K": k, "M": m, "sparsity": s, "bytes": p.nbytes,
+           "default_cfg": f"{cfg.engine} split {cfg.split_k}" if cfg.engine == "wgmma" else cfg.engine,
+           "err_default": err(launch(x, d, v, e, sched, None, n, cfg, poison=True), ref),
            "floor_us": round((p.nbytes + x.nbytes + m * n * 2) / bw * 1e6, 2),
            "err_mma_sp": err(mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True), ref)}
     for split in splits_for(k):
@@ -185,14 +190,17 @@ def table(env, rows, silu_rows) -> str:
            f"{env['copy_GBps']} GB/s, {env['date']})", "",
            "floor: (packed + x + y bytes) / copy bandwidth; read: the fastest streaming read of the packed bytes; "
            "wgmma: 16-token CTAs, K split over a cluster of `split` CTAs (best split shown, every split in the JSON).",
+           "default: what get_config gives a user (the kernel and split in the last column).",
            "", "| N x K | M | s | floor us | read us | cuBLAS us | mma.sp us (/floor) | wgmma us (/floor) | split | "
-           "wgmma / mma.sp | wgmma vs cuBLAS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "wgmma / mma.sp | default us (/floor, vs cuBLAS, kernel) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wg = r.get("wg_us")
         out.append(f"| {r['N']}x{r['K']} | {r['M']} | {r['sparsity']} | {r['floor_us']} | {r['read_us']} | "
                    f"{r['cublas_us']} | {r['mma_sp_us']} ({r['mma_sp_us'] / r['floor_us']:.2f}) | "
                    + (f"{wg} ({wg / r['floor_us']:.2f}) | {r['best_split']} | {wg / r['mma_sp_us']:.3f} | "
-                      f"{r['cublas_us'] / wg:.2f}x |" if wg else "- | - | - | - |"))
+                      if wg else "- | - | - | ")
+                   + f"{r['default_us']} ({r['default_us'] / r['floor_us']:.2f}, {r['cublas_us'] / r['default_us']:.2f}x, "
+                     f"{r['default_cfg']}) |")
     if silu_rows:
         out += ["", "SiLU(gate) * up, stacked [gate; up] 22016 x 4096 at 35%:", "",
                 "| M | paths (us) |", "|---|---|"]
@@ -235,7 +243,7 @@ def main():
                     rows.append(bench(n, k, m, s, bw, log))
                     r = rows[-1]
                     print(f"{n}x{k} M={m} s={s}: floor {r['floor_us']} read {r['read_us']} cuBLAS {r['cublas_us']} "
-                          f"mma_sp {r['mma_sp_us']} | " + " ".join(f"wg{sp} {r[f'wg{sp}_us']}" for sp in SPLITS
+                          f"mma_sp {r['mma_sp_us']} default {r['default_us']} ({r['default_cfg']}) | " + " ".join(f"wg{sp} {r[f'wg{sp}_us']}" for sp in SPLITS
                                                                   if f"wg{sp}_us" in r), flush=True)
         if not a.no_silu:
             for m in (16, 2048):
