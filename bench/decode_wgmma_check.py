@@ -36,11 +36,27 @@ from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.launch import get_config, launch
 
 ROUNDS = 2
+OLD = None   # --ab: an older build of wgmma.cu, timed beside the current one
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 
 def splits_for(k: int) -> list[int]:
     return [s for s in SPLITS if s <= k // 128]
+
+
+def build_old(path: str):
+    """Another version of wgmma.cu (same hybrid_wgmma signature), built under its own name."""
+    import hashlib
+
+    from torch.utils.cpp_extension import load_inline
+
+    src = wgmma.source(open(path).read())
+    decl = ("void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
+            "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split, "
+            "int64_t silu_mul);")
+    name = f"patchc_wgmma_ab_{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+    return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_wgmma"],
+                       extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
 
 
 def checks(log) -> bool:
@@ -120,6 +136,14 @@ def bench(n, k, m, s, bw, log) -> dict:
            "err_default": err(launch(x, d, v, e, sched, None, n, cfg, poison=True), ref),
            "floor_us": round((p.nbytes + x.nbytes + m * n * 2) / bw * 1e6, 2),
            "err_mma_sp": err(mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True), ref)}
+    if OLD is not None:   # --ab: the older kernel at the splits the defaults use
+        for split in (1, 2, 4, 6):
+            def old_run(c, sp=split):
+                y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+                OLD.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0)
+                return y
+            row[f"err_old{split}"] = err(old_run((d, v, e)), ref)
+            paths[f"old{split}"] = [lambda c=c, f=old_run: f(c) for c in packs]
     for split in splits_for(k):
         try:
             row[f"err_wg{split}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=16, split=split), ref)
@@ -218,9 +242,16 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/decode_wgmma"))
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--no-silu", action="store_true")
+    ap.add_argument("--ab", default=None, help="another version of codegen/wgmma.cu to time beside the current one")
+    ap.add_argument("--build-only", action="store_true", help="with --ab: build that version and stop")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
+    if a.ab:
+        global OLD
+        OLD = build_old(a.ab)
+        if a.build_only:
+            return
     ext, ext2 = wgmma.extension(), mma_sp.extension()
     print(f"build/load {time.time() - t0:.1f} s", flush=True)
     if ext is None or ext2 is None:
@@ -243,7 +274,9 @@ def main():
                     rows.append(bench(n, k, m, s, bw, log))
                     r = rows[-1]
                     print(f"{n}x{k} M={m} s={s}: floor {r['floor_us']} read {r['read_us']} cuBLAS {r['cublas_us']} "
-                          f"mma_sp {r['mma_sp_us']} default {r['default_us']} ({r['default_cfg']}) | " + " ".join(f"wg{sp} {r[f'wg{sp}_us']}" for sp in SPLITS
+                          f"mma_sp {r['mma_sp_us']} default {r['default_us']} ({r['default_cfg']}) | "
+                          + " ".join(f"old{sp} {r[f'old{sp}_us']}" for sp in (1, 2, 4, 6) if f"old{sp}_us" in r) + " | "
+                          + " ".join(f"wg{sp} {r[f'wg{sp}_us']}" for sp in SPLITS
                                                                   if f"wg{sp}_us" in r), flush=True)
         if not a.no_silu:
             for m in (16, 2048):

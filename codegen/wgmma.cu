@@ -51,13 +51,9 @@ constexpr int MAX_C = 256;                      // K-tiles a row (K <= 32768)
 
 template <int BN>
 struct Layout {
-  // Decode (BN <= 32): where both row-tiles' tiles of a K-tile are 2:4, the step takes the whole K-tile (x's two
-  // [BN, 64] boxes, each tile's [128, 64] values box and its codes once), so a ring of 2:4 tiles holds ~2x the
-  // bytes in flight of half-tile steps (decode streams at the ring's bytes in flight over DRAM latency).
-  static constexpr bool WHOLE = BN <= 32;
-  static constexpr int X_BOX = BN * BOX_K * 2;                  // [BN, 64] of x (two of them for a whole step)
-  static constexpr int W = WHOLE ? 2 * X_BOX : X_BOX;           // row-tile c's box at W + c * W_BOX
-  static constexpr int META = W + 2 * W_BOX;                    // row-tile c's codes at META + c * META_BYTES
+  static constexpr int X_BOX = BN * BOX_K * 2;                  // [BN, 64] of x
+  static constexpr int W = X_BOX;                               // row-tile c's box at W + c * W_BOX
+  static constexpr int META = X_BOX + 2 * W_BOX;                // row-tile c's codes at META + c * META_BYTES
   static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
   static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
   static constexpr int BUDGET = SMEM_LIMIT - STATIC - 1024 - 64;
@@ -175,7 +171,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const __grid_constant__ CUtensorMap x_map,       // x [M, K], box [BN, 64], 128 B swizzle
     const __grid_constant__ CUtensorMap dense_map,   // dense [n_dense * T, T], box [T, 64], 128 B swizzle
     const __grid_constant__ CUtensorMap values_map,  // values [n_sparse * T, T / 2], box [T, 32], 64 B swizzle
-    const __grid_constant__ CUtensorMap whole_map,   // values, box [T, 64] (a whole 2:4 tile), 128 B swizzle
     const uint8_t* __restrict__ meta,                 // [n_sparse, T, T / 8]
     const int* __restrict__ slot,                     // [R, C]: i >= 0 dense tile i, ~i 2:4 tile i
     int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym,
@@ -203,7 +198,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   // With an odd number of row-tiles the last CTA has one: its second warpgroup then runs the first row-tile's
   // tiles again and stores nothing (a branch around the mainloop would make ptxas serialise the wgmmas).
   if (threadIdx.x == 0)  // the descriptors' first use waits on them otherwise
-    for (const CUtensorMap* m : {&x_map, &dense_map, &values_map, &whole_map})
+    for (const CUtensorMap* m : {&x_map, &dense_map, &values_map})
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(m)) : "memory");
   for (int i = threadIdx.x; i < 2 * C; i += THREADS) slots[i / C][i % C] = slot[(int64_t)(i < C ? rt0 : rt1) * C + i % C];
   if (threadIdx.x == 0) {
@@ -214,39 +209,26 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  const int steps = 2 * (kc1 - kc0);         // half a K-tile a step
+
   if (wg == 0) {  // producer
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
-      int q = 0;                             // steps issued
-      for (int kc = kc0; kc < kc1; ++kc) {
-        const bool whole = L::WHOLE && slots[0][kc] < 0 && slots[1][kc] < 0;
-        for (int h = 0; h < (whole ? 1 : 2); ++h, ++q) {   // half a K-tile a step, or a whole one
-          const int s = q % L::STAGES;
-          if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
-          const uint32_t st = base + s * L::STAGE;
-          if (whole) {
-            mbar_expect(full(s), 2 * L::X_BOX + 2 * (W_BOX + META_BYTES));
-            tma_load(st, &x_map, kc * TILE, m0, full(s));                      // x [m0:+BN, 128 columns]
-            tma_load(st + L::X_BOX, &x_map, kc * TILE + BOX_K, m0, full(s));
-            for (int c = 0; c < 2; ++c) {
-              const int i = ~slots[c][kc];
-              tma_load(st + L::W + c * W_BOX, &whole_map, 0, i * TILE, full(s));
-              bulk_copy(st + L::META + c * META_BYTES, meta + (int64_t)i * META_BYTES, META_BYTES, full(s));
-            }
-            continue;
-          }
-          uint32_t bytes = L::X_BOX;
-          for (int c = 0; c < 2; ++c) bytes += slots[c][kc] >= 0 ? W_BOX : V_BOX + META_BYTES;
-          mbar_expect(full(s), bytes);
-          tma_load(st, &x_map, kc * TILE + h * BOX_K, m0, full(s));             // x [m0:+BN, 64 columns]
-          for (int c = 0; c < 2; ++c) {
-            const int i = slots[c][kc];
-            if (i >= 0) {
-              tma_load(st + L::W + c * W_BOX, &dense_map, h * BOX_K, i * TILE, full(s));
-            } else {
-              tma_load(st + L::W + c * W_BOX, &values_map, h * BOX_K / 2, ~i * TILE, full(s));
-              bulk_copy(st + L::META + c * META_BYTES, meta + (int64_t)(~i) * META_BYTES, META_BYTES, full(s));
-            }
+      for (int q = 0; q < steps; ++q) {
+        const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
+        if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
+        const uint32_t st = base + s * L::STAGE;
+        uint32_t bytes = L::X_BOX;
+        for (int c = 0; c < 2; ++c) bytes += slots[c][kc] >= 0 ? W_BOX : V_BOX + META_BYTES;
+        mbar_expect(full(s), bytes);
+        tma_load(st, &x_map, kc * TILE + h * BOX_K, m0, full(s));             // x [m0:+BN, 64 columns]
+        for (int c = 0; c < 2; ++c) {
+          const int i = slots[c][kc];
+          if (i >= 0) {
+            tma_load(st + L::W + c * W_BOX, &dense_map, h * BOX_K, i * TILE, full(s));
+          } else {
+            tma_load(st + L::W + c * W_BOX, &values_map, h * BOX_K / 2, ~i * TILE, full(s));
+            bulk_copy(st + L::META + c * META_BYTES, meta + (int64_t)(~i) * META_BYTES, META_BYTES, full(s));
           }
         }
       }
@@ -263,68 +245,45 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     for (int a = 0; a < NSETS; ++a)
 #pragma unroll
       for (int r = 0; r < BN / 2; ++r) acc0[a][r] = acc1[a][r] = 0.f;
-    uint32_t e_prev[8] = {0, 0, 0, 0, 0, 0, 0, 0};   // codes of the group still in flight
+    uint32_t e_prev0 = 0, e_prev1 = 0, e_prev2 = 0, e_prev3 = 0;   // codes of the group still in flight
     const uint32_t perm = (t & 1) ? 0x7632 : 0x5410;                // halves 1 or 0 of rows g and g + 8
-    const int row = warp * 16 + g;
-    int q = 0;                               // steps consumed
-    for (int kc = kc0; kc < kc1; ++kc) {
-      // warp-uniform as ptxas can see (else it serialises the wgmmas: C7520)
-      const int whole = __shfl_sync(0xffffffff, L::WHOLE && slots[0][kc] < 0 && slots[1][kc] < 0, 0);
-      for (int h = 0; h < (whole ? 1 : 2); ++h, ++q) {
-        const int s = q % L::STAGES;
-        mbar_wait(full(s), (q / L::STAGES) & 1);
-        const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
-        uint32_t e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        wgmma_fence();
-        if (whole) {
-          // the tile's 4 k32 steps are code words 0-3 of each row: rows 0-63 in e[0..3], rows 64-127 in e[4..7]
-          const unsigned char* ms = base_ptr + (xs - base) + L::META + c * META_BYTES;
-          const uint4 a_lo = *reinterpret_cast<const uint4*>(ms + row * 16);
-          const uint4 a_hi = *reinterpret_cast<const uint4*>(ms + (row + 8) * 16);
-          const uint4 b_lo = *reinterpret_cast<const uint4*>(ms + (row + 64) * 16);
-          const uint4 b_hi = *reinterpret_cast<const uint4*>(ms + (row + 72) * 16);
-          e[0] = __byte_perm(a_lo.x, a_hi.x, perm); e[1] = __byte_perm(a_lo.y, a_hi.y, perm);
-          e[2] = __byte_perm(a_lo.z, a_hi.z, perm); e[3] = __byte_perm(a_lo.w, a_hi.w, perm);
-          e[4] = __byte_perm(b_lo.x, b_hi.x, perm); e[5] = __byte_perm(b_lo.y, b_hi.y, perm);
-          e[6] = __byte_perm(b_lo.z, b_hi.z, perm); e[7] = __byte_perm(b_lo.w, b_hi.w, perm);
+    for (int q = 0; q < steps; ++q) {
+      const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
+      mbar_wait(full(s), (q / L::STAGES) & 1);
+      const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
+      uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+      wgmma_fence();
+      if (slots[c][kc] >= 0) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {        // values rows of 128 bytes (128 B swizzle), as a dense tile's
-            const uint32_t xb = xs + (j / 2) * L::X_BOX + (j % 2) * 64;
-            Wgmma<T, BN>::sparse(acc0[j % NSETS], desc128(ws + j * 32), desc128(xb), e[j]);
-            Wgmma<T, BN>::sparse(acc1[j % NSETS], desc128(ws + 64 * 128 + j * 32), desc128(xb), e[4 + j]);
-          }
-        } else if (slots[c][kc] >= 0) {
-#pragma unroll
-          for (int kk = 0; kk < 4; ++kk) {
-            Wgmma<T, BN>::dense(acc0[kk % NSETS], desc128(ws + kk * 32), desc128(xs + kk * 32));
-            Wgmma<T, BN>::dense(acc1[kk % NSETS], desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
-          }
-        } else {
-          // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row)
-          const unsigned char* ms = base_ptr + (xs - base) + L::META + c * META_BYTES + 8 * h;
-          const uint2 a_lo = *reinterpret_cast<const uint2*>(ms + row * 16);
-          const uint2 a_hi = *reinterpret_cast<const uint2*>(ms + (row + 8) * 16);
-          const uint2 b_lo = *reinterpret_cast<const uint2*>(ms + (row + 64) * 16);
-          const uint2 b_hi = *reinterpret_cast<const uint2*>(ms + (row + 72) * 16);
-          e[0] = __byte_perm(a_lo.x, a_hi.x, perm);
-          e[1] = __byte_perm(a_lo.y, a_hi.y, perm);
-          e[2] = __byte_perm(b_lo.x, b_hi.x, perm);
-          e[3] = __byte_perm(b_lo.y, b_hi.y, perm);
-          Wgmma<T, BN>::sparse(acc0[0], desc64(ws), desc128(xs), e[0]);
-          Wgmma<T, BN>::sparse(acc1[0], desc64(ws + 64 * 64), desc128(xs), e[2]);
-          Wgmma<T, BN>::sparse(acc0[1 % NSETS], desc64(ws + 32), desc128(xs + 64), e[1]);
-          Wgmma<T, BN>::sparse(acc1[1 % NSETS], desc64(ws + 64 * 64 + 32), desc128(xs + 64), e[3]);
+        for (int kk = 0; kk < 4; ++kk) {
+          Wgmma<T, BN>::dense(acc0[kk % NSETS], desc128(ws + kk * 32), desc128(xs + kk * 32));
+          Wgmma<T, BN>::dense(acc1[kk % NSETS], desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
         }
-        wgmma_commit();
-        wgmma_wait<1>();                       // the previous step's group is done: its stage is free
-#pragma unroll
-        for (int j = 0; j < 8; ++j) keep(e_prev[j]), e_prev[j] = e[j];
-        if (q > 0 && lane == 0) mbar_arrive(empty((q - 1) % L::STAGES));
+      } else {
+        // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row)
+        const unsigned char* ms = base_ptr + (xs - base) + L::META + c * META_BYTES + 8 * h;
+        const int row = warp * 16 + g;
+        const uint2 a_lo = *reinterpret_cast<const uint2*>(ms + row * 16);
+        const uint2 a_hi = *reinterpret_cast<const uint2*>(ms + (row + 8) * 16);
+        const uint2 b_lo = *reinterpret_cast<const uint2*>(ms + (row + 64) * 16);
+        const uint2 b_hi = *reinterpret_cast<const uint2*>(ms + (row + 72) * 16);
+        e0 = __byte_perm(a_lo.x, a_hi.x, perm);
+        e1 = __byte_perm(a_lo.y, a_hi.y, perm);
+        e2 = __byte_perm(b_lo.x, b_hi.x, perm);
+        e3 = __byte_perm(b_lo.y, b_hi.y, perm);
+        Wgmma<T, BN>::sparse(acc0[0], desc64(ws), desc128(xs), e0);
+        Wgmma<T, BN>::sparse(acc1[0], desc64(ws + 64 * 64), desc128(xs), e2);
+        Wgmma<T, BN>::sparse(acc0[1 % NSETS], desc64(ws + 32), desc128(xs + 64), e1);
+        Wgmma<T, BN>::sparse(acc1[1 % NSETS], desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
       }
+      wgmma_commit();
+      wgmma_wait<1>();                       // the previous step's group is done: its stage is free
+      keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
+      e_prev0 = e0; e_prev1 = e1; e_prev2 = e2; e_prev3 = e3;
+      if (q > 0 && lane == 0) mbar_arrive(empty((q - 1) % L::STAGES));
     }
     wgmma_wait<0>();
-#pragma unroll
-    for (int j = 0; j < 8; ++j) keep(e_prev[j]);
+    keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
 #pragma unroll
     for (int a = 0; a < NSETS; ++a)
 #pragma unroll
@@ -465,9 +424,6 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   // An empty field gets a map over x: never read (no tile of that kind), but the kernel wants a valid map.
   const CUtensorMap d_map = dense.numel() ? tensor_map(dense.data_ptr(), dt, dense.size(0) * TILE, TILE, TILE, TILE, BOX_K)
                                           : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K);
-  const CUtensorMap w_map = values.numel()
-                                ? tensor_map(values.data_ptr(), dt, values.size(0) * TILE, TILE / 2, TILE / 2, TILE, BOX_K)
-                                : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K);
   const CUtensorMap v_map = values.numel()
                                 ? tensor_map(values.data_ptr(), dt, values.size(0) * TILE, TILE / 2, TILE / 2, TILE, BOX_K / 2)
                                 : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K / 2);
@@ -487,7 +443,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   cfg.attrs = attr;
   cfg.numAttrs = split > 1 ? 1 : 0;
   const cudaError_t err = cudaLaunchKernelEx(
-      &cfg, kernel, x_map, d_map, v_map, w_map, (const uint8_t*)meta.data_ptr<uint8_t>(), (const int*)slot.data_ptr<int>(),
+      &cfg, kernel, x_map, d_map, v_map, (const uint8_t*)meta.data_ptr<uint8_t>(), (const int*)slot.data_ptr<int>(),
       (int)R, (int)C, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : (const T*)nullptr,
       reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul);
   TORCH_CHECK(err == cudaSuccess, "patchc wgmma: launch failed (", cudaGetErrorString(err), ") with a cluster of ",

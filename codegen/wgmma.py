@@ -49,15 +49,16 @@ def _wgmma_op(block_n: int, sparse: bool, ptx_type: str) -> str:
             f"        : {outs}\n        : {ins});\n  }}\n")
 
 
-def source() -> str:
-    """wgmma.cu with its wgmma wrappers generated (inline asm with 64 or 128 accumulator operands each)."""
+def source(text: str | None = None) -> str:
+    """wgmma.cu (or `text`, another version of it) with its wgmma wrappers generated (inline asm with 8, 32 or 64
+    accumulator operands each)."""
     ops = []
     for block_n in BLOCK_NS:
         for c_type, ptx_type in DTYPES.values():
             ops.append(f"template <> struct Wgmma<{c_type}, {block_n}> {{\n{_wgmma_op(block_n, False, ptx_type)}"
                        f"{_wgmma_op(block_n, True, ptx_type)}}};\n")
     ops.append("#define PATCHC_WGMMA_BLOCK_NS " + " ".join(f"PATCHC_WGMMA_CASE({b})" for b in BLOCK_NS) + "\n")
-    src = SOURCE.read_text()
+    src = SOURCE.read_text() if text is None else text
     marker = "// @WGMMA_OPS@"
     assert marker in src, "wgmma.cu lost its @WGMMA_OPS@ marker"
     return src.replace(marker, "".join(ops) + marker)
