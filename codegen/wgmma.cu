@@ -1,6 +1,7 @@
-// Prefill GEMM for hybrid (dense / 2:4) tile weights on Hopper's warpgroup tensor cores (sm_90a).
+// GEMM for hybrid (dense / 2:4) tile weights on Hopper's warpgroup tensor cores (sm_90a): prefill, and decode of
+// tall layers.
 //
-// y[M, N] = x[M, K] @ (W * Mask)[N, K]^T + bias, for large M. W is stored in patchc's packed format
+// y[M, N] = x[M, K] @ (W * Mask)[N, K]^T + bias. W is stored in patchc's packed format
 // (patchc/format.py, tile T = 128): dense tiles [n_dense, T, T], 2:4 tiles as values [n_sparse, T, T/2] and
 // 4-bit codes [n_sparse, T, T/8]. One CTA computes a [256 rows of W, BN tokens] output tile: two row-tiles,
 // one per consumer warpgroup. Both walk K in order, half a K-tile (64 columns) a step, so one load of x's
