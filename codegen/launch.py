@@ -47,7 +47,8 @@ CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for tal
 WGMMA_DECODE_MAX_M = 16  # up to here the wgmma kernel's 16-token CTAs are the decode default where it runs ...
 WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs (8192 rows; SiLU * up: gate and up
                         # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
-                        # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) mma.sp was 1.0-1.35x faster
+                        # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
+                        # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -164,9 +165,9 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
                          max_clusters: tuple[int, ...] = H100_MAX_CLUSTERS) -> KernelConfig:
     """The largest split (at most the K-tiles) whose clusters all run at once (max_clusters[s - 1]: clusters of s
-    CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1. Decode streams weights at up to ~80 GB/s
-    an SM (the ring's bytes in flight over DRAM latency), so more CTAs read faster, but a second wave of clusters
-    doubles the time (H100, results/decode_wgmma: split 8 of 16 pairs, 15 clusters at once, 1.4-1.5x split 6)."""
+    CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1. A decode CTA streamed at most ~60-100 GB/s
+    on the H100, so more CTAs read faster, but a second wave of clusters costs more than it gains (results/
+    decode_wgmma: 16 pairs at split 8, 15 clusters at once, took 1.2-1.5x the time of split 6)."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
     top = max(1, min(wgmma.MAX_SPLIT, sched.k // sched.tile, len(max_clusters)))
     return wgmma_decode(max([s for s in range(1, top + 1) if pairs <= max_clusters[s - 1]], default=1))
