@@ -29,7 +29,8 @@ import torch.nn.functional as F
 import triton
 
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
-from kernels import SHAPES, copy_bandwidth, graph_time_us, make_layer, rotating_copies  # bench/kernels.py
+from kernels import (SHAPES, copy_bandwidth, graph_time_us, make_layer, rotating_copies,  # bench/kernels.py
+                     sweep_args)
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import mma_sp, wgmma
@@ -236,11 +237,7 @@ def table(env, rows, silu_rows) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="16,1")
-    ap.add_argument("--sparsities", default="0,0.25,0.35,0.45,0.5")
-    ap.add_argument("--shapes", default="llama2-7b")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/decode_wgmma"))
-    ap.add_argument("--skip-checks", action="store_true")
+    sweep_args(ap, ms="16,1", out="bench/results/decode_wgmma")
     ap.add_argument("--no-silu", action="store_true")
     ap.add_argument("--ab", default=None, help="another version of codegen/wgmma.cu to time beside the current one")
     ap.add_argument("--build-only", action="store_true", help="with --ab: build that version and stop")

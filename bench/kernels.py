@@ -43,6 +43,16 @@ SHAPES = {  # (N, K) = (out, in)
 }
 
 
+def sweep_args(ap, ms: str, out: str) -> None:
+    """The arguments of the kernel sweeps (wgmma_check.py, decode_wgmma_check.py): which M, sparsities and shapes,
+    where results go ($OUT on the device machine), whether to skip the float64 checks."""
+    ap.add_argument("--ms", default=ms)
+    ap.add_argument("--sparsities", default="0,0.25,0.35,0.45,0.5")
+    ap.add_argument("--shapes", default="llama2-7b")
+    ap.add_argument("--out", default=os.environ.get("OUT", out))
+    ap.add_argument("--skip-checks", action="store_true")
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy (read + write), 1 GiB buffers, median of graph replays."""
     a = torch.empty(1 << 29, dtype=torch.float16, device="cuda").normal_()

@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from kernels import SHAPES, graph_time_us, make_layer, rotating_copies  # bench/kernels.py
+from kernels import SHAPES, graph_time_us, make_layer, rotating_copies, sweep_args  # bench/kernels.py
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import wgmma
@@ -109,11 +109,7 @@ def table(rows) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="2048")
-    ap.add_argument("--sparsities", default="0,0.25,0.35,0.45,0.5")
-    ap.add_argument("--shapes", default="llama2-7b")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/wgmma"))
-    ap.add_argument("--skip-checks", action="store_true")
+    sweep_args(ap, ms="2048", out="bench/results/wgmma")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()

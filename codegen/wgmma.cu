@@ -238,8 +238,9 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     setmaxnreg_inc<232>();
     const int c = wg - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    // Rows 0-63 and 64-127 of the row-tile, in NSETS independent sets: at decode a wgmma is latency, not tensor
-    // time, and a step's wgmmas on one accumulator would run one after another (summed after the mainloop).
+    // Rows 0-63 and 64-127 of the row-tile, in NSETS independent sets (summed after the mainloop), so that a decode
+    // step's wgmmas need not wait on each other; measured on the H100 it changed nothing (bench/NOTES.md, tenth
+    // session: the consumer is not what holds decode back), and it costs nothing either.
     constexpr int NSETS = BN <= 32 ? 4 : 1;
     float acc0[NSETS][BN / 2], acc1[NSETS][BN / 2];
 #pragma unroll
