@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import triton
 
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
-from kernels import (SHAPES, copy_bandwidth, graph_time_us, make_layer, rotating_copies,  # bench/kernels.py
-                     sweep_args)
+from kernels import (SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args,  # bench/kernels.py
+                     time_alternating)
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import mma_sp, wgmma
@@ -154,11 +154,7 @@ def bench(n, k, m, s, bw, log) -> dict:
         if row[f"err_wg{split}"] < 1e-2:
             paths[f"wg{split}"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp)
                                    for c in packs]
-    times = {name: [] for name in paths}
-    for _ in range(ROUNDS):
-        for name, fns in paths.items():
-            times[name].append(graph_time_us(fns))
-    for name, ts in times.items():
+    for name, ts in time_alternating(paths, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
     wgs = {name: row[f"{name}_us"] for name in paths if name.startswith("wg")}
     if wgs:
@@ -197,11 +193,8 @@ def bench_silu(m, bw, log) -> dict:
                  "wg_fused": lambda c: wgmma.run(x, *c, sched, None, block_n=bn, silu_mul=True)}
     for name, f in paths.items():
         row[f"err_{name}"] = err(f((d, v, e)), want)
-    times = {name: [] for name in paths}
-    for _ in range(ROUNDS):
-        for name, f in paths.items():
-            times[name].append(graph_time_us([lambda c=c, f=f: f(c) for c in packs]))
-    for name, ts in times.items():
+    calls = {name: [lambda c=c, f=f: f(c) for c in packs] for name, f in paths.items()}
+    for name, ts in time_alternating(calls, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
     log.write(json.dumps(row) + "\n")
     log.flush()

@@ -68,6 +68,16 @@ def graph_time_us(fns: list) -> float:
     return graph_time_ms(fns) * 1e3
 
 
+def time_alternating(paths: dict, rounds: int) -> dict:
+    """{name: [us of each round]} for {name: calls to cycle through}: every path timed once a round, in turn, so
+    that a drift of the GPU's clocks or temperature falls on all of them alike."""
+    times = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fns in paths.items():
+            times[name].append(graph_time_us(fns))
+    return times
+
+
 def random_bitmap(r: int, c: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
     n_sparse = hm.sparse_tile_budget(r * c, sparsity)
     bm = torch.ones(r * c, dtype=torch.bool)

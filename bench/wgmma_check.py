@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from kernels import SHAPES, graph_time_us, make_layer, rotating_copies, sweep_args  # bench/kernels.py
+from kernels import SHAPES, make_layer, rotating_copies, sweep_args, time_alternating  # bench/kernels.py
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import wgmma
@@ -76,11 +76,7 @@ def bench(n, k, m, s, log) -> dict:
         if row[f"err_wgmma{bn}"] < 1e-2:
             paths[f"wgmma{bn}"] = [lambda c=c, bn=bn: wgmma.run(x, *c, sched, None, block_n=bn) for c in packs]
     row["err_default"] = err(launch(x, d, v, e, sched, None, n, cfg), ref)
-    times = {name: [] for name in paths}
-    for _ in range(ROUNDS):
-        for name, fns in paths.items():
-            times[name].append(graph_time_us(fns))
-    for name, ts in times.items():
+    for name, ts in time_alternating(paths, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
         row[f"{name}_runs_us"] = [round(t, 2) for t in ts]
     for name in paths:
