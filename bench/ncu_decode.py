@@ -1,4 +1,5 @@
-"""Profile the default M=16 decode launch and cuBLAS at the LLaMA-2-7B shapes under ncu (GPU):
+"""Profile the default M=16 decode launch and cuBLAS at the LLaMA-2-7B shapes under ncu (GPU); where the default
+is the mma.sp kernel, also the same launch on x[:1].expand(16, K) (x's L2 traffic 1/16, output not used):
 
     ncu --clock-control none --profile-from-start off --set full -o OUT python3 bench/ncu_decode.py
 
@@ -24,6 +25,9 @@ def main() -> None:
         print(n, k, s, cfg, flush=True)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         calls.append(lambda x=x, d=d, v=v, e=e, sched=sched, n=n, cfg=cfg: launch(x, d, v, e, sched, None, n, cfg))
+        if cfg.engine == "mma_sp":
+            x0 = x[:1].expand(16, k)
+            calls.append(lambda x0=x0, d=d, v=v, e=e, sched=sched, n=n, cfg=cfg: launch(x0, d, v, e, sched, None, n, cfg))
         calls.append(lambda x=x, w=w: F.linear(x, w))
     for c in calls:  # warm up: compile, load, pick configs outside the profiled range
         c()

@@ -2,7 +2,8 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers runs on the wgmma kernel with 16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
+layers (and long, mostly dense ones: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
+cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
@@ -48,7 +49,11 @@ WGMMA_DECODE_MAX_M = 16  # up to here the wgmma kernel's 16-token CTAs are the d
 WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs (8192 rows; SiLU * up: gate and up
                         # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
                         # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
-                        # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there
+                        # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
+WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs, this many K-tiles and at least half their tiles
+                        # dense (results/decode_push, M=16, same run, after the push epilogue: 4096x11008 at 0% / 25%
+                        # 36.7-37.3 / 30.9 us against the mma.sp kernel's 40.0 / 31.7; at 35-50% (30% dense tiles or
+                        # fewer) the mma.sp kernel won, 24.4-27.9 against 24.5-28.4; 4096x4096 stays: 16.7 vs 15.3 at 0%)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -162,6 +167,18 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
     return r // 2 if silu_mul else triton.cdiv(r, 2)
 
 
+def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
+    """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more
+    and at least half their tiles dense."""
+    pairs = wgmma_decode_pairs(sched, silu_mul)
+    if pairs >= WGMMA_DECODE_MIN_PAIRS:
+        return True
+    k_tiles = sched.k // sched.tile
+    return (pairs >= 16 and k_tiles >= WGMMA_DECODE_LONG_K
+            and sched.dense_col.numel() >= 0.5 * (sched.n // sched.tile) * k_tiles)
+
+
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
                          max_clusters: tuple[int, ...] = H100_MAX_CLUSTERS) -> KernelConfig:
     """The largest split (at most the K-tiles) whose clusters all run at once (max_clusters[s - 1]: clusters of s
@@ -213,11 +230,11 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
     Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
     mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
     (at most 8); prefill: prefill_default. Ahead of these, with wg=True (the wgmma kernel can run this call), M up
-    to WGMMA_DECODE_MAX_M on layers of at least WGMMA_DECODE_MIN_PAIRS row pairs: the wgmma kernel's decode CTAs
+    to WGMMA_DECODE_MAX_M on the layers wgmma_decodes picks: the wgmma kernel's decode CTAs
     (wgmma_decode_default; max_clusters: the GPU's, default the H100's)."""
     t = sched.tile
     fused = silu_mul and wgmma_fuses_silu(sched)
-    if wg and m <= WGMMA_DECODE_MAX_M and wgmma_decode_pairs(sched, fused) >= WGMMA_DECODE_MIN_PAIRS:
+    if wg and m <= WGMMA_DECODE_MAX_M and wgmma_decodes(sched, fused):
         return wgmma_decode_default(sched, fused, max_clusters or H100_MAX_CLUSTERS)
     if mma and m <= mma_sp.default_max_m(n_out):
         stg = staged and staged_by_default(m, sched)

@@ -122,6 +122,27 @@ __device__ __forceinline__ void grid_dependency_wait() {}
 __device__ __forceinline__ void launch_dependents() {}
 #endif
 
+// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global
+// timer (ns) at six points of each CTA's life (thread 0; the last launch's), read back by mma_sp_trace_read().
+// A point taken after a value v waits for v (a load's arrival, an MMA's result).
+#ifdef PATCHC_TRACE
+constexpr int TRACE_CTAS = 2048;
+__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
+__device__ __forceinline__ void trace_at(int i, uint32_t v) {
+  unsigned long long t, c;
+  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
+  if (blockIdx.x < TRACE_CTAS) trace_buf[blockIdx.x][i] = t, trace_buf[blockIdx.x][8 + i] = c;
+}
+#define PATCHC_TRACE_AT(i, cond, v) \
+  do {                              \
+    if (cond) trace_at(i, v);       \
+  } while (0)
+#else
+#define PATCHC_TRACE_AT(i, cond, v) \
+  do {                              \
+  } while (0)
+#endif
+
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
 // slices, so one load of x serves R slices); TILE: the tile size (64 or 128); STAGED: weights through the
 // shared-memory ring (sm_90+) instead of direct loads. Launched as a programmatic dependent (sm_90+, under CUDA
@@ -136,6 +157,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt) {
   // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
   // tile loop, the cross-warp reduction's [warps, 8 * MB batch rows, 16 * R + 4] fp32 partials (aliasing it).
+  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);
   extern __shared__ __align__(16) unsigned char smem[];
   float* partial = reinterpret_cast<float*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -203,6 +225,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
+    PATCHC_TRACE_AT(1, it == 0 && threadIdx.x == 0, (uint32_t)kc);   // the schedule has arrived
     const int buf = it % STAGES;
     const uint32_t sb = ring + buf * S::SIZE;                                     // this tile's buffer (STAGED)
     if constexpr (STAGED) mbar_wait(bars + buf * 8, (it / STAGES) & 1);
@@ -307,7 +330,9 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       fence_proxy_async();
       fetch(j + STAGES * team, buf);
     }
+    PATCHC_TRACE_AT(2, it == 0 && threadIdx.x == 0, __float_as_uint(acc[0][0][0]));   // the first tile is done
   }
+  PATCHC_TRACE_AT(3, threadIdx.x == 0, __float_as_uint(acc[0][0][0]));               // warp 0's tiles are done
   if constexpr (STAGED) __syncthreads();  // the partials below alias other warps' buffers
   // Partials [warps, COLS batch rows, PITCH] with the rows innermost: the reduction's reads (neighbouring
   // threads, neighbouring rows) are conflict-free, and the pad (PITCH = ROWS + 4) spreads the stores of the
@@ -325,6 +350,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       mine[(8 * b + 2 * t + 1) * PITCH + 16 * r + g + 8] = acc[r][b][3];
     }
   __syncthreads();
+  PATCHC_TRACE_AT(4, threadIdx.x == 0, 0u);
   for (int o = threadIdx.x; o < ROWS * COLS; o += blockDim.x) {
     const int row = o % ROWS, m = o / ROWS;              // neighbouring threads write neighbouring features
     if (m >= M) continue;
@@ -339,6 +365,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     }
     y[(int64_t)m * stride_ym + n0 + row] = Mma<T>::from_float(sum);
   }
+  PATCHC_TRACE_AT(5, threadIdx.x == 0, 0u);
 }
 
 }  // namespace patchc
@@ -412,6 +439,21 @@ void launch_typed(const Launch& a) {
 }
 
 }  // namespace patchc
+
+#ifdef PATCHC_TRACE
+// The trace points of the last launch's CTAs: int64 [TRACE_CTAS, 16] (global timer ns at
+// points 0-7, then the SM clock at points 0-7; 0 where not reached).
+torch::Tensor mma_sp_trace_read() {
+  auto t = torch::empty({patchc::TRACE_CTAS, 16}, torch::kInt64);
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc::trace_buf, sizeof(patchc::trace_buf)));
+  return t;
+}
+void mma_sp_trace_clear() {
+  void* p = nullptr;
+  C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc::trace_buf));
+  C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc::trace_buf)));
+}
+#endif
 
 // x [M, K] (unit column stride), packed tiles, schedule (int32, on x's device) -> y [M, n_out] (written).
 // The caller (codegen/mma_sp.py) checks dtypes, shapes and alignment before calling.

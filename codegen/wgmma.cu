@@ -20,9 +20,10 @@
 //
 // Decode (M <= 16: BN = 16) is memory bound and has far fewer CTAs than SMs at one CTA a row pair, so K is split
 // over a thread-block cluster of `split` CTAs (cluster dims 1 x 1 x split), each streaming its share of the K-tiles
-// through the same ring; their fp32 partials meet in shared memory and each CTA sums a slice of the output over
-// the cluster's CTAs (distributed shared memory) and writes it. The same fp32 epilogue serves silu_mul: a CTA then
-// pairs gate row-tile p with up row-tile p + R / 2 (one per consumer warpgroup) and writes SiLU(gate) * up.
+// through the same ring; each CTA owns 1 / split of the output fragments, lays out the others' fp32 partials in its
+// ring and has the bulk copy engine send each owner its share (completing on the owner's mbarrier), then sums the
+// partials it received and writes its share. silu_mul: a CTA pairs gate row-tile p with up row-tile p + R / 2 (one
+// per consumer warpgroup) and writes SiLU(gate) * up.
 //
 // Sparse metadata (PTX ISA, "Sparse wgmma": the per-warp layout of mma.sp m16n8k32 with selector 0): the
 // thread of lane 4g + t (t = 0, 1) of warp w supplies, for one k32 step, the 4-bit codes of rows 16w + g (bits
@@ -49,6 +50,7 @@ constexpr int META_BYTES = TILE * TILE / 8;     // a 2:4 tile's codes: 2 KB
 constexpr int THREADS = 384;                    // producer warpgroup + 2 consumer warpgroups
 constexpr int SMEM_LIMIT = 227 * 1024;          // H100 / H200 shared memory a block may opt in to
 constexpr int MAX_C = 256;                      // K-tiles a row (K <= 32768)
+constexpr int MAX_SPLIT = 8;                    // CTAs of a cluster splitting K (the portable cluster size)
 
 template <int BN>
 struct Layout {
@@ -57,14 +59,24 @@ struct Layout {
   static constexpr int META = X_BOX + 2 * W_BOX;                // row-tile c's codes at META + c * META_BYTES
   static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
   static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
-  static constexpr int BUDGET = SMEM_LIMIT - STATIC - 1024 - 64;
-  static constexpr int STAGES = BUDGET / STAGE < 6 ? BUDGET / STAGE : 6;   // 4 at BN = 128, 5 at BN = 64
+  // Decode CTAs (BN <= 32) split K over a cluster: a thread's accumulators are FRAGS float4 fragments, and each
+  // CTA receives the other CTAs' partials of the fragments it owns (a 1 / split share) in a buffer of its own,
+  // RECV_PER float4 a sender (split <= MAX_SPLIT).
+  static constexpr int FRAGS = BN / 4;                          // float4 fragments a consumer thread holds
+  static constexpr int KEYS = 128 * FRAGS;                      // fragments of one warpgroup (a row-tile)
+  static constexpr bool PUSH = BN <= 32;
+  static constexpr int RECV_BYTES = PUSH ? 16 * (2 * KEYS + 2 * MAX_SPLIT) : 0;
+  static constexpr int BUDGET = SMEM_LIMIT - STATIC - RECV_BYTES - 1024 - 128;
+  static constexpr int STAGES = BUDGET / STAGE < 6 ? BUDGET / STAGE : 6;   // 4 at BN = 128, 5 at BN = 64 and 16
   static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
-  static constexpr int SMEM = STAGES * STAGE + 1024 + 2 * STAGES * 8;   // + alignment slack + the mbarriers
+  static constexpr int BARS = 2 * STAGES + 1;                   // full[STAGES], empty[STAGES], received
+  static constexpr int RECV = STAGES * STAGE + 128;             // the receive buffer, after the ring and barriers
+  static constexpr int SMEM = RECV + RECV_BYTES + 1024;         // + alignment slack
   static_assert(STAGES >= 2, "two stages at least");
   static_assert(2 * BN * EPI_PITCH * 2 <= STAGES * STAGE, "the epilogue reuses the ring");
   static constexpr int RED_PITCH = 2 * TILE + 4;                // fp32 partials [BN tokens, 256 rows (+ pad)]
   static_assert(BN * RED_PITCH * 4 <= STAGES * STAGE, "the fp32 epilogue reuses the ring");
+  static_assert(BARS * 8 <= 128, "the mbarriers fit between the ring and the receive buffer");
 };
 
 template <typename T, int BN> struct Wgmma;
@@ -78,6 +90,27 @@ template <typename T, int BN> struct Wgmma;
 #endif
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global
+// timer (ns) at eight points of each CTA's life (the last launch's), read back by wgmma_trace_read().
+#ifdef PATCHC_TRACE
+constexpr int TRACE_CTAS = 2048;
+__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
+__device__ __forceinline__ void trace_at(int i) {
+  unsigned long long t, c;
+  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c)::"memory");
+  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][8 + i] = c;
+}
+#define PATCHC_TRACE_AT(i, cond) \
+  do {                           \
+    if (cond) trace_at(i);       \
+  } while (0)
+#else
+#define PATCHC_TRACE_AT(i, cond) \
+  do {                           \
+  } while (0)
+#endif
 
 #if PATCHC_WGMMA_ARCH
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
@@ -93,6 +126,13 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n\t.reg .pred P1;\n"
       "WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "\t@!P1 bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
+}
+// The same wait, with acquire at cluster scope: for bytes another CTA of the cluster stored here (st.async).
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred P1;\n"
+      "WAIT_%=:\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 P1, [%0], %1;\n"
       "\t@!P1 bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
 }
 // A 2D box of a tensor map into shared memory, completing on an mbarrier; c0 = inner (K) coordinate.
@@ -116,18 +156,27 @@ __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
-// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
-// Four floats at shared address `addr` of the cluster's CTA `rank` (distributed shared memory).
-__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr, uint32_t rank) {
+// The two halves of a cluster barrier (every thread of every CTA arrives once, then waits): here only to know
+// that every CTA of the cluster has initialised its mbarriers before another CTA signals one.
+__device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
+// The shared address `addr` of this CTA, as the same place in the cluster's CTA `rank` (distributed shared memory).
+__device__ __forceinline__ uint32_t map_rank(uint32_t addr, uint32_t rank) {
   uint32_t remote;
-  float4 v;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(remote) : "memory");
-  return v;
+  return remote;
+}
+// `bytes` of this CTA's shared memory at `src` into another CTA's (remote address and mbarrier from map_rank) by the
+// bulk copy engine, completing that many bytes of the mbarrier's transaction count when they land.
+__device__ __forceinline__ void bulk_copy_to_cta(uint32_t remote, uint32_t src, uint32_t bytes, uint32_t remote_bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(remote), "r"(src), "r"(bytes), "r"(remote_bar) : "memory");
+}
+// Shared-memory writes (generic proxy) before the bulk copy engine (async proxy) reads them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void st_shared_f4(uint32_t addr, const float* v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
 }
 __device__ __forceinline__ float4 ld_shared_f4(uint32_t addr) {
   float4 v;
@@ -179,13 +228,15 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     int silu_mul) {                                   // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
 #if PATCHC_WGMMA_ARCH
   using L = Layout<BN>;
+  PATCHC_TRACE_AT(0, threadIdx.x == 0);      // (bench/trace_decode.py's points 0-7)
   extern __shared__ unsigned char smem_raw[];
   __shared__ int slots[2][MAX_C];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;   // swizzled boxes want 1 KB alignment
   unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
-  const uint32_t bars = base + L::STAGES * L::STAGE;            // full[STAGES], then empty[STAGES]
+  const uint32_t bars = base + L::STAGES * L::STAGE;            // full[STAGES], empty[STAGES], received
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (L::STAGES + s); };
+  const uint32_t recv_bar = bars + 8 * 2 * L::STAGES;           // split > 1: the other CTAs' partials have landed
 
   // This CTA's row-tiles rt[0], rt[1]: 2p and (if R allows) 2p + 1; with silu_mul gate p and up p + R / 2.
   const int rt0 = silu_mul ? blockIdx.y : 2 * blockIdx.y;
@@ -207,9 +258,12 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       mbar_init(full(s), 1);
       mbar_init(empty(s), 8);                // one arrival per consumer warp
     }
+    mbar_init(recv_bar, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  if (split > 1) cluster_arrive_relaxed();   // (its wait comes before the first message to another CTA)
+  PATCHC_TRACE_AT(1, threadIdx.x == 0);
   const int steps = 2 * (kc1 - kc0);         // half a K-tile a step
 
   if (wg == 0) {  // producer
@@ -233,6 +287,12 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           }
         }
       }
+      PATCHC_TRACE_AT(2, true);
+    }
+    if (split > 1) {                         // the producer warpgroup's part in the two cluster barrier phases
+      cluster_wait();
+      cluster_arrive_relaxed();
+      cluster_wait();
     }
   } else {  // consumers: warpgroup c owns row-tile rt0 + c (two 64-row accumulators)
     setmaxnreg_inc<232>();
@@ -249,6 +309,12 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       for (int r = 0; r < BN / 2; ++r) acc0[a][r] = acc1[a][r] = 0.f;
     uint32_t e_prev0 = 0, e_prev1 = 0, e_prev2 = 0, e_prev3 = 0;   // codes of the group still in flight
     const uint32_t perm = (t & 1) ? 0x7632 : 0x5410;                // halves 1 or 0 of rows g and g + 8
+#ifdef PATCHC_TRACE
+    if (threadIdx.x == 128) {                // the first stage's bytes have landed
+      mbar_wait(full(0), 0);
+      trace_at(3);
+    }
+#endif
     for (int q = 0; q < steps; ++q) {
       const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
       mbar_wait(full(s), (q / L::STAGES) & 1);
@@ -286,6 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     }
     wgmma_wait<0>();
     keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
+    PATCHC_TRACE_AT(4, threadIdx.x == 128);
 #pragma unroll
     for (int a = 0; a < NSETS; ++a)
 #pragma unroll
@@ -297,7 +364,91 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
 
     // Epilogue: both consumer warpgroups are past their last wgmma (every stage read), so the ring is free.
     named_barrier(1, 256);
-    if (split > 1 || silu_mul) {  // fp32 partials [BN tokens, 256 rows]: the cluster's sum is written below
+    if (split > 1) {
+      // K split over the cluster (decode CTAs, BN <= 32; the host refuses others): a key names a thread's float4
+      // fragment within its warpgroup (the same key for a gate and its up), CTA `rank` owns the keys with
+      // key % split == rank. Each CTA lays out the fragments the others own in its free ring, owner by owner, and
+      // the bulk copy engine sends each owner its share (one copy an owner, completing on the owner's receive
+      // barrier); each CTA then sums what it received into the fragments it owns and writes those. Cluster
+      // barrier phase 0 (arrived at the start): every receive barrier is initialised before a copy signals it;
+      // phase 1 (arrived once a CTA has received everything): no CTA exits while a copy may still read its ring.
+      if constexpr (L::PUSH) {
+        constexpr int F = L::FRAGS, FH = L::FRAGS / 2;   // fragments: FH of rows 0-63, then FH of rows 64-127
+        const int ct = threadIdx.x % 128, per_k = (L::KEYS + split - 1) / split;
+        const uint32_t recv = base + L::RECV, share = 2 * per_k * 16;   // bytes a CTA sends each other CTA
+        auto frag = [&](int u) { return (u < FH ? acc0[0] : acc1[0]) + 4 * (u % FH); };
+#pragma unroll
+        for (int u = 0; u < F; ++u) {        // outbox [owner][warpgroup][key / split] in the ring
+          const int key = ct * F + u, owner = key % split;
+          if (owner != rank) st_shared_f4(base + (uint32_t)(((owner * 2 + c) * per_k + key / split) * 16), frag(u));
+        }
+        fence_proxy_async();
+        named_barrier(1, 256);
+        cluster_wait();                      // phase 0
+        PATCHC_TRACE_AT(5, threadIdx.x == 128);
+        if (threadIdx.x == 128) {
+          mbar_expect(recv_bar, (split - 1) * share);   // each other CTA sends a whole share (slots it does not own too)
+          for (int q = 0; q < split; ++q)
+            if (q != rank)
+              bulk_copy_to_cta(map_rank(recv + rank * share, q), base + q * share, share, map_rank(recv_bar, q));
+        }
+        mbar_wait_cluster(recv_bar, 0);
+        cluster_arrive_relaxed();            // phase 1: this CTA has received all its partials
+        PATCHC_TRACE_AT(6, threadIdx.x == 128);
+        float4 sum[F];
+#pragma unroll
+        for (int u = 0; u < F; ++u) {
+          const int key = ct * F + u;
+          const float* v = frag(u);
+          sum[u] = make_float4(v[0], v[1], v[2], v[3]);
+          if (key % split != rank) continue;
+          for (int src = 0; src < split; ++src) {
+            if (src == rank) continue;
+            const float4 w = ld_shared_f4(recv + (uint32_t)(((src * 2 + c) * per_k + key / split) * 16));
+            sum[u].x += w.x; sum[u].y += w.y; sum[u].z += w.z; sum[u].w += w.w;
+          }
+        }
+        float4* xchg = reinterpret_cast<float4*>(base_ptr + 2 * L::KEYS * 16 + 2 * MAX_SPLIT * 16);   // silu_mul: the up
+                                                                                         // sums, by key, past the outbox
+        if (silu_mul) {
+          if (c == 1) {
+#pragma unroll
+            for (int u = 0; u < F; ++u)
+              if ((ct * F + u) % split == rank) xchg[ct * F + u] = sum[u];
+          }
+          named_barrier(1, 256);
+        }
+        auto put = [&](int tok, int n, float v) {
+          if (m0 + tok < M) y[(int64_t)(m0 + tok) * stride_ym + n] = from_float<T>(v);
+        };
+        if (c < pair && !(silu_mul && c == 1)) {
+#pragma unroll
+          for (int u = 0; u < F; ++u) {
+            const int key = ct * F + u;
+            if (key % split != rank) continue;
+            const int r = (u / FH) * 64 + warp * 16 + g, tok = 8 * (u % FH) + 2 * t;   // rows r, r + 8 of the tile
+            const int n = (rt0 + c) * TILE + r;                                          // y's column
+            const float4 a = sum[u];
+            const float b_lo = bias ? to_float(bias[n]) : 0.f, b_hi = bias ? to_float(bias[n + 8]) : 0.f;
+            if (silu_mul) {
+              const float4 up = xchg[key];
+              const int nu = rt1 * TILE + r;
+              const float u_lo = bias ? to_float(bias[nu]) : 0.f, u_hi = bias ? to_float(bias[nu + 8]) : 0.f;
+              put(tok, n, silu(a.x + b_lo) * (up.x + u_lo));
+              put(tok + 1, n, silu(a.y + b_lo) * (up.y + u_lo));
+              put(tok, n + 8, silu(a.z + b_hi) * (up.z + u_hi));
+              put(tok + 1, n + 8, silu(a.w + b_hi) * (up.w + u_hi));
+            } else {
+              put(tok, n, a.x + b_lo);
+              put(tok + 1, n, a.y + b_lo);
+              put(tok, n + 8, a.z + b_hi);
+              put(tok + 1, n + 8, a.w + b_hi);
+            }
+          }
+        }
+        cluster_wait();                      // phase 1: every CTA has received, so no copy still reads this ring
+      }
+    } else if (silu_mul) {  // fp32 partials [BN tokens, 256 rows]: SiLU(gate) * up is written below
       float* red = reinterpret_cast<float*>(base_ptr);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -342,44 +493,26 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       }
     }
   }
-  if (split > 1 || silu_mul) {
-    // Every thread of every CTA (producer warpgroup included) meets here twice: the partials are written, then
-    // read (a CTA's shared memory must outlive the cluster's reads of it).
-    if (split > 1) cluster_sync(); else __syncthreads();
+  if (split == 1 && silu_mul) {   // one CTA: its two warpgroups' partials meet in its shared memory
+    __syncthreads();
     if (wg > 0) {
       const uint32_t red = base;
-      const int groups = (silu_mul ? TILE : 2 * TILE) / 4;     // four rows a thread: output rows / 4 a token
-      for (int i = rank * 256 + (int)threadIdx.x - 128; i < BN * groups; i += split * 256) {
-        const int tok = i / groups, row = (i % groups) * 4;   // row of the CTA's 256 (silu_mul: of its 128 gates)
+      for (int i = (int)threadIdx.x - 128; i < BN * TILE / 4; i += 256) {
+        const int tok = i / (TILE / 4), row = (i % (TILE / 4)) * 4;   // four gates (and their ups) a thread
         const uint32_t at = red + (uint32_t)(tok * L::RED_PITCH + row) * 4;
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), u = a;
-        for (int q = 0; q < split; ++q) {
-          const float4 v = split > 1 ? ld_cluster_f4(at, q) : ld_shared_f4(at);
-          a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
-          if (silu_mul) {
-            const float4 w = split > 1 ? ld_cluster_f4(at + TILE * 4, q) : ld_shared_f4(at + TILE * 4);
-            u.x += w.x; u.y += w.y; u.z += w.z; u.w += w.w;
-          }
-        }
-        if (m0 + tok >= M || row >= pair * TILE) continue;
-        const int n = (row < TILE ? rt0 : rt1) * TILE + row % TILE;   // W's row (the gate's, with silu_mul)
+        float4 a = ld_shared_f4(at), u = ld_shared_f4(at + TILE * 4);
+        if (m0 + tok >= M) continue;
+        const int n = rt0 * TILE + row, nu = rt1 * TILE + row;        // W's gate and up rows
         if (bias) {
           a.x += to_float(bias[n]); a.y += to_float(bias[n + 1]); a.z += to_float(bias[n + 2]); a.w += to_float(bias[n + 3]);
+          u.x += to_float(bias[nu]); u.y += to_float(bias[nu + 1]); u.z += to_float(bias[nu + 2]); u.w += to_float(bias[nu + 3]);
         }
-        T* out = y + (int64_t)(m0 + tok) * stride_ym;
-        if (silu_mul) {
-          if (bias) {
-            const int nu = rt1 * TILE + row;
-            u.x += to_float(bias[nu]); u.y += to_float(bias[nu + 1]); u.z += to_float(bias[nu + 2]); u.w += to_float(bias[nu + 3]);
-          }
-          store4(out + n, silu(a.x) * u.x, silu(a.y) * u.y, silu(a.z) * u.z, silu(a.w) * u.w);
-        } else {
-          store4(out + n, a.x, a.y, a.z, a.w);
-        }
+        store4(y + (int64_t)(m0 + tok) * stride_ym + n, silu(a.x) * u.x, silu(a.y) * u.y, silu(a.z) * u.z,
+               silu(a.w) * u.w);
       }
     }
-    if (split > 1) cluster_sync();
   }
+  PATCHC_TRACE_AT(7, threadIdx.x == 128);
 #else
   __trap();  // built for sm_90a only; the host refuses other GPUs
 #endif
@@ -477,6 +610,21 @@ int max_clusters(int split) {
 
 }  // namespace patchc_wgmma
 
+#ifdef PATCHC_TRACE
+// The trace points of the last launch's CTAs: int64 [TRACE_CTAS, 16] (global timer ns at
+// points 0-7, then the SM clock at points 0-7; 0 where not reached).
+torch::Tensor wgmma_trace_read() {
+  auto t = torch::empty({patchc_wgmma::TRACE_CTAS, 16}, torch::kInt64);
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc_wgmma::trace_buf, sizeof(patchc_wgmma::trace_buf)));
+  return t;
+}
+void wgmma_trace_clear() {
+  void* p = nullptr;
+  C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc_wgmma::trace_buf));
+  C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc_wgmma::trace_buf)));
+}
+#endif
+
 // How many clusters of `split` CTAs (block_n tokens each) the current GPU runs at once.
 int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {
   using namespace patchc_wgmma;
@@ -517,6 +665,7 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
   const auto dt = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   TORCH_CHECK(split >= 1 && split <= 8 && split <= slot.size(1), "patchc wgmma: split must be 1..8 and at most the "
               "K-tiles");
+  TORCH_CHECK(split == 1 || block_n <= 32, "patchc wgmma: K split over a cluster is for 16-token (decode) CTAs");
   TORCH_CHECK(!bias || (bias->is_cuda() && bias->is_contiguous() && bias->scalar_type() == x.scalar_type() &&
                         bias->numel() == slot.size(0) * TILE),
               "patchc wgmma: bias must be a contiguous CUDA vector of N elements in x's dtype");

@@ -130,6 +130,9 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     k_tiles = sched.k // TILE
     if not 1 <= split <= min(MAX_SPLIT, k_tiles):
         raise ValueError(f"wgmma.run: split {split} must be 1..{min(MAX_SPLIT, k_tiles)} (at most the {k_tiles} K-tiles)")
+    if split > 1 and block_n != DECODE_BLOCK_N:
+        raise ValueError(f"wgmma.run: K split over a cluster (split {split}) is for the {DECODE_BLOCK_N}-token decode "
+                         f"CTAs, not block_n {block_n}")
     if silu_mul and (sched.n // TILE) % 2:
         raise ValueError(f"wgmma.run: silu_mul needs an even number of row-tiles (gate and up), got N={sched.n}")
     ext = extension()

@@ -423,6 +423,14 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
     assert default_config(1, sched(172, 32), 11008, mma=True, wg=True, silu_mul=True) == wgmma_decode(1)
     assert default_config(16, sched(62, 32), 7936, mma=True, wg=True).engine == "mma_sp"   # 31 pairs
     assert default_config(16, short, 4096, mma=True, wg=True).engine == "mma_sp"
+    # 4096-row layers with long K: on the wgmma kernel while at least half their tiles are dense
+    for dense_share, engine in ((1.0, "wgmma"), (0.5, "wgmma"), (0.3, "mma_sp")):
+        bm = torch.zeros(32 * 86, dtype=torch.bool)
+        bm[: int(dense_share * bm.numel())] = True
+        wide = build_schedule(bm.reshape(32, 86), 128)
+        assert default_config(16, wide, 4096, mma=True, wg=True).engine == engine, dense_share
+    assert default_config(16, build_schedule(torch.ones(32, 32, dtype=torch.bool), 128), 4096, mma=True,
+                          wg=True).engine == "mma_sp"   # dense, but K too short
     assert default_config(WGMMA_DECODE_MAX_M + 1, tall, 11008, mma=True, wg=True).engine != "wgmma"
     assert default_config(1, tall, 11008, mma=True, wg=False).engine == "mma_sp"
     assert {wgmma_decode(i) for i in range(1, 9)} <= set(candidates(16, short, 4096, mma=True, wg=True))
@@ -431,6 +439,8 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
         wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=16, split=9)
     with pytest.raises(ValueError, match="even number of row-tiles"):
         wgmma.run(torch.randn(4, 512), None, None, None, sched(3, 4), None, block_n=16, silu_mul=True)
+    with pytest.raises(ValueError, match="for the 16-token decode CTAs, not block_n 64"):
+        wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=64, split=2)
 
 
 def test_wgmma_rules_and_prefill_default():

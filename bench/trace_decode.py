@@ -1,0 +1,159 @@
+"""Where a decode launch's time goes, from inside the kernels (GPU): builds of codegen/mma_sp.cu and wgmma.cu with
+PATCHC_TRACE defined record the global timer and the SM clock at fixed points of every CTA's life (the points are
+marked PATCHC_TRACE_AT in the sources), for the last launch of a CUDA graph that cycles over weight copies > L2, as
+the timings of bench/kernels.py do. Per case it prints the per-call time of the graph, and, measured from the first
+CTA's start, the median and the latest CTA at each point; what the CTAs do not cover (per call minus the span from
+the first CTA's start to the last CTA's end) is the launch gap between two kernels of the graph.
+
+    mma.sp points: 0 start, 1 the schedule has arrived (the first tile's K column), 2 the first tile's MMAs are done,
+                   3 warp 0's tiles are done, 4 all warps' (the reduction starts), 5 end (thread 0)
+    wgmma points:  0 start, 1 slots and barriers ready, 2 the producer issued its last copy, 3 the first stage landed,
+                   4 the consumer's last wgmma is done, 5 past the cluster barrier (every CTA's receive barrier is
+                   initialised), 6 the other CTAs' partials have landed, 7 end (thread 128)
+
+    python bench/trace_decode.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import triton
+from torch.utils.cpp_extension import load_inline
+
+from kernels import make_layer, rotating_copies  # bench/kernels.py
+
+from patchc.codegen import mma_sp, wgmma
+
+MMA_SP_POINTS = ("start", "schedule", "tile1", "warp0", "reduce", "end")
+WGMMA_POINTS = ("start", "slots", "issued", "landed", "mainloop", "visible", "reduced", "end")
+CASES = [(4096, 4096, 6), (11008, 4096, 2), (4096, 11008, 6)]   # N, K, the wgmma split timed
+
+
+def build_traced():
+    """The two extensions with PATCHC_TRACE defined, under names of their own."""
+    flags = ["-O3", "-gencode=arch=compute_90a,code=sm_90a"]
+    wg = load_inline("patchc_wgmma_trace", cpp_sources=wgmma._KERNEL.decl + "\ntorch::Tensor wgmma_trace_read();"
+                     "\nvoid wgmma_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + wgmma.source(),
+                     functions=["hybrid_wgmma", "wgmma_trace_read", "wgmma_trace_clear"], extra_cuda_cflags=flags)
+    ms = load_inline("patchc_mma_sp_trace", cpp_sources=mma_sp._KERNEL.decl + "\ntorch::Tensor mma_sp_trace_read();"
+                     "\nvoid mma_sp_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + mma_sp.SOURCE.read_text(),
+                     functions=["hybrid_mma_sp", "mma_sp_trace_read", "mma_sp_trace_clear"], extra_cuda_cflags=["-O3"])
+    return wg, ms
+
+
+def trace_graph(fns: list, clear, read, reps: int = 2) -> tuple[float, torch.Tensor]:
+    """(us a call of the graph cycling through fns, the trace rows of its last launch)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s), torch.cuda.graph(g):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    torch.cuda.synchronize()
+    us = triton.testing.do_bench(g.replay, warmup=5, rep=50, return_mode="median") * 1e3 / (reps * len(fns))
+    g.replay()
+    torch.cuda.synchronize()
+    clear()
+    torch.cuda.synchronize()
+    g.replay()
+    torch.cuda.synchronize()
+    return us, read()
+
+
+def summarize(us: float, tr: torch.Tensor, names: tuple) -> dict:
+    """Per point: the median and the latest CTA, us after the first CTA's start (global timer); per phase the SM
+    clock's median cycles between consecutive points reached."""
+    n = len(names)
+    rows = tr[tr[:, 0] > 0]
+    t0 = int(rows[:, 0].min())
+    out = {"per_call_us": round(us, 2), "ctas": int(rows.shape[0])}
+    last = 0
+    for i, name in enumerate(names):
+        col = rows[:, i]
+        col = col[col > 0]
+        if col.numel() == 0:
+            continue
+        rel = (col - t0).double() / 1e3
+        out[f"{name}_med_us"] = round(float(rel.median()), 2)
+        out[f"{name}_max_us"] = round(float(rel.max()), 2)
+        last = max(last, float(rel.max()))
+    out["span_us"] = round(last, 2)
+    out["gap_us"] = round(us - last, 2)
+    clk = rows[:, 8:8 + n]
+    for i in range(1, n):
+        ok = (clk[:, i] > 0) & (clk[:, i - 1] > 0)
+        if ok.any():
+            out[f"cyc_{names[i - 1]}_{names[i]}"] = int((clk[ok, i] - clk[ok, i - 1]).median())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/trace_decode"))
+    ap.add_argument("--sparsities", default="0,0.5")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    t = time.time()
+    wg, ms = build_traced()
+    print(f"built the traced kernels in {time.time() - t:.0f} s", flush=True)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    rows = []
+    for n, k, split in CASES:
+        for s in map(float, a.sparsities.split(",")):
+            x, d, v, e, sched, ref, p = make_layer(n, k, 16, s)
+            packs = rotating_copies((d, v, e), p.nbytes)
+            warps, sl = mma_sp.default_launch(16, n, 132)
+            y = torch.empty(16, n, dtype=x.dtype, device="cuda")
+
+            def run_ms(c):
+                ms.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
+                                 None, y, 128, warps, sl, 0, 0, 0)
+
+            def run_wg(c, sp):
+                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0)
+
+            run_ms((d, v, e))
+            err_ms = float((y.double() - ref).abs().max())
+            run_wg((d, v, e), split)
+            err_wg = float((y.double() - ref).abs().max())
+            for kernel, fns, clear, read, names in (
+                    ("mma_sp", [lambda c=c: run_ms(c) for c in packs], ms.mma_sp_trace_clear, ms.mma_sp_trace_read,
+                     MMA_SP_POINTS),
+                    (f"wgmma_s{split}", [lambda c=c: run_wg(c, split) for c in packs], wg.wgmma_trace_clear,
+                     wg.wgmma_trace_read, WGMMA_POINTS)):
+                us, tr = trace_graph(fns, clear, read)
+                row = {"N": n, "K": k, "sparsity": s, "kernel": kernel, "bytes": p.nbytes,
+                       "max_abs_err": round(err_ms if kernel == "mma_sp" else err_wg, 4), **summarize(us, tr, names)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del packs
+            torch.cuda.empty_cache()
+    with open(os.path.join(a.out, "trace_decode.json"), "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
+    lines = [f"# Decode launches traced from inside ({env['gpu']}, torch {env['torch']}, M=16)", "",
+             "us after the first CTA's start: median CTA / latest CTA at each point; gap = per call - span.", ""]
+    for kernel, names in (("mma_sp", MMA_SP_POINTS), ("wgmma", WGMMA_POINTS)):
+        lines += [f"## {kernel}", "", "| N x K | s | per call | span | gap | " + " | ".join(names) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(names)]
+        for r in rows:
+            if r["kernel"].startswith(kernel):
+                cells = [f"{r.get(f'{p}_med_us', '-')} / {r.get(f'{p}_max_us', '-')}" for p in names]
+                lines.append(f"| {r['N']}x{r['K']} ({r['kernel']}) | {r['sparsity']} | {r['per_call_us']} | "
+                             f"{r['span_us']} | {r['gap_us']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    md = "\n".join(lines)
+    with open(os.path.join(a.out, "trace_decode.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
