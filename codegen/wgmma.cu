@@ -60,8 +60,8 @@ struct Layout {
   static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
   static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
   // Decode CTAs (BN <= 32) split K over a cluster: a thread's accumulators are FRAGS float4 fragments, and each
-  // CTA receives the other CTAs' partials of the fragments it owns (a 1 / split share) in a buffer of its own,
-  // RECV_PER float4 a sender (split <= MAX_SPLIT).
+  // CTA receives the other CTAs' partials of the fragments it owns (a 1 / split share, padded to ceil(KEYS / split)
+  // a warpgroup) in a buffer of its own: [split senders][2 warpgroups][ceil(KEYS / split)] float4.
   static constexpr int FRAGS = BN / 4;                          // float4 fragments a consumer thread holds
   static constexpr int KEYS = 128 * FRAGS;                      // fragments of one warpgroup (a row-tile)
   static constexpr bool PUSH = BN <= 32;
@@ -408,8 +408,8 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
             sum[u].x += w.x; sum[u].y += w.y; sum[u].z += w.z; sum[u].w += w.w;
           }
         }
-        float4* xchg = reinterpret_cast<float4*>(base_ptr + 2 * L::KEYS * 16 + 2 * MAX_SPLIT * 16);   // silu_mul: the up
-                                                                                         // sums, by key, past the outbox
+        // silu_mul: the up warpgroup's sums, by key, in the ring past the outbox
+        float4* xchg = reinterpret_cast<float4*>(base_ptr + 2 * L::KEYS * 16 + 2 * MAX_SPLIT * 16);
         if (silu_mul) {
           if (c == 1) {
 #pragma unroll
