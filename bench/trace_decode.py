@@ -41,7 +41,7 @@ def build_traced():
                      "\nvoid wgmma_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + wgmma.source(),
                      functions=["hybrid_wgmma", "wgmma_trace_read", "wgmma_trace_clear"], extra_cuda_cflags=flags)
     ms = load_inline("patchc_mma_sp_trace", cpp_sources=mma_sp._KERNEL.decl + "\ntorch::Tensor mma_sp_trace_read();"
-                     "\nvoid mma_sp_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + mma_sp.SOURCE.read_text(),
+                     "\nvoid mma_sp_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + mma_sp.source(),
                      functions=["hybrid_mma_sp", "mma_sp_trace_read", "mma_sp_trace_clear"], extra_cuda_cflags=["-O3"])
     return wg, ms
 

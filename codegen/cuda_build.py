@@ -10,6 +10,16 @@ import warnings
 from pathlib import Path
 
 
+COMMON = Path(__file__).with_name("device_common.cuh")
+COMMON_INCLUDE = '#include "device_common.cuh"'
+
+
+def inline_common(src: str) -> str:
+    """`src` with device_common.cuh (the device helpers mma_sp.cu and wgmma.cu share) pasted where it is included,
+    so that the build's hash covers it (an older source without the include is returned as it is)."""
+    return src.replace(COMMON_INCLUDE, COMMON.read_text(), 1)
+
+
 class CudaKernel:
     """One extension: `name` prefixes the build (suffixed by a hash of the source, so an edited kernel builds
     anew), `source()` returns the CUDA source, `decl` declares `functions` for the bindings."""

@@ -22,7 +22,10 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "device_common.cuh"
+
 namespace patchc {
+using namespace patchc_device;
 
 template <typename T> struct Mma;
 
@@ -78,7 +81,6 @@ struct Stage {
   static constexpr int SIZE = DENSE_BYTES > SPARSE_BYTES ? DENSE_BYTES : SPARSE_BYTES;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ uint4 lds128(uint32_t a) {
   uint4 r;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "r"(a));
@@ -89,58 +91,14 @@ __device__ __forceinline__ uint2 lds64(uint32_t a) {
   asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(a));
   return r;
 }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbar_init(uint32_t bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n\t.reg .pred P1;\n"
-      "WAIT:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "\t@!P1 bra WAIT;\n}" ::"r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-// Shared-memory reads of a buffer (generic proxy) before the bulk copy engine (async proxy) refills it.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // Programmatic dependent launch: wait until the previous kernel in the stream has completed and its writes are
 // visible (a no-op when this launch was not programmatic), and let the next programmatic launch start early.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #else
-__device__ __forceinline__ void mbar_init(uint32_t) { __trap(); }
-__device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
-__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
-__device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
-__device__ __forceinline__ void fence_proxy_async() {}
 __device__ __forceinline__ void grid_dependency_wait() {}
 __device__ __forceinline__ void launch_dependents() {}
-#endif
-
-// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global
-// timer (ns) at six points of each CTA's life (thread 0; the last launch's), read back by mma_sp_trace_read().
-// A point taken after a value v waits for v (a load's arrival, an MMA's result).
-#ifdef PATCHC_TRACE
-constexpr int TRACE_CTAS = 2048;
-__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
-__device__ __forceinline__ void trace_at(int i, uint32_t v) {
-  unsigned long long t, c;
-  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
-  if (blockIdx.x < TRACE_CTAS) trace_buf[blockIdx.x][i] = t, trace_buf[blockIdx.x][8 + i] = c;
-}
-#define PATCHC_TRACE_AT(i, cond, v) \
-  do {                              \
-    if (cond) trace_at(i, v);       \
-  } while (0)
-#else
-#define PATCHC_TRACE_AT(i, cond, v) \
-  do {                              \
-  } while (0)
 #endif
 
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
@@ -211,8 +169,10 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     }
   };
   if constexpr (STAGED) {
-    if (lane == 0)
-      for (int b = 0; b < STAGES; ++b) mbar_init(bars + b * 8);
+    if (lane == 0) {
+      for (int b = 0; b < STAGES; ++b) mbar_init(bars + b * 8, 1);
+      fence_mbar_init();
+    }
     __syncwarp();
     for (int b = 0; b < STAGES; ++b) fetch(wid + b * team, b);
   }
@@ -440,20 +400,7 @@ void launch_typed(const Launch& a) {
 
 }  // namespace patchc
 
-#ifdef PATCHC_TRACE
-// The trace points of the last launch's CTAs: int64 [TRACE_CTAS, 16] (global timer ns at
-// points 0-7, then the SM clock at points 0-7; 0 where not reached).
-torch::Tensor mma_sp_trace_read() {
-  auto t = torch::empty({patchc::TRACE_CTAS, 16}, torch::kInt64);
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc::trace_buf, sizeof(patchc::trace_buf)));
-  return t;
-}
-void mma_sp_trace_clear() {
-  void* p = nullptr;
-  C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc::trace_buf));
-  C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc::trace_buf)));
-}
-#endif
+PATCHC_TRACE_HOST(mma_sp)   // (device_common.cuh: bench/trace_decode.py reads the trace points)
 
 // x [M, K] (unit column stride), packed tiles, schedule (int32, on x's device) -> y [M, n_out] (written).
 // The caller (codegen/mma_sp.py) checks dtypes, shapes and alignment before calling.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_build import CudaKernel
+from .cuda_build import CudaKernel, inline_common
 from .device import capability
 from .schedule import Schedule
 
@@ -30,8 +30,14 @@ SHORT_DEFAULT_MAX_M = 32
 TILES = (64, 128)
 SOURCE = Path(__file__).with_name("mma_sp.cu")
 
+
+def source(text: str | None = None) -> str:
+    """mma_sp.cu (or `text`, another version of it) with device_common.cuh pasted in: the text nvcc compiles."""
+    return inline_common(SOURCE.read_text() if text is None else text)
+
+
 _KERNEL = CudaKernel(
-    "patchc_mma_sp", "mma.sp decode kernel", SOURCE.read_text,
+    "patchc_mma_sp", "mma.sp decode kernel", source,
     "void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
     "torch::Tensor dense_col, torch::Tensor sparse_col, torch::Tensor dense_start, torch::Tensor sparse_start, "
     "c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t tile, int64_t warps, int64_t slices, "
@@ -51,7 +57,7 @@ def extension():
 def build(src: str):
     """Compile (or load from torch's extension cache) kernel source `src`; named by its hash, so
     bench/mma_sp_check.py --ab can load an older version beside the current one."""
-    return _KERNEL.build(src)
+    return _KERNEL.build(source(src))
 
 
 def default_max_m(n_out: int) -> int:

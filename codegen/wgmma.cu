@@ -40,7 +40,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include "device_common.cuh"
+
 namespace patchc_wgmma {
+using namespace patchc_device;
 
 constexpr int TILE = 128;                       // the packed tile (rows and K of a dense tile)
 constexpr int BOX_K = 64;                       // K columns a step: one 128-byte swizzle row of 16-bit elements
@@ -89,46 +92,8 @@ template <typename T, int BN> struct Wgmma;
 #define PATCHC_WGMMA_ARCH 0
 #endif
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global
-// timer (ns) at eight points of each CTA's life (the last launch's), read back by wgmma_trace_read().
-#ifdef PATCHC_TRACE
-constexpr int TRACE_CTAS = 2048;
-__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
-__device__ __forceinline__ void trace_at(int i) {
-  unsigned long long t, c;
-  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c)::"memory");
-  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][8 + i] = c;
-}
-#define PATCHC_TRACE_AT(i, cond) \
-  do {                           \
-    if (cond) trace_at(i);       \
-  } while (0)
-#else
-#define PATCHC_TRACE_AT(i, cond) \
-  do {                           \
-  } while (0)
-#endif
-
 #if PATCHC_WGMMA_ARCH
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n\t.reg .pred P1;\n"
-      "WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-      "\t@!P1 bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
-}
-// The same wait, with acquire at cluster scope: for bytes another CTA of the cluster stored here (st.async).
+// mbar_wait with acquire at cluster scope: for bytes another CTA of the cluster copied here.
 __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n\t.reg .pred P1;\n"
@@ -141,10 +106,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
 }
-__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -156,8 +117,7 @@ __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
-// The two halves of a cluster barrier (every thread of every CTA arrives once, then waits): here only to know
-// that every CTA of the cluster has initialised its mbarriers before another CTA signals one.
+// The two halves of a cluster barrier (in each phase every thread of every CTA arrives once, then waits).
 __device__ __forceinline__ void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;" ::: "memory"); }
 // The shared address `addr` of this CTA, as the same place in the cluster's CTA `rank` (distributed shared memory).
@@ -172,8 +132,6 @@ __device__ __forceinline__ void bulk_copy_to_cta(uint32_t remote, uint32_t src, 
   asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"(remote), "r"(src), "r"(bytes), "r"(remote_bar) : "memory");
 }
-// Shared-memory writes (generic proxy) before the bulk copy engine (async proxy) reads them.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void st_shared_f4(uint32_t addr, const float* v) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
                : "memory");
@@ -228,7 +186,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     int silu_mul) {                                   // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
 #if PATCHC_WGMMA_ARCH
   using L = Layout<BN>;
-  PATCHC_TRACE_AT(0, threadIdx.x == 0);      // (bench/trace_decode.py's points 0-7)
+  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);      // (bench/trace_decode.py's points 0-7)
   extern __shared__ unsigned char smem_raw[];
   __shared__ int slots[2][MAX_C];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;   // swizzled boxes want 1 KB alignment
@@ -259,11 +217,11 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       mbar_init(empty(s), 8);                // one arrival per consumer warp
     }
     mbar_init(recv_bar, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    fence_mbar_init();
   }
   __syncthreads();
   if (split > 1) cluster_arrive_relaxed();   // (its wait comes before the first message to another CTA)
-  PATCHC_TRACE_AT(1, threadIdx.x == 0);
+  PATCHC_TRACE_AT(1, threadIdx.x == 0, 0u);
   const int steps = 2 * (kc1 - kc0);         // half a K-tile a step
 
   if (wg == 0) {  // producer
@@ -287,7 +245,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           }
         }
       }
-      PATCHC_TRACE_AT(2, true);
+      PATCHC_TRACE_AT(2, true, 0u);
     }
     if (split > 1) {                         // the producer warpgroup's part in the two cluster barrier phases
       cluster_wait();
@@ -312,7 +270,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
 #ifdef PATCHC_TRACE
     if (threadIdx.x == 128) {                // the first stage's bytes have landed
       mbar_wait(full(0), 0);
-      trace_at(3);
+      trace_at(3, 0u);
     }
 #endif
     for (int q = 0; q < steps; ++q) {
@@ -352,7 +310,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     }
     wgmma_wait<0>();
     keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
-    PATCHC_TRACE_AT(4, threadIdx.x == 128);
+    PATCHC_TRACE_AT(4, threadIdx.x == 128, 0u);
 #pragma unroll
     for (int a = 0; a < NSETS; ++a)
 #pragma unroll
@@ -385,7 +343,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         fence_proxy_async();
         named_barrier(1, 256);
         cluster_wait();                      // phase 0
-        PATCHC_TRACE_AT(5, threadIdx.x == 128);
+        PATCHC_TRACE_AT(5, threadIdx.x == 128, 0u);
         if (threadIdx.x == 128) {
           mbar_expect(recv_bar, (split - 1) * share);   // each other CTA sends a whole share (slots it does not own too)
           for (int q = 0; q < split; ++q)
@@ -394,7 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         }
         mbar_wait_cluster(recv_bar, 0);
         cluster_arrive_relaxed();            // phase 1: this CTA has received all its partials
-        PATCHC_TRACE_AT(6, threadIdx.x == 128);
+        PATCHC_TRACE_AT(6, threadIdx.x == 128, 0u);
         float4 sum[F];
 #pragma unroll
         for (int u = 0; u < F; ++u) {
@@ -512,7 +470,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       }
     }
   }
-  PATCHC_TRACE_AT(7, threadIdx.x == 128);
+  PATCHC_TRACE_AT(7, threadIdx.x == 128, 0u);
 #else
   __trap();  // built for sm_90a only; the host refuses other GPUs
 #endif
@@ -610,20 +568,7 @@ int max_clusters(int split) {
 
 }  // namespace patchc_wgmma
 
-#ifdef PATCHC_TRACE
-// The trace points of the last launch's CTAs: int64 [TRACE_CTAS, 16] (global timer ns at
-// points 0-7, then the SM clock at points 0-7; 0 where not reached).
-torch::Tensor wgmma_trace_read() {
-  auto t = torch::empty({patchc_wgmma::TRACE_CTAS, 16}, torch::kInt64);
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc_wgmma::trace_buf, sizeof(patchc_wgmma::trace_buf)));
-  return t;
-}
-void wgmma_trace_clear() {
-  void* p = nullptr;
-  C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc_wgmma::trace_buf));
-  C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc_wgmma::trace_buf)));
-}
-#endif
+PATCHC_TRACE_HOST(wgmma)   // (device_common.cuh: bench/trace_decode.py reads the trace points)
 
 // How many clusters of `split` CTAs (block_n tokens each) the current GPU runs at once.
 int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .cuda_build import CudaKernel
+from .cuda_build import CudaKernel, inline_common
 from .device import capability
 from .mma_sp import x_aligned
 from .schedule import Schedule
@@ -51,7 +51,7 @@ def _wgmma_op(block_n: int, sparse: bool, ptx_type: str) -> str:
 
 def source(text: str | None = None) -> str:
     """wgmma.cu (or `text`, another version of it) with its wgmma wrappers generated (inline asm with 8, 32 or 64
-    accumulator operands each)."""
+    accumulator operands each) and device_common.cuh pasted in: the text nvcc compiles."""
     ops = []
     for block_n in BLOCK_NS:
         for c_type, ptx_type in DTYPES.values():
@@ -61,7 +61,7 @@ def source(text: str | None = None) -> str:
     src = SOURCE.read_text() if text is None else text
     marker = "// @WGMMA_OPS@"
     assert marker in src, "wgmma.cu lost its @WGMMA_OPS@ marker"
-    return src.replace(marker, "".join(ops) + marker)
+    return inline_common(src.replace(marker, "".join(ops) + marker))
 
 
 _KERNEL = CudaKernel(

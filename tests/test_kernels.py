@@ -402,6 +402,24 @@ def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
     assert re.findall(r"PATCHC_WGMMA_CASE\((\d+)\)", cases) == [str(bn) for bn in wgmma.BLOCK_NS]
 
 
+def test_kernel_sources_carry_the_shared_device_helpers(tmp_path):
+    """Both CUDA sources get device_common.cuh pasted in where they include it (so the build's hash covers it), once,
+    and each defines its trace reader only through the shared macro; an older source without the include is built as
+    it is."""
+    from patchc.codegen import cuda_build, mma_sp, wgmma
+
+    common = cuda_build.COMMON.read_text()
+    for name, src, raw in (("wgmma", wgmma.source(), wgmma.SOURCE.read_text()),
+                           ("mma_sp", mma_sp.source(), mma_sp.SOURCE.read_text())):
+        assert cuda_build.COMMON_INCLUDE in raw and cuda_build.COMMON_INCLUDE not in src, name
+        assert src.count(common) == 1, name
+        for helper in ("uint32_t smem_u32(", "void mbar_wait(", "void bulk_copy(", "trace_buf["):
+            assert helper in common and helper not in raw, (name, helper)
+        assert f"PATCHC_TRACE_HOST({name})" in raw, name
+    old = "// an older kernel\n__global__ void k() {}\n"
+    assert mma_sp.source(old) == old and cuda_build.inline_common(old) == old
+
+
 def test_wgmma_decode_default_splits_k_over_a_cluster():
     """M <= 16 on tall layers runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the largest
     cluster whose clusters all run at once (a second wave doubles the time); SiLU(gate) * up pairs each gate

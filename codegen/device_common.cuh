@@ -1,0 +1,86 @@
+// Device helpers shared by mma_sp.cu and wgmma.cu. A source includes this file by name and codegen/cuda_build.py's
+// inline_common pastes it in place of that line before compiling, so the build's hash covers it.
+// The sm_90 instructions (mbarriers, the bulk copy engine) compile to a trap for older GPUs: mma_sp.cu is built for
+// sm_80+ and its host side never launches the staged path there.
+namespace patchc_device {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// The mbarrier inits before it are visible to the cluster (and to the bulk copy engine) after it.
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred P1;\n"
+      "WAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "\t@!P1 bra WAIT_%=;\n}" ::"r"(bar), "r"(parity) : "memory");
+}
+// `bytes` of global memory into this CTA's shared memory by the bulk copy engine, completing on an mbarrier.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+// Shared memory touched through the generic proxy (loads, stores) before the bulk copy engine (the async proxy)
+// writes or reads it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+#else
+__device__ __forceinline__ void mbar_init(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void fence_mbar_init() { __trap(); }
+__device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_arrive(uint32_t) { __trap(); }
+__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) { __trap(); }
+__device__ __forceinline__ void fence_proxy_async() {}
+#endif
+
+// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global timer
+// (ns) and the SM clock at up to eight points of each CTA's life (the last launch's), read back by the
+// <kernel>_trace_read() that PATCHC_TRACE_HOST defines. A point taken after a value v waits for v (a load's
+// arrival, an MMA's result).
+#ifdef PATCHC_TRACE
+constexpr int TRACE_CTAS = 2048;
+__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
+__device__ __forceinline__ void trace_at(int i, uint32_t v) {
+  unsigned long long t, c;
+  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
+  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][8 + i] = c;
+}
+#define PATCHC_TRACE_AT(i, cond, v) \
+  do {                              \
+    if (cond) patchc_device::trace_at(i, v); \
+  } while (0)
+#else
+#define PATCHC_TRACE_AT(i, cond, v) \
+  do {                              \
+  } while (0)
+#endif
+
+}  // namespace patchc_device
+
+// The host side of the trace (after torch's headers): PREFIX_trace_read() -> int64 [TRACE_CTAS, 16] (the global timer
+// at points 0-7, then the SM clock at points 0-7; 0 where not reached), PREFIX_trace_clear().
+#ifdef PATCHC_TRACE
+#define PATCHC_TRACE_HOST(PREFIX)                                                                        \
+  torch::Tensor PREFIX##_trace_read() {                                                                  \
+    auto t = torch::empty({patchc_device::TRACE_CTAS, 16}, torch::kInt64);                               \
+    C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc_device::trace_buf, sizeof(patchc_device::trace_buf))); \
+    return t;                                                                                            \
+  }                                                                                                      \
+  void PREFIX##_trace_clear() {                                                                          \
+    void* p = nullptr;                                                                                   \
+    C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc_device::trace_buf));                                  \
+    C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc_device::trace_buf)));                                  \
+  }
+#else
+#define PATCHC_TRACE_HOST(PREFIX)
+#endif
