@@ -28,6 +28,7 @@ from torch.utils.cpp_extension import load_inline
 from kernels import make_layer, rotating_copies  # bench/kernels.py
 
 from patchc.codegen import mma_sp, wgmma
+from patchc.codegen.launch import capture_graph
 
 MMA_SP_POINTS = ("start", "schedule", "tile1", "warp0", "reduce", "end")
 WGMMA_POINTS = ("start", "slots", "issued", "landed", "mainloop", "visible", "reduced", "end")
@@ -48,16 +49,7 @@ def build_traced():
 
 def trace_graph(fns: list, clear, read, reps: int = 2) -> tuple[float, torch.Tensor]:
     """(us a call of the graph cycling through fns, the trace rows of its last launch)."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s), torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    torch.cuda.synchronize()
+    g = capture_graph(fns, reps)
     us = triton.testing.do_bench(g.replay, warmup=5, rep=50, return_mode="median") * 1e3 / (reps * len(fns))
     g.replay()
     torch.cuda.synchronize()

@@ -127,18 +127,23 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
     return out
 
 
-def graph_time_ms(fns: list, reps: int = 10) -> float:
-    """Median per-call time of cycling through `fns` captured in a CUDA graph (no launch gaps)."""
+def capture_graph(fns: list, reps: int = 10) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `reps` passes through `fns` (each called once first, outside the capture)."""
     for f in fns:
         f()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s), torch.cuda.graph(g):
+    with torch.cuda.stream(torch.cuda.Stream()), torch.cuda.graph(g):
         for _ in range(reps):
             for f in fns:
                 f()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_time_ms(fns: list, reps: int = 10) -> float:
+    """Median per-call time of cycling through `fns` captured in a CUDA graph (no launch gaps)."""
+    g = capture_graph(fns, reps)
     ms = triton.testing.do_bench(g.replay, warmup=5, rep=50, return_mode="median")
     return ms / (reps * len(fns))
 
