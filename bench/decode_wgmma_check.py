@@ -57,7 +57,7 @@ def build_old(path: str):
             "int64_t silu_mul);")
     name = f"patchc_wgmma_ab_{hashlib.sha256(src.encode()).hexdigest()[:12]}"
     return load_inline(name, cpp_sources=decl, cuda_sources=src, functions=["hybrid_wgmma"],
-                       extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"])
+                       extra_cuda_cflags=wgmma._KERNEL.flags)
 
 
 def checks(log) -> bool:

@@ -36,15 +36,14 @@ CASES = [(4096, 4096, 6), (11008, 4096, 2), (4096, 11008, 6)]   # N, K, the wgmm
 
 
 def build_traced():
-    """The two extensions with PATCHC_TRACE defined, under names of their own."""
-    flags = ["-O3", "-gencode=arch=compute_90a,code=sm_90a"]
-    wg = load_inline("patchc_wgmma_trace", cpp_sources=wgmma._KERNEL.decl + "\ntorch::Tensor wgmma_trace_read();"
-                     "\nvoid wgmma_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + wgmma.source(),
-                     functions=["hybrid_wgmma", "wgmma_trace_read", "wgmma_trace_clear"], extra_cuda_cflags=flags)
-    ms = load_inline("patchc_mma_sp_trace", cpp_sources=mma_sp._KERNEL.decl + "\ntorch::Tensor mma_sp_trace_read();"
-                     "\nvoid mma_sp_trace_clear();", cuda_sources="#define PATCHC_TRACE\n" + mma_sp.source(),
-                     functions=["hybrid_mma_sp", "mma_sp_trace_read", "mma_sp_trace_clear"], extra_cuda_cflags=["-O3"])
-    return wg, ms
+    """The two extensions with PATCHC_TRACE defined, under names of their own (each with its kernel's declarations
+    and flags, plus the trace reader PATCHC_TRACE_HOST defines)."""
+    def traced(kernel, source, prefix):
+        extra = [f"{prefix}_trace_read", f"{prefix}_trace_clear"]
+        return load_inline(f"{kernel.name}_trace", cpp_sources=kernel.decl + f"\ntorch::Tensor {extra[0]}();"
+                           f"\nvoid {extra[1]}();", cuda_sources="#define PATCHC_TRACE\n" + source(),
+                           functions=kernel.functions + extra, extra_cuda_cflags=kernel.flags)
+    return traced(wgmma._KERNEL, wgmma.source, "wgmma"), traced(mma_sp._KERNEL, mma_sp.source, "mma_sp")
 
 
 def trace_graph(fns: list, clear, read, reps: int = 2) -> tuple[float, torch.Tensor]:
