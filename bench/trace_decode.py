@@ -9,9 +9,10 @@ the first CTA's start to the last CTA's end) is the launch gap between two kerne
                    3 warp 0's tiles are done, 4 all warps' (the reduction starts), 5 end (thread 0)
     wgmma points:  0 start, 1 slots and barriers ready, 2 the producer issued its last copy, 3 the first stage landed,
                    4 the consumer's last wgmma is done, 5 past the cluster barrier (every CTA's receive barrier is
-                   initialised), 6 the other CTAs' partials have landed, 7 end (thread 128)
+                   initialised), 6 the other CTAs' partials have landed, 7 they are summed, 8 this CTA's share of y
+                   is stored, 9 end: past the second cluster barrier phase (thread 128)
 
-    python bench/trace_decode.py [--out DIR]
+    python bench/trace_decode.py [--out DIR] [--sparsities 0,0.5] [--pdl]
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.launch import capture_graph
 
 MMA_SP_POINTS = ("start", "schedule", "tile1", "warp0", "reduce", "end")
-WGMMA_POINTS = ("start", "slots", "issued", "landed", "mainloop", "visible", "reduced", "end")
+WGMMA_POINTS = ("start", "slots", "issued", "landed", "mainloop", "visible", "reduced", "summed", "stored", "end")
 CASES = [(4096, 4096, 6), (11008, 4096, 2), (4096, 11008, 6)]   # N, K, the wgmma split timed
 
 
@@ -78,7 +79,8 @@ def summarize(us: float, tr: torch.Tensor, names: tuple) -> dict:
         last = max(last, float(rel.max()))
     out["span_us"] = round(last, 2)
     out["gap_us"] = round(us - last, 2)
-    clk = rows[:, 8:8 + n]
+    points = tr.shape[1] // 2   # device_common.cuh TRACE_POINTS: global timers, then SM clocks
+    clk = rows[:, points:points + n]
     for i in range(1, n):
         ok = (clk[:, i] > 0) & (clk[:, i - 1] > 0)
         if ok.any():
@@ -90,12 +92,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/trace_decode"))
     ap.add_argument("--sparsities", default="0,0.5")
+    ap.add_argument("--pdl", action="store_true", help="launch both kernels as programmatic dependents (each launch of "
+                    "the graph may then start while the one before it drains: gaps can be negative)")
     a = ap.parse_args()
+    pdl = int(a.pdl)
     os.makedirs(a.out, exist_ok=True)
     t = time.time()
     wg, ms = build_traced()
     print(f"built the traced kernels in {time.time() - t:.0f} s", flush=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "pdl": bool(pdl)}
     rows = []
     for n, k, split in CASES:
         for s in map(float, a.sparsities.split(",")):
@@ -106,10 +112,10 @@ def main() -> None:
 
             def run_ms(c):
                 ms.hybrid_mma_sp(x, *c, sched.dense_col, sched.sparse_col, sched.dense_start, sched.sparse_start,
-                                 None, y, 128, warps, sl, 0, 0, 0)
+                                 None, y, 128, warps, sl, 0, 0, pdl)
 
             def run_wg(c, sp):
-                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0)
+                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, pdl)
 
             run_ms((d, v, e))
             err_ms = float((y.double() - ref).abs().max())
@@ -129,7 +135,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     with open(os.path.join(a.out, "trace_decode.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
-    lines = [f"# Decode launches traced from inside ({env['gpu']}, torch {env['torch']}, M=16)", "",
+    lines = [f"# Decode launches traced from inside ({env['gpu']}, torch {env['torch']}, M=16"
+             f"{', programmatic dependent launches' if pdl else ''})", "",
              "us after the first CTA's start: median CTA / latest CTA at each point; gap = per call - span.", ""]
     for kernel, names in (("mma_sp", MMA_SP_POINTS), ("wgmma", WGMMA_POINTS)):
         lines += [f"## {kernel}", "", "| N x K | s | per call | span | gap | " + " | ".join(names) + " |",

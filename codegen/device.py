@@ -1,9 +1,12 @@
-"""Per-device facts the launchers ask on every call, looked up once: compute capability and SM count.
+"""Per-device facts the launchers ask on every call, looked up once: compute capability and SM count; and whether
+a launch is made a programmatic dependent of the kernel before it.
 
 torch.cuda.get_device_capability / get_device_properties cost a few microseconds of Python each; an eager
 decode step asks them for every layer, so they are cached here by device.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -32,3 +35,12 @@ def sm_count(device) -> int:
     except KeyError:
         n = _sm_count[device] = torch.cuda.get_device_properties(_key(device)).multi_processor_count
         return n
+
+
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernels (mma_sp.cu, wgmma.cu) are launched as programmatic dependents: on sm_90+, only while
+    a CUDA graph is captured (as torch.compile's reduce-overhead mode runs a model). Such a launch may start its CTAs
+    while the previous kernel drains: they read the schedule and issue the first weight copies, and wait for that
+    kernel before reading x (H100, bench/results/decode_l2_pdl and decode_pdl). PATCHC_PDL=0: never."""
+    return (os.environ.get("PATCHC_PDL", "1") != "0" and capability(x.device) >= (9, 0)
+            and torch.cuda.is_current_stream_capturing())

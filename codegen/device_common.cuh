@@ -32,7 +32,13 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
 // Shared memory touched through the generic proxy (loads, stores) before the bulk copy engine (the async proxy)
 // writes or reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// Programmatic dependent launch: wait until the previous kernel in the stream has completed and its writes are
+// visible (a no-op when this launch was not programmatic), and let the next programmatic launch start early.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 #else
+__device__ __forceinline__ void grid_dependency_wait() {}
+__device__ __forceinline__ void launch_dependents() {}
 __device__ __forceinline__ void mbar_init(uint32_t, uint32_t) { __trap(); }
 __device__ __forceinline__ void fence_mbar_init() { __trap(); }
 __device__ __forceinline__ void mbar_expect(uint32_t, uint32_t) { __trap(); }
@@ -43,17 +49,17 @@ __device__ __forceinline__ void fence_proxy_async() {}
 #endif
 
 // Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global timer
-// (ns) and the SM clock at up to eight points of each CTA's life (the last launch's), read back by the
+// (ns) and the SM clock at up to TRACE_POINTS points of each CTA's life (the last launch's), read back by the
 // <kernel>_trace_read() that PATCHC_TRACE_HOST defines. A point taken after a value v waits for v (a load's
 // arrival, an MMA's result).
 #ifdef PATCHC_TRACE
-constexpr int TRACE_CTAS = 2048;
-__device__ unsigned long long trace_buf[TRACE_CTAS][16];   // [global timer x 8, SM clock x 8]
+constexpr int TRACE_CTAS = 2048, TRACE_POINTS = 12;
+__device__ unsigned long long trace_buf[TRACE_CTAS][2 * TRACE_POINTS];   // [global timer x 12, SM clock x 12]
 __device__ __forceinline__ void trace_at(int i, uint32_t v) {
   unsigned long long t, c;
   asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
   const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][8 + i] = c;
+  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][TRACE_POINTS + i] = c;
 }
 #define PATCHC_TRACE_AT(i, cond, v) \
   do {                              \
@@ -67,12 +73,12 @@ __device__ __forceinline__ void trace_at(int i, uint32_t v) {
 
 }  // namespace patchc_device
 
-// The host side of the trace (after torch's headers): PREFIX_trace_read() -> int64 [TRACE_CTAS, 16] (the global timer
-// at points 0-7, then the SM clock at points 0-7; 0 where not reached), PREFIX_trace_clear().
+// The host side of the trace (after torch's headers): PREFIX_trace_read() -> int64 [TRACE_CTAS, 2 * TRACE_POINTS] (the
+// global timer at each point, then the SM clock at each point; 0 where not reached), PREFIX_trace_clear().
 #ifdef PATCHC_TRACE
 #define PATCHC_TRACE_HOST(PREFIX)                                                                        \
   torch::Tensor PREFIX##_trace_read() {                                                                  \
-    auto t = torch::empty({patchc_device::TRACE_CTAS, 16}, torch::kInt64);                               \
+    auto t = torch::empty({patchc_device::TRACE_CTAS, 2 * patchc_device::TRACE_POINTS}, torch::kInt64);  \
     C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc_device::trace_buf, sizeof(patchc_device::trace_buf))); \
     return t;                                                                                            \
   }                                                                                                      \

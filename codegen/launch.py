@@ -2,7 +2,7 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and long, mostly dense ones: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
+layers (and 4096-row ones with long K: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
 cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
@@ -50,10 +50,10 @@ WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs
                         # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
                         # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
                         # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
-WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs, this many K-tiles and at least half their tiles
-                        # dense (results/decode_push, M=16, same run, after the push epilogue: 4096x11008 at 0% / 25%
-                        # 36.7-37.3 / 30.9 us against the mma.sp kernel's 40.0 / 31.7; at 35-50% (30% dense tiles or
-                        # fewer) the mma.sp kernel won, 24.4-27.9 against 24.5-28.4; 4096x4096 stays: 16.7 vs 15.3 at 0%)
+WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs and this many K-tiles (results/decode_pdl, M=16,
+                        # launched as programmatic dependents as under graph capture: 4096x11008 at split 6 0.86 / 0.91 /
+                        # 0.95 / 0.97 / 0.94x the mma.sp kernel's time at 0 / 25 / 35 / 45 / 50%; 4096x4096 stays:
+                        # 1.02-1.15x at split 6)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -174,14 +174,12 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more
-    and at least half their tiles dense."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
     if pairs >= WGMMA_DECODE_MIN_PAIRS:
         return True
     k_tiles = sched.k // sched.tile
-    return (pairs >= 16 and k_tiles >= WGMMA_DECODE_LONG_K
-            and sched.dense_col.numel() >= 0.5 * (sched.n // sched.tile) * k_tiles)
+    return pairs >= 16 and k_tiles >= WGMMA_DECODE_LONG_K
 
 
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,

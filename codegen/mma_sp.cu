@@ -91,16 +91,6 @@ __device__ __forceinline__ uint2 lds64(uint32_t a) {
   asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "r"(a));
   return r;
 }
-// Programmatic dependent launch: wait until the previous kernel in the stream has completed and its writes are
-// visible (a no-op when this launch was not programmatic), and let the next programmatic launch start early.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-#else
-__device__ __forceinline__ void grid_dependency_wait() {}
-__device__ __forceinline__ void launch_dependents() {}
-#endif
-
 // MB: batch blocks of 8 rows (M <= 8 * MB); R: 16-row slices a CTA owns (each warp runs its tiles for all R
 // slices, so one load of x serves R slices); TILE: the tile size (64 or 128); STAGED: weights through the
 // shared-memory ring (sm_90+) instead of direct loads. Launched as a programmatic dependent (sm_90+, under CUDA

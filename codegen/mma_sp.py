@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .cuda_build import CudaKernel, inline_common
-from .device import capability
+from .device import capability, pdl_enabled
 from .schedule import Schedule
 
 MAX_M = 32          # what the kernel runs
@@ -186,15 +186,6 @@ def _default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: b
     while warps < 16 and 2 * warps * ctas <= 16 * num_sms:
         warps *= 2
     return warps, slices
-
-
-def pdl_enabled(x: torch.Tensor) -> bool:
-    """Whether this call is launched as a programmatic dependent (sm_90+): only while a CUDA graph is captured,
-    where the launch may start while the previous kernel drains (H100, bench/results/decode_l2_pdl, M=16: after
-    another launch of this kernel 0.91-0.98x the time on 4096-row layers, as down_proj after gate/up, 0.99-1.035x
-    on 11008x4096; after other kernels no change). PATCHC_PDL=0: never."""
-    return (os.environ.get("PATCHC_PDL", "1") != "0" and capability(x.device) >= (9, 0)
-            and torch.cuda.is_current_stream_capturing())
 
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,

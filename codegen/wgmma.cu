@@ -25,6 +25,10 @@
 // partials it received and writes its share. silu_mul: a CTA pairs gate row-tile p with up row-tile p + R / 2 (one
 // per consumer warpgroup) and writes SiLU(gate) * up.
 //
+// Launched as a programmatic dependent (codegen/device.py: under CUDA graph capture on sm_90), the kernel's CTAs may
+// start while the kernel before it drains: they read their tile slots and fill the ring with weights, and load x
+// (maybe that kernel's output) only after griddepcontrol.wait. Each CTA lets the next launch start at once.
+//
 // Sparse metadata (PTX ISA, "Sparse wgmma": the per-warp layout of mma.sp m16n8k32 with selector 0): the
 // thread of lane 4g + t (t = 0, 1) of warp w supplies, for one k32 step, the 4-bit codes of rows 16w + g (bits
 // 0-15) and 16w + g + 8 (bits 16-31) for k = 16t .. 16t + 15: bytes 2t, 2t + 1 of that step's 4 code bytes of
@@ -183,10 +187,11 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const int* __restrict__ slot,                     // [R, C]: i >= 0 dense tile i, ~i 2:4 tile i
     int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym,
     int split,                                        // CTAs of a cluster splitting K (gridDim.z)
-    int silu_mul) {                                   // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
+    int silu_mul,                                     // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
+    int pdl) {                                        // launched as a programmatic dependent
 #if PATCHC_WGMMA_ARCH
   using L = Layout<BN>;
-  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);      // (bench/trace_decode.py's points 0-7)
+  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);      // (bench/trace_decode.py's points 0-9)
   extern __shared__ unsigned char smem_raw[];
   __shared__ int slots[2][MAX_C];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;   // swizzled boxes want 1 KB alignment
@@ -202,8 +207,10 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   const int rt1 = silu_mul ? blockIdx.y + R / 2 : rt0 + pair - 1;
   const int m0 = blockIdx.x * BN;            // first token of this CTA
   const int rank = blockIdx.z;               // = %cluster_ctarank (cluster dims 1 x 1 x split, gridDim.z = split)
-  // This CTA's K-tiles [kc0, kc1), warp-uniform as ptxas can see (else it serialises the wgmmas: C7520).
-  const int kc0 = __shfl_sync(0xffffffff, rank * C / split, 0), kc1 = __shfl_sync(0xffffffff, (rank + 1) * C / split, 0);
+  // This CTA's steps [q0, q1) of the 2C half-K-tile steps (kc = q / 2, half q % 2): a split need not divide the K-tiles
+  // (on 4096 x 11008, 86 K-tiles over 6 CTAs: 28-29 steps each, where whole K-tiles gave 14 or 15). Warp-uniform as
+  // ptxas can see (else it serialises the wgmmas: C7520).
+  const int q0 = __shfl_sync(0xffffffff, rank * 2 * C / split, 0), q1 = __shfl_sync(0xffffffff, (rank + 1) * 2 * C / split, 0);
   const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);   // warp-uniform, as ptxas can see
   // With an odd number of row-tiles the last CTA has one: its second warpgroup then runs the first row-tile's
   // tiles again and stores nothing (a branch around the mainloop would make ptxas serialise the wgmmas).
@@ -222,19 +229,19 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   __syncthreads();
   if (split > 1) cluster_arrive_relaxed();   // (its wait comes before the first message to another CTA)
   PATCHC_TRACE_AT(1, threadIdx.x == 0, 0u);
-  const int steps = 2 * (kc1 - kc0);         // half a K-tile a step
+  const int steps = q1 - q0;
 
+  launch_dependents();   // a programmatic launch after this one may start its CTAs (its x waits for our y)
   if (wg == 0) {  // producer
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
-      for (int q = 0; q < steps; ++q) {
-        const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
-        if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
+      // Step q's weights: row-tile c's half-K-tile box (dense, or a 2:4 tile's values and codes) into stage s.
+      auto load_weights = [&](int q, int s) {
+        const int kc = (q0 + q) / 2, h = (q0 + q) % 2;
         const uint32_t st = base + s * L::STAGE;
         uint32_t bytes = L::X_BOX;
         for (int c = 0; c < 2; ++c) bytes += slots[c][kc] >= 0 ? W_BOX : V_BOX + META_BYTES;
-        mbar_expect(full(s), bytes);
-        tma_load(st, &x_map, kc * TILE + h * BOX_K, m0, full(s));             // x [m0:+BN, 64 columns]
+        mbar_expect(full(s), bytes);           // (x's box too: it follows)
         for (int c = 0; c < 2; ++c) {
           const int i = slots[c][kc];
           if (i >= 0) {
@@ -244,6 +251,23 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
             bulk_copy(st + L::META + c * META_BYTES, meta + (int64_t)(~i) * META_BYTES, META_BYTES, full(s));
           }
         }
+      };
+      auto load_x = [&](int q, int s) {        // x [m0:+BN, 64 columns]
+        tma_load(base + s * L::STAGE, &x_map, (q0 + q) * BOX_K, m0, full(s));
+      };
+      // Launched as a programmatic dependent, the first ring's weights go ahead (no kernel of a forward writes
+      // weights or the schedule) while x, maybe the previous kernel's output, waits for that kernel. Launched plainly,
+      // each stage's x follows its weights: with all the ring's weights first, the first stage's x queued behind them
+      // (H100, 11008 x 4096 split 2: 0.6-1 us a launch, bench/results/decode_pdl).
+      const int ahead = pdl ? (steps < L::STAGES ? steps : L::STAGES) : 0;
+      for (int q = 0; q < ahead; ++q) load_weights(q, q);
+      grid_dependency_wait();
+      for (int q = 0; q < ahead; ++q) load_x(q, q);
+      for (int q = ahead; q < steps; ++q) {
+        const int s = q % L::STAGES;
+        if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
+        load_weights(q, s);
+        load_x(q, s);
       }
       PATCHC_TRACE_AT(2, true, 0u);
     }
@@ -274,7 +298,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     }
 #endif
     for (int q = 0; q < steps; ++q) {
-      const int s = q % L::STAGES, kc = kc0 + q / 2, h = q % 2;
+      const int s = q % L::STAGES, kc = (q0 + q) / 2, h = (q0 + q) % 2;
       mbar_wait(full(s), (q / L::STAGES) & 1);
       const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
       uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
@@ -311,6 +335,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     wgmma_wait<0>();
     keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
     PATCHC_TRACE_AT(4, threadIdx.x == 128, 0u);
+    grid_dependency_wait();   // (long satisfied: x came after it) y's storage is free of the previous kernel's reads
 #pragma unroll
     for (int a = 0; a < NSETS; ++a)
 #pragma unroll
@@ -379,6 +404,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         auto put = [&](int tok, int n, float v) {
           if (m0 + tok < M) y[(int64_t)(m0 + tok) * stride_ym + n] = from_float<T>(v);
         };
+        PATCHC_TRACE_AT(7, threadIdx.x == 128, __float_as_uint(sum[0].x));
         if (c < pair && !(silu_mul && c == 1)) {
 #pragma unroll
           for (int u = 0; u < F; ++u) {
@@ -404,6 +430,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
             }
           }
         }
+        PATCHC_TRACE_AT(8, threadIdx.x == 128, 0u);
         cluster_wait();                      // phase 1: every CTA has received, so no copy still reads this ring
       }
     } else if (silu_mul) {  // fp32 partials [BN tokens, 256 rows]: SiLU(gate) * up is written below
@@ -470,7 +497,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       }
     }
   }
-  PATCHC_TRACE_AT(7, threadIdx.x == 128, 0u);
+  PATCHC_TRACE_AT(9, threadIdx.x == 128, 0u);
 #else
   __trap();  // built for sm_90a only; the host refuses other GPUs
 #endif
@@ -510,7 +537,7 @@ CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType dt, int64_t rows, in
 template <typename T, int BN>
 void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Tensor& values, const torch::Tensor& meta,
             const torch::Tensor& slot, const c10::optional<torch::Tensor>& bias, torch::Tensor& y,
-            CUtensorMapDataType dt, int split, bool silu_mul) {
+            CUtensorMapDataType dt, int split, bool silu_mul, bool pdl) {
   using L = Layout<BN>;
   const int64_t M = x.size(0), K = x.size(1), R = slot.size(0), C = slot.size(1);
   const CUtensorMap x_map = tensor_map(x.data_ptr(), dt, M, K, x.stride(0), BN, BOX_K);
@@ -528,17 +555,26 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = L::SMEM;
   cfg.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;   // the K-splitting CTAs of one output tile: a cluster
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = (unsigned)split;
+  cudaLaunchAttribute attr[2];
+  int n_attr = 0;
+  if (split > 1) {   // the K-splitting CTAs of one output tile: a cluster
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = 1;
+    attr[n_attr].val.clusterDim.y = 1;
+    attr[n_attr].val.clusterDim.z = (unsigned)split;
+    ++n_attr;
+  }
+  if (pdl) {         // may start while the previous kernel drains (the kernel waits for it before reading x)
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = split > 1 ? 1 : 0;
+  cfg.numAttrs = n_attr;
   const cudaError_t err = cudaLaunchKernelEx(
       &cfg, kernel, x_map, d_map, v_map, (const uint8_t*)meta.data_ptr<uint8_t>(), (const int*)slot.data_ptr<int>(),
       (int)R, (int)C, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : (const T*)nullptr,
-      reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul);
+      reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul, (int)pdl);
   // (no integers in these messages: streaming one segfaulted inside an extension on the GPU image; wgmma.py
   // validates block_n and split first)
   TORCH_CHECK(err == cudaSuccess, "patchc wgmma: launch failed: ", cudaGetErrorString(err));
@@ -588,10 +624,10 @@ int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {
 
 // y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule;
 // block_n: tokens a CTA (16, 32, 64 or 128); split: CTAs (a cluster) splitting K, 1..8; silu_mul: W = [gate; up]
-// and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up).
+// and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up); pdl: launched as a programmatic dependent.
 void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
                   c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split,
-                  int64_t silu_mul) {
+                  int64_t silu_mul, int64_t pdl) {
   using namespace patchc_wgmma;
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
@@ -610,17 +646,18 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
   const auto dt = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   TORCH_CHECK(split >= 1 && split <= 8 && split <= slot.size(1), "patchc wgmma: split must be 1..8 and at most the "
               "K-tiles");
+  TORCH_CHECK(pdl == 0 || pdl == 1, "patchc wgmma: pdl must be 0 or 1");
   TORCH_CHECK(split == 1 || block_n <= 32, "patchc wgmma: K split over a cluster is for 16-token (decode) CTAs");
   TORCH_CHECK(!bias || (bias->is_cuda() && bias->is_contiguous() && bias->scalar_type() == x.scalar_type() &&
                         bias->numel() == slot.size(0) * TILE),
               "patchc wgmma: bias must be a contiguous CUDA vector of N elements in x's dtype");
   const int s = (int)split;
-  const bool silu = silu_mul != 0;
+  const bool silu = silu_mul != 0, dep = pdl != 0;
   switch (block_n) {
 #define PATCHC_WGMMA_CASE(BN)                                                                   \
   case BN:                                                                                      \
-    if (bf16) launch<__nv_bfloat16, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu);  \
-    else launch<__half, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu);              \
+    if (bf16) launch<__nv_bfloat16, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);  \
+    else launch<__half, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);              \
     break;
     PATCHC_WGMMA_BLOCK_NS
 #undef PATCHC_WGMMA_CASE

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .cuda_build import CudaKernel, inline_common
-from .device import capability
+from .device import capability, pdl_enabled
 from .mma_sp import x_aligned
 from .schedule import Schedule
 
@@ -68,7 +68,7 @@ _KERNEL = CudaKernel(
     "patchc_wgmma", "wgmma kernel", source,
     "void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
     "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split, "
-    "int64_t silu_mul);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
+    "int64_t silu_mul, int64_t pdl);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
     ["hybrid_wgmma", "wgmma_max_clusters"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
 
 
@@ -120,10 +120,11 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str |
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
         bias: torch.Tensor | None, poison: bool = False, block_n: int = 128, split: int = 1,
-        silu_mul: bool = False) -> torch.Tensor:
+        silu_mul: bool = False, pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T + bias (N = sched.n), or with silu_mul (W = [gate; up] stacked, bias likewise)
     y [M, N / 2] = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up). One CTA per (two row-tiles, block_n tokens,
     1 / split of K); split > 1 launches clusters of `split` CTAs. The caller checked `unsupported`.
+    pdl: launch as a programmatic dependent (None: device.pdl_enabled, i.e. under CUDA graph capture on sm_90+).
     poison=True fills y with NaN first, so an element the kernel misses shows."""
     if block_n not in BLOCK_NS:
         raise ValueError(f"wgmma.run: block_n {block_n} not in {BLOCK_NS}")
@@ -148,5 +149,6 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
-        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n, split, int(silu_mul))
+        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n, split, int(silu_mul),
+                         int(pdl_enabled(x) if pdl is None else pdl))
     return y

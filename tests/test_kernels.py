@@ -373,7 +373,8 @@ def test_wgmma_kernel_matches_float64_reference(c):
     """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
     wgmma in K order; 64- and 128-token blocks, and 16-token blocks with K split over a cluster of 1..8 CTAs whose
     partials meet in distributed shared memory; M not a multiple of the block, bias, SiLU(gate) * up (in the
-    kernel when gate and up are whole row-tiles, else after it), and a CUDA graph replay after a poisoning fill."""
+    kernel when gate and up are whole row-tiles, else after it), and a CUDA graph replay after a poisoning fill (there
+    the kernel is a programmatic dependent launch, whose y must land after the fill)."""
     bitmap, m, dtype, bias, seed, silu, graph, cfg = c
     run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
@@ -413,11 +414,29 @@ def test_kernel_sources_carry_the_shared_device_helpers(tmp_path):
                            ("mma_sp", mma_sp.source(), mma_sp.SOURCE.read_text())):
         assert cuda_build.COMMON_INCLUDE in raw and cuda_build.COMMON_INCLUDE not in src, name
         assert src.count(common) == 1, name
-        for helper in ("uint32_t smem_u32(", "void mbar_wait(", "void bulk_copy(", "trace_buf["):
+        for helper in ("uint32_t smem_u32(", "void mbar_wait(", "void bulk_copy(", "trace_buf[", "void grid_dependency_wait(",
+                       "void launch_dependents("):
             assert helper in common and helper not in raw, (name, helper)
         assert f"PATCHC_TRACE_HOST({name})" in raw, name
     old = "// an older kernel\n__global__ void k() {}\n"
     assert mma_sp.source(old) == old and cuda_build.inline_common(old) == old
+
+
+def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_pdl_0(monkeypatch):
+    """Both CUDA kernels are launched as programmatic dependents only while a CUDA graph is captured on sm_90+, and
+    PATCHC_PDL=0 turns that off before the device is asked anything."""
+    from patchc.codegen.device import pdl_enabled
+
+    monkeypatch.setenv("PATCHC_PDL", "0")
+    assert not pdl_enabled(torch.empty(1))
+    monkeypatch.delenv("PATCHC_PDL")
+    if DEVICE == "cuda":
+        x = torch.empty(1, device="cuda")
+        assert not pdl_enabled(x)   # eager: not capturing
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = pdl_enabled(x)
+        assert captured == (torch.cuda.get_device_capability() >= (9, 0))
 
 
 def test_wgmma_decode_default_splits_k_over_a_cluster():
@@ -441,8 +460,8 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
     assert default_config(1, sched(172, 32), 11008, mma=True, wg=True, silu_mul=True) == wgmma_decode(1)
     assert default_config(16, sched(62, 32), 7936, mma=True, wg=True).engine == "mma_sp"   # 31 pairs
     assert default_config(16, short, 4096, mma=True, wg=True).engine == "mma_sp"
-    # 4096-row layers with long K: on the wgmma kernel while at least half their tiles are dense
-    for dense_share, engine in ((1.0, "wgmma"), (0.5, "wgmma"), (0.3, "mma_sp")):
+    # 4096-row layers with long K: on the wgmma kernel at any share of dense tiles
+    for dense_share, engine in ((1.0, "wgmma"), (0.5, "wgmma"), (0.0, "wgmma")):
         bm = torch.zeros(32 * 86, dtype=torch.bool)
         bm[: int(dense_share * bm.numel())] = True
         wide = build_schedule(bm.reshape(32, 86), 128)

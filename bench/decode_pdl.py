@@ -1,0 +1,241 @@
+"""Decode (M=16) with both CUDA kernels launched as programmatic dependents, as the runtime launches them under CUDA
+graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
+
+    python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--ab OLD.cu]
+
+1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
+   bias, SiLU * up) against float64; a captured chain of five launches (wgmma and mma.sp, each reading the output of
+   the one before) replayed after its input changed, equal bit for bit to the same chain launched plainly.
+2. per 7B shape and sparsity, timed in alternation (ROUNDS rounds, medians) in CUDA graphs rotating over weight
+   copies > L2 (bench/kernels.py), every launch after another launch of the same path ("chain"):
+   - `default` / `default_plain`: what launch() runs for a user, programmatic (as captured) / plain (PATCHC_PDL=0);
+   - `ms{w}x{s}`: the mma.sp kernel with w warps and s slices a CTA, programmatic (the default is 16 x 2 on the
+     4096-row layers: one CTA an SM by registers; 8 x 2 leaves room for the next launch's CTAs);
+   - `wg{s}` / `wg{s}_plain`: the wgmma decode kernel at split s, programmatic / plain;
+   - `default_after_write`: the default after an elementwise kernel (not programmatic) that writes its x, as a linear
+     after a norm runs in a model;
+   - `ab{s}`: with --ab, another version of codegen/wgmma.cu (same entry point) at split s, programmatic, timed in the
+     same rounds on the same weights;
+   - cuBLAS dense, the byte floor ((packed + x + y bytes) / the 1 GiB copy bandwidth) and the fastest streaming read
+     of the packed bytes (bench/decode_l2_pdl.py).
+One JSON line a case in decode_pdl.jsonl as it goes; decode_pdl.json and decode_pdl.md at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
+from kernels import SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args, time_alternating
+from mma_sp_check import err  # bench/mma_sp_check.py
+
+from patchc.codegen import mma_sp, wgmma
+from patchc.codegen.launch import get_config, launch
+
+ROUNDS = 2
+AB = None   # --ab: another build of wgmma.cu
+MMA_SP_LAUNCHES = ((16, 2), (8, 2), (4, 2))   # (warps, slices) on 4096-row layers
+WG_SPLITS = (2, 4, 6)
+
+
+def plain(f):
+    """f run with programmatic dependent launch off (PATCHC_PDL=0 while it launches, e.g. while it is captured)."""
+    def g():
+        old = os.environ.get("PATCHC_PDL")
+        os.environ["PATCHC_PDL"] = "0"
+        try:
+            return f()
+        finally:
+            if old is None:
+                os.environ.pop("PATCHC_PDL")
+            else:
+                os.environ["PATCHC_PDL"] = old
+    return g
+
+
+def checks(log) -> bool:
+    ok, n_checks = True, 0
+
+    def record(line: dict, good: bool, **extra) -> None:
+        nonlocal ok, n_checks
+        ok &= good
+        n_checks += 1
+        log.write(json.dumps({**line, **extra, "ok": good}) + "\n")
+        if not good:
+            print(f"FAIL {line} {extra}", flush=True)
+
+    for n, k in ((512, 1024), (640, 2048)):
+        for s in (0.0, 0.5):
+            for dt in (torch.bfloat16, torch.float16):
+                x, d, v, e, sched, ref, _ = make_layer(n, k, 16, s, dtype=dt, seed=n + k + int(10 * s))
+                bias = (torch.randn(n, device="cuda") * 0.1).to(dt)
+                for split in range(1, min(8, k // 128) + 1):
+                    for pdl in (False, True):
+                        y = wgmma.run(x, d, v, e, sched, bias, poison=True, block_n=16, split=split, pdl=pdl)
+                        r = err(y, ref + bias.double())
+                        record({"check": f"{n}x{k}", "s": s, "dtype": str(dt)[6:], "split": split, "pdl": pdl},
+                               r < 1e-2 and not torch.isnan(y).any(), rel_err=r)
+    x, d, v, e, sched, ref, _ = make_layer(1024, 1024, 16, 0.4, seed=5)
+    bias = (torch.randn(1024, device="cuda") * 0.1).to(x.dtype)
+    full = ref + bias.double()
+    want = F.silu(full[:, :512]) * full[:, 512:]
+    for split in (1, 3):
+        y = wgmma.run(x, d, v, e, sched, bias, poison=True, block_n=16, split=split, silu_mul=True, pdl=True)
+        r = err(y, want)
+        record({"check": "silu 2x512x1024", "split": split, "pdl": True}, r < 1e-2, rel_err=r)
+    # A chain in which every launch reads the previous one's output: 4096 -> 4096 (wgmma split 4) -> 11008 (wgmma
+    # split 2) -> 4096 (mma.sp) -> 4096 (wgmma split 6) -> 4096 (mma.sp), captured with programmatic launches and
+    # replayed after x changed, against the same launches made plainly.
+    steps = [(4096, 4096, 0.5, "wg", 4), (11008, 4096, 0.35, "wg", 2), (4096, 11008, 0.45, "ms", 0),
+             (4096, 4096, 0.0, "wg", 6), (4096, 4096, 0.25, "ms", 0)]
+    layers = [make_layer(n, k, 16, s, seed=40 + i)[1:5] for i, (n, k, s, _, _) in enumerate(steps)]
+    x0 = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl: bool):
+        h = x0
+        for (n, k, s, kind, split), (d, v, e, sched) in zip(steps, layers):
+            if kind == "wg":
+                h = wgmma.run(h, d, v, e, sched, None, block_n=16, split=split, pdl=pdl)
+            else:
+                warps, sl = mma_sp.default_launch(16, n, 132)
+                h = mma_sp.run(h, d, v, e, sched, None, n, warps, sl, pdl=pdl)
+        return h
+
+    chain(True)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(torch.cuda.Stream()), torch.cuda.graph(g):
+        y = chain(True)
+    for rep in range(5):
+        x0.copy_(torch.randn_like(x0))
+        g.replay()
+        want = chain(False)
+        torch.cuda.synchronize()
+        record({"check": "programmatic chain of 5 launches, replay vs plain", "rep": rep},
+               bool(torch.equal(y, want)), max_abs_diff=float((y.float() - want.float()).abs().max()))
+    print(f"checks: {n_checks} {'passed' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+def bench(n, k, s, bw, log) -> dict:
+    m = 16
+    x, d, v, e, sched, ref, p = make_layer(n, k, m, s)
+    packs = rotating_copies((d, v, e), p.nbytes)
+    wd = torch.randn(n, k, device="cuda", dtype=x.dtype) * 0.02
+    wds = [c for (c,) in rotating_copies((wd,), wd.nbytes)]
+    xs = [torch.randn_like(x) for _ in range(4)]
+    cfg = get_config(x, d, v, e, sched, None, n, tune=False)      # what a user gets
+
+    def after_write(c, i):
+        x.copy_(xs[i % len(xs)])   # an elementwise kernel (not programmatic) writing x, as a norm before a linear
+        return launch(x, *c, sched, None, n, cfg)
+
+    paths = {"cublas": [lambda w_=w_: F.linear(x, w_) for w_ in wds],
+             "default": [lambda c=c: launch(x, *c, sched, None, n, cfg) for c in packs],
+             "default_plain": [plain(lambda c=c: launch(x, *c, sched, None, n, cfg)) for c in packs],
+             "default_after_write": [lambda c=c, i=i: after_write(c, i) for i, c in enumerate(packs)]}
+    row = {"N": n, "K": k, "M": m, "sparsity": s, "bytes": p.nbytes,
+           "default_cfg": f"{cfg.engine} split {cfg.split_k}" if cfg.engine == "wgmma" else
+           f"{cfg.engine} {cfg.num_warps}x{cfg.block_n // 16}",
+           "floor_us": round((p.nbytes + x.nbytes + m * n * 2) / bw * 1e6, 2),
+           "err_default": err(launch(x, d, v, e, sched, None, n, cfg, poison=True), ref)}
+    for warps, sl in MMA_SP_LAUNCHES:
+        if mma_sp.launch_error(m, n, 128, warps, sl) is None:
+            name = f"ms{warps}x{sl}"
+            row[f"err_{name}"] = err(mma_sp.run(x, d, v, e, sched, None, n, warps, sl, poison=True, pdl=False), ref)
+            paths[name] = [lambda c=c, w=warps, q=sl: mma_sp.run(x, *c, sched, None, n, w, q) for c in packs]
+    for split in WG_SPLITS:
+        row[f"err_wg{split}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=16, split=split), ref)
+        paths[f"wg{split}"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp)
+                               for c in packs]
+        paths[f"wg{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp,
+                                                                     pdl=False) for c in packs]
+        if AB is not None:
+            def ab_run(c, sp=split):
+                y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+                AB.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(torch.cuda.is_current_stream_capturing()))
+                return y
+            row[f"err_ab{split}"] = err(ab_run((d, v, e)), ref)
+            paths[f"ab{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
+    for name, ts in time_alternating(paths, ROUNDS).items():
+        row[f"{name}_us"] = round(statistics.median(ts), 2)
+    row.update(read_floor_us(p.nbytes))
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    del packs, wds
+    torch.cuda.empty_cache()
+    return row
+
+
+def table(env, rows) -> str:
+    f = lambda r, key: f"{r[key]} ({r[key] / r['floor_us']:.2f})" if key in r else "-"  # noqa: E731
+    out = [f"# Decode M=16 with programmatic dependent launches ({env['gpu']}, torch {env['torch']}, triton "
+           f"{env['triton']}, copy {env['copy_GBps']} GB/s, {env['date']})", "",
+           "us (/ byte floor); every launch after another of the same path in a CUDA graph, rotating over weight copies > "
+           "L2. default: what launch() runs, programmatic as under capture; plain: PATCHC_PDL=0; after write: after an "
+           "elementwise kernel writing x. msWxS: mma.sp with W warps x S slices a CTA; wgS: wgmma split S (ab: --ab's "
+           "build, programmatic).", "",
+           "| N x K | s | floor | read | cuBLAS | default (kernel) | default plain | default after write | "
+           + " | ".join(f"ms{w}x{s}" for w, s in MMA_SP_LAUNCHES) + " | "
+           + " | ".join(f"wg{s} / plain" for s in WG_SPLITS) + " |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * (len(MMA_SP_LAUNCHES) + len(WG_SPLITS))]
+    for r in rows:
+        out.append(f"| {r['N']}x{r['K']} | {r['sparsity']} | {r['floor_us']} | {r['read_us']} | {r['cublas_us']} | "
+                   f"{f(r, 'default_us')} {r['default_cfg']} | {f(r, 'default_plain_us')} | "
+                   f"{f(r, 'default_after_write_us')} | "
+                   + " | ".join(f(r, f"ms{w}x{s}_us") for w, s in MMA_SP_LAUNCHES) + " | "
+                   + " | ".join(f"{f(r, f'wg{s}_us')} / {r.get(f'wg{s}_plain_us', '-')}"
+                                + (f" / ab {r[f'ab{s}_us']}" if f"ab{s}_us" in r else "") for s in WG_SPLITS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sweep_args(ap, ms="16", out="bench/results/decode_pdl")
+    ap.add_argument("--ab", default=None, help="another version of codegen/wgmma.cu to time beside the current one")
+    a = ap.parse_args()
+    if a.ab:
+        global AB
+        with open(a.ab) as f:
+            AB = wgmma._KERNEL.build(wgmma.source(f.read()))
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    if wgmma.extension() is None or mma_sp.extension() is None:
+        sys.exit("a kernel did not build")
+    print(f"build/load {time.time() - t0:.1f} s", flush=True)
+    bw = copy_bandwidth()
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "copy_GBps": round(bw / 1e9, 1), "date": time.strftime("%Y-%m-%d")}
+    print(env, flush=True)
+    rows, ok = [], None
+    with open(os.path.join(a.out, "decode_pdl.jsonl"), "a") as log:
+        if not a.skip_checks:
+            ok = checks(log)
+        for n, k in SHAPES[a.shapes]:
+            for s in map(float, a.sparsities.split(",")):
+                rows.append(bench(n, k, s, bw, log))
+                r = rows[-1]
+                print(" ".join(f"{key}={val}" for key, val in r.items() if key.endswith("_us") or key in
+                               ("N", "K", "sparsity", "default_cfg")), flush=True)
+    res = {"env": env, "checks_ok": ok, "decode": rows}
+    tmp = os.path.join(a.out, "decode_pdl.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, os.path.join(a.out, "decode_pdl.json"))
+    md = table(env, rows)
+    with open(os.path.join(a.out, "decode_pdl.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
