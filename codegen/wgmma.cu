@@ -207,6 +207,11 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   const int rt1 = silu_mul ? blockIdx.y + R / 2 : rt0 + pair - 1;
   const int m0 = blockIdx.x * BN;            // first token of this CTA
   const int rank = blockIdx.z;               // = %cluster_ctarank (cluster dims 1 x 1 x split, gridDim.z = split)
+  // v / split as a multiply and a shift (exact for v < 9000, split <= 8), for the decode epilogue: a division by the
+  // runtime split there is a ~150-cycle chain of dependent instructions per use, and summing what a CTA received
+  // took 1250 / 3200 SM cycles at split 2 / 6 (bench/results/decode_pdl, call 4's trace)
+  const uint32_t split_magic = (65536u + (uint32_t)split - 1) / (uint32_t)split;
+  auto div_split = [&](int v) { return (int)(((uint32_t)v * split_magic) >> 16); };
   // This CTA's steps [q0, q1) of the 2C half-K-tile steps (kc = q / 2, half q % 2): a split need not divide the K-tiles
   // (on 4096 x 11008, 86 K-tiles over 6 CTAs: 28-29 steps each, where whole K-tiles gave 14 or 15). Warp-uniform as
   // ptxas can see (else it serialises the wgmmas: C7520).
@@ -357,14 +362,19 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       // phase 1 (arrived once a CTA has received everything): no CTA exits while a copy may still read its ring.
       if constexpr (L::PUSH) {
         constexpr int F = L::FRAGS, FH = L::FRAGS / 2;   // fragments: FH of rows 0-63, then FH of rows 64-127
-        const int ct = threadIdx.x % 128, per_k = (L::KEYS + split - 1) / split;
+        const int ct = threadIdx.x % 128, per_k = div_split(L::KEYS + split - 1);   // ceil(KEYS / split)
         const uint32_t recv = base + L::RECV, share = 2 * per_k * 16;   // bytes a CTA sends each other CTA
         auto frag = [&](int u) { return (u < FH ? acc0[0] : acc1[0]) + 4 * (u % FH); };
+        int slot_of[F], owner_of[F];         // fragment u's key = ct * F + u: key / split and key % split
 #pragma unroll
-        for (int u = 0; u < F; ++u) {        // outbox [owner][warpgroup][key / split] in the ring
-          const int key = ct * F + u, owner = key % split;
-          if (owner != rank) st_shared_f4(base + (uint32_t)(((owner * 2 + c) * per_k + key / split) * 16), frag(u));
+        for (int u = 0; u < F; ++u) {
+          slot_of[u] = div_split(ct * F + u);
+          owner_of[u] = ct * F + u - slot_of[u] * split;
         }
+#pragma unroll
+        for (int u = 0; u < F; ++u)          // outbox [owner][warpgroup][key / split] in the ring
+          if (owner_of[u] != rank)
+            st_shared_f4(base + (uint32_t)(((owner_of[u] * 2 + c) * per_k + slot_of[u]) * 16), frag(u));
         fence_proxy_async();
         named_barrier(1, 256);
         cluster_wait();                      // phase 0
@@ -381,13 +391,12 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         float4 sum[F];
 #pragma unroll
         for (int u = 0; u < F; ++u) {
-          const int key = ct * F + u;
           const float* v = frag(u);
           sum[u] = make_float4(v[0], v[1], v[2], v[3]);
-          if (key % split != rank) continue;
+          if (owner_of[u] != rank) continue;
           for (int src = 0; src < split; ++src) {
             if (src == rank) continue;
-            const float4 w = ld_shared_f4(recv + (uint32_t)(((src * 2 + c) * per_k + key / split) * 16));
+            const float4 w = ld_shared_f4(recv + (uint32_t)(((src * 2 + c) * per_k + slot_of[u]) * 16));
             sum[u].x += w.x; sum[u].y += w.y; sum[u].z += w.z; sum[u].w += w.w;
           }
         }
@@ -397,7 +406,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           if (c == 1) {
 #pragma unroll
             for (int u = 0; u < F; ++u)
-              if ((ct * F + u) % split == rank) xchg[ct * F + u] = sum[u];
+              if (owner_of[u] == rank) xchg[ct * F + u] = sum[u];
           }
           named_barrier(1, 256);
         }
@@ -409,7 +418,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
 #pragma unroll
           for (int u = 0; u < F; ++u) {
             const int key = ct * F + u;
-            if (key % split != rank) continue;
+            if (owner_of[u] != rank) continue;
             const int r = (u / FH) * 64 + warp * 16 + g, tok = 8 * (u % FH) + 2 * t;   // rows r, r + 8 of the tile
             const int n = (rt0 + c) * TILE + r;                                          // y's column
             const float4 a = sum[u];
