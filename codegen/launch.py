@@ -2,7 +2,7 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and 4096-row ones with long K: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
+layers (and 4096-row ones with long K or a quarter of their tiles dense: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
 cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
@@ -51,9 +51,10 @@ WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs
                         # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
                         # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
 WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs and this many K-tiles (results/decode_pdl, M=16,
-                        # launched as programmatic dependents as under graph capture: 4096x11008 at split 6 0.86 / 0.91 /
-                        # 0.95 / 0.97 / 0.94x the mma.sp kernel's time at 0 / 25 / 35 / 45 / 50%; 4096x4096 stays:
-                        # 1.02-1.15x at split 6)
+                        # launched as programmatic dependents as under graph capture, call 9: 4096x11008 at split 6
+                        # 0.83 / 0.87 / 0.91 / 0.92 / 0.89x the mma.sp kernel's time at 0 / 25 / 35 / 45 / 50%) ...
+WGMMA_DECODE_MIN_DENSE = 0.25  # ... or at least this share of their tiles dense (4096x4096 at split 6: 0.95 / 0.96 /
+                        # 0.99x at 0 / 25 / 35%, 30% of its tiles dense at 35%; 1.03x at 45 and 50%)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -174,12 +175,14 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more or
+    at least WGMMA_DECODE_MIN_DENSE of their tiles dense."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
     if pairs >= WGMMA_DECODE_MIN_PAIRS:
         return True
     k_tiles = sched.k // sched.tile
-    return pairs >= 16 and k_tiles >= WGMMA_DECODE_LONG_K
+    dense_share = sched.dense_col.numel() / max(1, (sched.n // sched.tile) * k_tiles)
+    return pairs >= 16 and (k_tiles >= WGMMA_DECODE_LONG_K or dense_share >= WGMMA_DECODE_MIN_DENSE)
 
 
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
