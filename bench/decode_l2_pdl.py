@@ -33,6 +33,7 @@ from patchc.codegen import mma_sp
 from patchc.codegen.launch import graph_time_ms
 
 from kernels import copy_bandwidth, make_layer, rotating_copies  # bench/kernels.py
+from report import save_results  # bench/report.py
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -242,15 +243,8 @@ def main() -> None:
     sweep(cases, bw, rows, os.path.join(a.out, "decode_l2_pdl.jsonl"))
     res = {"env": env, "checks": len(checks), "max_rel_err": max((r["rel_err"] for r in checks), default=None),
            "chain_check": chain, "sweep": rows}
-    tmp = os.path.join(a.out, "decode_l2_pdl.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, os.path.join(a.out, "decode_l2_pdl.json"))
-    # the short table, last
-    md = table(env, rows)
-    with open(os.path.join(a.out, "decode_l2_pdl.md.tmp"), "w") as f:
-        f.write(md)
-    os.replace(os.path.join(a.out, "decode_l2_pdl.md.tmp"), os.path.join(a.out, "decode_l2_pdl.md"))
+    md = table(env, rows)   # the short table, last
+    save_results(a.out, "decode_l2_pdl", res, md)
     print(md)
     print(f"total {time.time() - t0:.0f}s")
 

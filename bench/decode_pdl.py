@@ -36,6 +36,7 @@ import triton
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
 from kernels import SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args, time_alternating
 from mma_sp_check import err  # bench/mma_sp_check.py
+from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.launch import get_config, launch
@@ -225,14 +226,8 @@ def main():
                 r = rows[-1]
                 print(" ".join(f"{key}={val}" for key, val in r.items() if key.endswith("_us") or key in
                                ("N", "K", "sparsity", "default_cfg")), flush=True)
-    res = {"env": env, "checks_ok": ok, "decode": rows}
-    tmp = os.path.join(a.out, "decode_pdl.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, os.path.join(a.out, "decode_pdl.json"))
     md = table(env, rows)
-    with open(os.path.join(a.out, "decode_pdl.md"), "w") as f:
-        f.write(md)
+    save_results(a.out, "decode_pdl", {"env": env, "checks_ok": ok, "decode": rows}, md)
     print(md)
     print(f"total {time.time() - t0:.0f} s")
 

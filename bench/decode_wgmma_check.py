@@ -32,6 +32,7 @@ from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
 from kernels import (SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args,  # bench/kernels.py
                      time_alternating)
 from mma_sp_check import err  # bench/mma_sp_check.py
+from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.launch import get_config, launch
@@ -273,13 +274,8 @@ def main():
                 silu_rows.append(bench_silu(m, bw, log))
                 print(json.dumps(silu_rows[-1]), flush=True)
     res = {"env": env, "checks_ok": ok, "decode": rows, "silu": silu_rows}
-    tmp = os.path.join(a.out, "decode_wgmma.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, os.path.join(a.out, "decode_wgmma.json"))
     md = table(env, rows, silu_rows)
-    with open(os.path.join(a.out, "decode_wgmma.md"), "w") as f:
-        f.write(md)
+    save_results(a.out, "decode_wgmma", res, md)
     print(md)
     print(f"total {time.time() - t0:.0f} s")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -39,3 +40,14 @@ def write_report(out: Path, name: str, title: str, columns: list[tuple[str, obje
     text = "\n".join(md) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
+
+
+def save_results(out, name: str, payload: dict, md: str) -> None:
+    """DIR/NAME.json (payload) and DIR/NAME.md (md), each written to a temporary file and renamed into place, so an
+    interrupted run leaves the previous files whole."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out / f"{name}.json", json.dumps(payload, indent=1) + "\n"), (out / f"{name}.md", md)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
