@@ -2,8 +2,8 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and 4096-row ones with long K or a quarter of their tiles dense: wgmma_decodes) runs on the wgmma kernel with 16-token CTAs and K split over a
-cluster (wgmma_decode_default). Else, with 16-bit
+layers (and 4096-row ones with long K or a quarter of their tiles dense: wgmma_decodes) runs on the wgmma kernel with
+16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
