@@ -39,6 +39,7 @@ from mma_sp_check import err  # bench/mma_sp_check.py
 from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma
+from patchc.codegen.device import pdl_enabled
 from patchc.codegen.launch import get_config, launch
 
 ROUNDS = 2
@@ -162,7 +163,7 @@ def bench(n, k, s, bw, log) -> dict:
         if AB is not None:
             def ab_run(c, sp=split):
                 y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-                AB.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(torch.cuda.is_current_stream_capturing()))
+                AB.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(pdl_enabled(x)))   # as wgmma.run decides
                 return y
             row[f"err_ab{split}"] = err(ab_run((d, v, e)), ref)
             paths[f"ab{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]

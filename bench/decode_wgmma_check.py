@@ -47,7 +47,8 @@ def splits_for(k: int) -> list[int]:
 
 
 def build_old(path: str):
-    """Another version of wgmma.cu (same hybrid_wgmma signature), built under its own name."""
+    """Another version of wgmma.cu, built under its own name: one from before the twelfth session, whose hybrid_wgmma
+    has no pdl argument (bench/decode_pdl.py --ab builds versions with the current one)."""
     import hashlib
 
     from torch.utils.cpp_extension import load_inline
