@@ -1,7 +1,7 @@
 """Decode (M=16) with both CUDA kernels launched as programmatic dependents, as the runtime launches them under CUDA
 graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
 
-    python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--ab OLD.cu]
+    python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--ab NAME=OLD.cu ...]
 
 1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
    bias, SiLU * up) against float64; a captured chain of five launches (wgmma and mma.sp, each reading the output of
@@ -14,8 +14,8 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
    - `wg{s}` / `wg{s}_plain`: the wgmma decode kernel at split s, programmatic / plain;
    - `default_after_write`: the default after an elementwise kernel (not programmatic) that writes its x, as a linear
      after a norm runs in a model;
-   - `ab{s}`: with --ab, another version of codegen/wgmma.cu (same entry point) at split s, programmatic, timed in the
-     same rounds on the same weights;
+   - `{name}_{s}`: with --ab NAME=FILE (repeatable), another version of codegen/wgmma.cu (same entry point) at split
+     s, programmatic, timed in the same rounds on the same weights;
    - cuBLAS dense, the byte floor ((packed + x + y bytes) / the 1 GiB copy bandwidth) and the fastest streaming read
      of the packed bytes (bench/decode_l2_pdl.py).
 One JSON line a case in decode_pdl.jsonl as it goes; decode_pdl.json and decode_pdl.md at the end.
@@ -43,9 +43,10 @@ from patchc.codegen.device import pdl_enabled
 from patchc.codegen.launch import get_config, launch
 
 ROUNDS = 2
-AB = None   # --ab: another build of wgmma.cu
-MMA_SP_LAUNCHES = ((16, 2), (8, 2), (4, 2))   # (warps, slices) on 4096-row layers
-WG_SPLITS = (2, 4, 6)
+AB = {}     # --ab NAME=FILE: other builds of wgmma.cu by name
+MMA_SP_LAUNCHES = ((16, 2),)   # (warps, slices) on 4096-row layers (8 x 2 and 4 x 2: slower, twelfth session)
+WG_SPLITS = (2, 4, 6, 8)
+PLAIN_SPLITS = (2, 6)
 
 
 def plain(f):
@@ -158,15 +159,18 @@ def bench(n, k, s, bw, log) -> dict:
         row[f"err_wg{split}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=16, split=split), ref)
         paths[f"wg{split}"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp)
                                for c in packs]
-        paths[f"wg{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp,
-                                                                     pdl=False) for c in packs]
-        if AB is not None:
-            def ab_run(c, sp=split):
+        if split in PLAIN_SPLITS:
+            paths[f"wg{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp,
+                                                                         pdl=False) for c in packs]
+        for name, ext in AB.items():
+            def ab_run(c, sp=split, ext=ext):
                 y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-                AB.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(pdl_enabled(x)))   # as wgmma.run decides
+                ext.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(pdl_enabled(x)))   # as wgmma.run decides
                 return y
-            row[f"err_ab{split}"] = err(ab_run((d, v, e)), ref)
-            paths[f"ab{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
+            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
+            ext.hybrid_wgmma(x, d, v, e, sched.slot, None, y, 16, split, 0, 0)
+            row[f"err_{name}_{split}"] = err(y, ref)
+            paths[f"{name}_{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
     for name, ts in time_alternating(paths, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
     row.update(read_floor_us(p.nbytes))
@@ -183,8 +187,8 @@ def table(env, rows) -> str:
            f"{env['triton']}, copy {env['copy_GBps']} GB/s, {env['date']})", "",
            "us (/ byte floor); every launch after another of the same path in a CUDA graph, rotating over weight copies > "
            "L2. default: what launch() runs, programmatic as under capture; plain: PATCHC_PDL=0; after write: after an "
-           "elementwise kernel writing x. msWxS: mma.sp with W warps x S slices a CTA; wgS: wgmma split S (ab: --ab's "
-           "build, programmatic).", "",
+           "elementwise kernel writing x. msWxS: mma.sp with W warps x S slices a CTA; wgS: wgmma split S, programmatic / "
+           "plain (then --ab's builds by name, programmatic).", "",
            "| N x K | s | floor | read | cuBLAS | default (kernel) | default plain | default after write | "
            + " | ".join(f"ms{w}x{s}" for w, s in MMA_SP_LAUNCHES) + " | "
            + " | ".join(f"wg{s} / plain" for s in WG_SPLITS) + " |",
@@ -195,19 +199,23 @@ def table(env, rows) -> str:
                    f"{f(r, 'default_after_write_us')} | "
                    + " | ".join(f(r, f"ms{w}x{s}_us") for w, s in MMA_SP_LAUNCHES) + " | "
                    + " | ".join(f"{f(r, f'wg{s}_us')} / {r.get(f'wg{s}_plain_us', '-')}"
-                                + (f" / ab {r[f'ab{s}_us']}" if f"ab{s}_us" in r else "") for s in WG_SPLITS) + " |")
+                                + "".join(f" / {name} {r[f'{name}_{s}_us']}" for name in AB if f"{name}_{s}_us" in r)
+                                for s in WG_SPLITS) + " |")
     return "\n".join(out) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser()
     sweep_args(ap, ms="16", out="bench/results/decode_pdl")
-    ap.add_argument("--ab", default=None, help="another version of codegen/wgmma.cu to time beside the current one")
+    ap.add_argument("--ab", action="append", default=[], metavar="NAME=FILE",
+                    help="another version of codegen/wgmma.cu to time beside the current one (repeatable)")
     a = ap.parse_args()
-    if a.ab:
-        global AB
-        with open(a.ab) as f:
-            AB = wgmma._KERNEL.build(wgmma.source(f.read()))
+    for spec in a.ab:
+        name, _, path = spec.partition("=")
+        if not (name.isidentifier() and path):
+            sys.exit(f"--ab {spec!r}: want NAME=FILE, NAME an identifier")
+        with open(path) as f:
+            AB[name] = wgmma._KERNEL.build(wgmma.source(f.read()))
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     if wgmma.extension() is None or mma_sp.extension() is None:
@@ -218,7 +226,7 @@ def main():
            "copy_GBps": round(bw / 1e9, 1), "date": time.strftime("%Y-%m-%d")}
     print(env, flush=True)
     rows, ok = [], None
-    with open(os.path.join(a.out, "decode_pdl.jsonl"), "a") as log:
+    with open(os.path.join(a.out, "decode_pdl.jsonl"), "a", buffering=1) as log:   # (line by line: a hang shows where)
         if not a.skip_checks:
             ok = checks(log)
         for n, k in SHAPES[a.shapes]:
