@@ -1,7 +1,8 @@
 """Decode (M=16) with both CUDA kernels launched as programmatic dependents, as the runtime launches them under CUDA
 graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
 
-    python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--ab NAME=OLD.cu ...]
+    python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--splits 2,4,6,8]
+                               [--ab NAME=OLD.cu ...]
 
 1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
    bias, SiLU * up) against float64; a captured chain of five launches (wgmma and mma.sp, each reading the output of
@@ -207,9 +208,12 @@ def table(env, rows) -> str:
 def main():
     ap = argparse.ArgumentParser()
     sweep_args(ap, ms="16", out="bench/results/decode_pdl")
+    ap.add_argument("--splits", default="2,4,6,8", help="wgmma splits to time (the default path is timed anyway)")
     ap.add_argument("--ab", action="append", default=[], metavar="NAME=FILE",
                     help="another version of codegen/wgmma.cu to time beside the current one (repeatable)")
     a = ap.parse_args()
+    global WG_SPLITS
+    WG_SPLITS = tuple(int(v) for v in a.splits.split(","))
     for spec in a.ab:
         name, _, path = spec.partition("=")
         if not (name.isidentifier() and path):
