@@ -164,13 +164,12 @@ def bench(n, k, s, bw, log) -> dict:
             paths[f"wg{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp,
                                                                          pdl=False) for c in packs]
         for name, ext in AB.items():
-            def ab_run(c, sp=split, ext=ext):
-                y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+            def ab_run(c, sp=split, ext=ext, poison=False):
+                y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
+                    torch.empty((m, n), dtype=x.dtype, device=x.device)
                 ext.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(pdl_enabled(x)))   # as wgmma.run decides
                 return y
-            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device)
-            ext.hybrid_wgmma(x, d, v, e, sched.slot, None, y, 16, split, 0, 0)
-            row[f"err_{name}_{split}"] = err(y, ref)
+            row[f"err_{name}_{split}"] = err(ab_run((d, v, e), poison=True), ref)
             paths[f"{name}_{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
     for name, ts in time_alternating(paths, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
