@@ -40,6 +40,7 @@ from report import write_report  # bench/report.py
 SHAPES = {  # (N, K) = (out, in)
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+    "llama2-7b-square": [(4096, 4096)],   # (the one 7B shape left above 1.3x the decode floor, for quick A/B runs)
 }
 
 

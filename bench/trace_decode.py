@@ -12,14 +12,16 @@ the first CTA's start to the last CTA's end) is the launch gap between two kerne
                    initialised), 6 the other CTAs' partials have landed, 7 they are summed, 8 this CTA's share of y
                    is stored, 9 end: past the second cluster barrier phase (thread 128)
 
-    python bench/trace_decode.py [--out DIR] [--sparsities 0,0.5] [--pdl]
+    python bench/trace_decode.py [--out DIR] [--sparsities 0,0.5] [--pdl] [--cases 4096x4096:6,...] [--kernels wgmma]
+
+Besides the summary (trace_decode.{json,md}), trace_decode_raw.json keeps every CTA's points (us after the first CTA's
+start, the global timer) and the SM it ran on, for the timelines the summary hides (which CTAs start early, who waits on whom).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -36,15 +38,16 @@ WGMMA_POINTS = ("start", "slots", "issued", "landed", "mainloop", "visible", "re
 CASES = [(4096, 4096, 6), (11008, 4096, 2), (4096, 11008, 6)]   # N, K, the wgmma split timed
 
 
-def build_traced():
-    """The two extensions with PATCHC_TRACE defined, under names of their own (each with its kernel's declarations
+def build_traced(kernels=("wgmma", "mma_sp")):
+    """The two extensions (those named in `kernels`; None for the others) with PATCHC_TRACE defined, under names of their own (each with its kernel's declarations
     and flags, plus the trace reader PATCHC_TRACE_HOST defines)."""
     def traced(kernel, source, prefix):
         extra = [f"{prefix}_trace_read", f"{prefix}_trace_clear"]
         return load_inline(f"{kernel.name}_trace", cpp_sources=kernel.decl + f"\ntorch::Tensor {extra[0]}();"
                            f"\nvoid {extra[1]}();", cuda_sources="#define PATCHC_TRACE\n" + source(),
                            functions=kernel.functions + extra, extra_cuda_cflags=kernel.flags)
-    return traced(wgmma._KERNEL, wgmma.source, "wgmma"), traced(mma_sp._KERNEL, mma_sp.source, "mma_sp")
+    return (traced(wgmma._KERNEL, wgmma.source, "wgmma") if "wgmma" in kernels else None,
+            traced(mma_sp._KERNEL, mma_sp.source, "mma_sp") if "mma_sp" in kernels else None)
 
 
 def trace_graph(fns: list, clear, read, reps: int = 2) -> tuple[float, torch.Tensor]:
@@ -92,18 +95,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/trace_decode"))
     ap.add_argument("--sparsities", default="0,0.5")
+    ap.add_argument("--cases", default=",".join(f"{n}x{k}:{s}" for n, k, s in CASES),
+                    help="N x K : the wgmma split, comma-separated")
+    ap.add_argument("--kernels", default="mma_sp,wgmma", help="which kernels to trace")
     ap.add_argument("--pdl", action="store_true", help="launch both kernels as programmatic dependents (each launch of "
                     "the graph may then start while the one before it drains: gaps can be negative)")
     a = ap.parse_args()
     pdl = int(a.pdl)
     os.makedirs(a.out, exist_ok=True)
     t = time.time()
-    wg, ms = build_traced()
+    kernels = a.kernels.split(",")
+    wg, ms = build_traced(kernels)
     print(f"built the traced kernels in {time.time() - t:.0f} s", flush=True)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "pdl": bool(pdl)}
-    rows = []
-    for n, k, split in CASES:
+    rows, raw = [], []
+    cases = [(int(nk.split("x")[0]), int(nk.split("x")[1]), int(sp)) for nk, sp in
+             (c.split(":") for c in a.cases.split(","))]
+    for n, k, split in cases:
         for s in map(float, a.sparsities.split(",")):
             x, d, v, e, sched, ref, p = make_layer(n, k, 16, s)
             packs = rotating_copies((d, v, e), p.nbytes)
@@ -117,22 +126,32 @@ def main() -> None:
             def run_wg(c, sp):
                 wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, pdl)
 
-            run_ms((d, v, e))
-            err_ms = float((y.double() - ref).abs().max())
-            run_wg((d, v, e), split)
-            err_wg = float((y.double() - ref).abs().max())
-            for kernel, fns, clear, read, names in (
-                    ("mma_sp", [lambda c=c: run_ms(c) for c in packs], ms.mma_sp_trace_clear, ms.mma_sp_trace_read,
-                     MMA_SP_POINTS),
-                    (f"wgmma_s{split}", [lambda c=c: run_wg(c, split) for c in packs], wg.wgmma_trace_clear,
-                     wg.wgmma_trace_read, WGMMA_POINTS)):
+            runs = []
+            if ms is not None:
+                run_ms((d, v, e))
+                runs.append(("mma_sp", float((y.double() - ref).abs().max()), [lambda c=c: run_ms(c) for c in packs],
+                             ms.mma_sp_trace_clear, ms.mma_sp_trace_read, MMA_SP_POINTS))
+            if wg is not None:
+                run_wg((d, v, e), split)
+                runs.append((f"wgmma_s{split}", float((y.double() - ref).abs().max()),
+                             [lambda c=c: run_wg(c, split) for c in packs], wg.wgmma_trace_clear, wg.wgmma_trace_read,
+                             WGMMA_POINTS))
+            for kernel, max_err, fns, clear, read, names in runs:
                 us, tr = trace_graph(fns, clear, read)
+                live = tr[tr[:, 0] > 0]
+                t0 = int(live[:, 0].min())
+                raw.append({"N": n, "K": k, "sparsity": s, "kernel": kernel, "per_call_us": round(us, 2),
+                            "points": list(names) + ["sm"],
+                            "ctas": [[round((int(v) - t0) / 1e3, 3) if v > 0 else None for v in r[:len(names)].tolist()]
+                                     + [int(r[tr.shape[1] // 2 - 1])] for r in live]})
                 row = {"N": n, "K": k, "sparsity": s, "kernel": kernel, "bytes": p.nbytes,
-                       "max_abs_err": round(err_ms if kernel == "mma_sp" else err_wg, 4), **summarize(us, tr, names)}
+                       "max_abs_err": round(max_err, 4), **summarize(us, tr, names)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del packs
             torch.cuda.empty_cache()
+    with open(os.path.join(a.out, "trace_decode_raw.json"), "w") as f:
+        json.dump({"env": env, "launches": raw}, f)
     with open(os.path.join(a.out, "trace_decode.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     lines = [f"# Decode launches traced from inside ({env['gpu']}, torch {env['torch']}, M=16"

@@ -60,6 +60,11 @@ __device__ __forceinline__ void trace_at(int i, uint32_t v) {
   asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
   const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][TRACE_POINTS + i] = c;
+  if (i == 0 && cta < TRACE_CTAS) {          // the last timer slot (no kernel has 12 points) holds the CTA's SM
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    trace_buf[cta][TRACE_POINTS - 1] = sm;
+  }
 }
 #define PATCHC_TRACE_AT(i, cond, v) \
   do {                              \

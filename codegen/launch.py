@@ -2,7 +2,7 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and 4096-row ones with long K or a quarter of their tiles dense: wgmma_decodes) runs on the wgmma kernel with
+layers (and 4096-row ones with K >= 4096: wgmma_decodes) runs on the wgmma kernel with
 16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
@@ -50,11 +50,10 @@ WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs
                         # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
                         # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
                         # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
-WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs and this many K-tiles (results/decode_pdl, M=16,
-                        # launched as programmatic dependents as under graph capture, call 9: 4096x11008 at split 6
-                        # 0.83 / 0.87 / 0.91 / 0.92 / 0.89x the mma.sp kernel's time at 0 / 25 / 35 / 45 / 50%) ...
-WGMMA_DECODE_MIN_DENSE = 0.25  # ... or at least this share of their tiles dense (4096x4096 at split 6: 0.95 / 0.96 /
-                        # 0.99x at 0 / 25 / 35%, 30% of its tiles dense at 35%; 1.03x at 45 and 50%)
+WGMMA_DECODE_LONG_K = 32  # ... unless they have at least 16 pairs and this many K-tiles: since the cluster reduction
+                        # sums by slot (results/decode_epilogue, M=16, programmatic launches as under graph capture, two
+                        # runs), split 6 took 0.91 / 0.91 / 0.93 / 0.97 / 0.97x the mma.sp kernel's time on 4096x4096 at
+                        # 0 / 25 / 35 / 45 / 50% and 0.81-0.90x on 4096x11008
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -175,14 +174,9 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more or
-    at least WGMMA_DECODE_MIN_DENSE of their tiles dense."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
-    if pairs >= WGMMA_DECODE_MIN_PAIRS:
-        return True
-    k_tiles = sched.k // sched.tile
-    dense_share = sched.dense_col.numel() / max(1, (sched.n // sched.tile) * k_tiles)
-    return pairs >= 16 and (k_tiles >= WGMMA_DECODE_LONG_K or dense_share >= WGMMA_DECODE_MIN_DENSE)
+    return pairs >= WGMMA_DECODE_MIN_PAIRS or (pairs >= 16 and sched.k // sched.tile >= WGMMA_DECODE_LONG_K)
 
 
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,

@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       // fragment within its warpgroup (the same key for a gate and its up), CTA `rank` owns the keys with
       // key % split == rank. Each CTA lays out the fragments the others own in its free ring, owner by owner, and
       // the bulk copy engine sends each owner its share (one copy an owner, completing on the owner's receive
-      // barrier); each CTA then sums what it received into the fragments it owns and writes those. Cluster
+      // barrier) and puts the fragments it owns in its own place of its receive buffer; each CTA then sums the
+      // `split` partials of every key it owns, slot by slot, and writes those. Cluster
       // barrier phase 0 (arrived at the start): every receive barrier is initialised before a copy signals it;
       // phase 1 (arrived once a CTA has received everything): no CTA exits while a copy may still read its ring.
       if constexpr (L::PUSH) {
@@ -372,9 +373,9 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           owner_of[u] = ct * F + u - slot_of[u] * split;
         }
 #pragma unroll
-        for (int u = 0; u < F; ++u)          // outbox [owner][warpgroup][key / split] in the ring
-          if (owner_of[u] != rank)
-            st_shared_f4(base + (uint32_t)(((owner_of[u] * 2 + c) * per_k + slot_of[u]) * 16), frag(u));
+        for (int u = 0; u < F; ++u)          // [owner][warpgroup][key / split]: the outbox in the ring, the fragments this
+          st_shared_f4((owner_of[u] != rank ? base : recv) +   // CTA owns in its own place of its receive buffer
+                       (uint32_t)(((owner_of[u] * 2 + c) * per_k + slot_of[u]) * 16), frag(u));
         fence_proxy_async();
         named_barrier(1, 256);
         cluster_wait();                      // phase 0
@@ -388,57 +389,53 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         mbar_wait_cluster(recv_bar, 0);
         cluster_arrive_relaxed();            // phase 1: this CTA has received all its partials
         PATCHC_TRACE_AT(6, threadIdx.x == 128, 0u);
-        float4 sum[F];
+        // Sums by slot, not by fragment: consumer thread j takes this CTA's slots j, j + 256, ... (key = slot * split +
+        // rank) of both warpgroups and adds the `split` partials of each in rank order, its loads independent of one
+        // another. (Summed by the threads that held the fragments, each warp branched per fragment and chained one
+        // shared-memory load after another: ~1300 SM cycles at split 6, bench/results/decode_l2pf.)
+        for (int i = (int)threadIdx.x - 128; i < per_k; i += 256) {
+          const int key = i * split + rank;
+          if (key >= L::KEYS) break;
+          float4 s[2];
 #pragma unroll
-        for (int u = 0; u < F; ++u) {
-          const float* v = frag(u);
-          sum[u] = make_float4(v[0], v[1], v[2], v[3]);
-          if (owner_of[u] != rank) continue;
-          for (int src = 0; src < split; ++src) {
-            if (src == rank) continue;
-            const float4 w = ld_shared_f4(recv + (uint32_t)(((src * 2 + c) * per_k + slot_of[u]) * 16));
-            sum[u].x += w.x; sum[u].y += w.y; sum[u].z += w.z; sum[u].w += w.w;
+          for (int cc = 0; cc < 2; ++cc) {
+            float4 w[MAX_SPLIT];
+#pragma unroll
+            for (int src = 0; src < MAX_SPLIT; ++src)
+              if (src < split) w[src] = ld_shared_f4(recv + (uint32_t)(((src * 2 + cc) * per_k + i) * 16));
+            s[cc] = w[0];
+#pragma unroll
+            for (int src = 1; src < MAX_SPLIT; ++src)
+              if (src < split) s[cc].x += w[src].x, s[cc].y += w[src].y, s[cc].z += w[src].z, s[cc].w += w[src].w;
           }
-        }
-        // silu_mul: the up warpgroup's sums, by key, in the ring past the outbox
-        float4* xchg = reinterpret_cast<float4*>(base_ptr + 2 * L::KEYS * 16 + 2 * MAX_SPLIT * 16);
-        if (silu_mul) {
-          if (c == 1) {
-#pragma unroll
-            for (int u = 0; u < F; ++u)
-              if (owner_of[u] == rank) xchg[ct * F + u] = sum[u];
-          }
-          named_barrier(1, 256);
-        }
-        auto put = [&](int tok, int n, float v) {
-          if (m0 + tok < M) y[(int64_t)(m0 + tok) * stride_ym + n] = from_float<T>(v);
-        };
-        PATCHC_TRACE_AT(7, threadIdx.x == 128, __float_as_uint(sum[0].x));
-        if (c < pair && !(silu_mul && c == 1)) {
-#pragma unroll
-          for (int u = 0; u < F; ++u) {
-            const int key = ct * F + u;
-            if (owner_of[u] != rank) continue;
-            const int r = (u / FH) * 64 + warp * 16 + g, tok = 8 * (u % FH) + 2 * t;   // rows r, r + 8 of the tile
-            const int n = (rt0 + c) * TILE + r;                                          // y's column
-            const float4 a = sum[u];
+          // the key's fragment: thread kt = key / F of its warpgroup, fragment u = key % F (F is a power of 2)
+          const int kt = key / F, u = key % F, kl = kt % 32;
+          const int r = (u / FH) * 64 + (kt / 32) * 16 + kl / 4, tok = 8 * (u % FH) + 2 * (kl % 4);   // rows r, r + 8
+          auto put = [&](int tk, int n, float v) {
+            if (m0 + tk < M) y[(int64_t)(m0 + tk) * stride_ym + n] = from_float<T>(v);
+          };
+          if (silu_mul) {
+            const int n = rt0 * TILE + r, nu = rt1 * TILE + r;   // gate and up rows of W; y's column n
             const float b_lo = bias ? to_float(bias[n]) : 0.f, b_hi = bias ? to_float(bias[n + 8]) : 0.f;
-            if (silu_mul) {
-              const float4 up = xchg[key];
-              const int nu = rt1 * TILE + r;
-              const float u_lo = bias ? to_float(bias[nu]) : 0.f, u_hi = bias ? to_float(bias[nu + 8]) : 0.f;
-              put(tok, n, silu(a.x + b_lo) * (up.x + u_lo));
-              put(tok + 1, n, silu(a.y + b_lo) * (up.y + u_lo));
-              put(tok, n + 8, silu(a.z + b_hi) * (up.z + u_hi));
-              put(tok + 1, n + 8, silu(a.w + b_hi) * (up.w + u_hi));
-            } else {
-              put(tok, n, a.x + b_lo);
-              put(tok + 1, n, a.y + b_lo);
-              put(tok, n + 8, a.z + b_hi);
-              put(tok + 1, n + 8, a.w + b_hi);
+            const float u_lo = bias ? to_float(bias[nu]) : 0.f, u_hi = bias ? to_float(bias[nu + 8]) : 0.f;
+            put(tok, n, silu(s[0].x + b_lo) * (s[1].x + u_lo));
+            put(tok + 1, n, silu(s[0].y + b_lo) * (s[1].y + u_lo));
+            put(tok, n + 8, silu(s[0].z + b_hi) * (s[1].z + u_hi));
+            put(tok + 1, n + 8, silu(s[0].w + b_hi) * (s[1].w + u_hi));
+          } else {
+#pragma unroll
+            for (int cc = 0; cc < 2; ++cc) {
+              if (cc >= pair) break;
+              const int n = (rt0 + cc) * TILE + r;
+              const float b_lo = bias ? to_float(bias[n]) : 0.f, b_hi = bias ? to_float(bias[n + 8]) : 0.f;
+              put(tok, n, s[cc].x + b_lo);
+              put(tok + 1, n, s[cc].y + b_lo);
+              put(tok, n + 8, s[cc].z + b_hi);
+              put(tok + 1, n + 8, s[cc].w + b_hi);
             }
           }
         }
+        PATCHC_TRACE_AT(7, threadIdx.x == 128, 0u);
         PATCHC_TRACE_AT(8, threadIdx.x == 128, 0u);
         cluster_wait();                      // phase 1: every CTA has received, so no copy still reads this ring
       }
