@@ -2,7 +2,7 @@
 graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
 
     python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--splits 2,4,6,8]
-                               [--ab NAME=OLD.cu ...]
+                               [--ab NAME=OLD.cu ...] [--after-write-all]
 
 1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
    bias, SiLU * up) against float64; a captured chain of five launches (wgmma and mma.sp, each reading the output of
@@ -14,7 +14,7 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
      4096-row layers: one CTA an SM by registers; 8 x 2 leaves room for the next launch's CTAs);
    - `wg{s}` / `wg{s}_plain`: the wgmma decode kernel at split s, programmatic / plain;
    - `default_after_write`: the default after an elementwise kernel (not programmatic) that writes its x, as a linear
-     after a norm runs in a model;
+     after a norm runs in a model (with --after-write-all every `ms*` / `wg*` path too: `{name}_after_write`);
    - `{name}_{s}`: with --ab NAME=FILE (repeatable), another version of codegen/wgmma.cu (same entry point) at split
      s, programmatic, timed in the same rounds on the same weights;
    - cuBLAS dense, the byte floor ((packed + x + y bytes) / the 1 GiB copy bandwidth) and the fastest streaming read
@@ -45,6 +45,7 @@ from patchc.codegen.launch import get_config, launch
 
 ROUNDS = 2
 AB = {}     # --ab NAME=FILE: other builds of wgmma.cu by name
+AFTER_WRITE_ALL = False   # --after-write-all: every kernel path also timed after an elementwise kernel writing x
 MMA_SP_LAUNCHES = ((16, 2),)   # (warps, slices) on 4096-row layers (8 x 2 and 4 x 2: slower, twelfth session)
 WG_SPLITS = (2, 4, 6, 8)
 PLAIN_SPLITS = (2, 6)
@@ -171,6 +172,10 @@ def bench(n, k, s, bw, log) -> dict:
                 return y
             row[f"err_{name}_{split}"] = err(ab_run((d, v, e), poison=True), ref)
             paths[f"{name}_{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
+    if AFTER_WRITE_ALL:   # each path also after the write that precedes most linears of a model (no programmatic overlap)
+        for name in [p for p in paths if p.startswith(("ms", "wg"))]:
+            paths[f"{name}_after_write"] = [lambda f=f, i=i: (x.copy_(xs[i % len(xs)]), f()) for i, f in
+                                            enumerate(paths[name])]
     for name, ts in time_alternating(paths, ROUNDS).items():
         row[f"{name}_us"] = round(statistics.median(ts), 2)
     row.update(read_floor_us(p.nbytes))
@@ -208,11 +213,14 @@ def main():
     ap = argparse.ArgumentParser()
     sweep_args(ap, ms="16", out="bench/results/decode_pdl")
     ap.add_argument("--splits", default="2,4,6,8", help="wgmma splits to time (the default path is timed anyway)")
+    ap.add_argument("--after-write-all", action="store_true",
+                    help="time every mma.sp / wgmma path also after an elementwise kernel writing x")
     ap.add_argument("--ab", action="append", default=[], metavar="NAME=FILE",
                     help="another version of codegen/wgmma.cu to time beside the current one (repeatable)")
     a = ap.parse_args()
-    global WG_SPLITS
+    global WG_SPLITS, AFTER_WRITE_ALL
     WG_SPLITS = tuple(int(v) for v in a.splits.split(","))
+    AFTER_WRITE_ALL = a.after_write_all
     for spec in a.ab:
         name, _, path = spec.partition("=")
         if not (name.isidentifier() and path):

@@ -2,7 +2,7 @@
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
 Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and 4096-row ones with K >= 4096: wgmma_decodes) runs on the wgmma kernel with
+layers (and 4096-row ones with K >= 8192: wgmma_decodes) runs on the wgmma kernel with
 16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
@@ -50,10 +50,12 @@ WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs
                         # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
                         # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
                         # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
-WGMMA_DECODE_LONG_K = 32  # ... unless they have at least 16 pairs and this many K-tiles: since the cluster reduction
-                        # sums by slot (results/decode_epilogue, M=16, programmatic launches as under graph capture, two
-                        # runs), split 6 took 0.91 / 0.91 / 0.93 / 0.97 / 0.97x the mma.sp kernel's time on 4096x4096 at
-                        # 0 / 25 / 35 / 45 / 50% and 0.81-0.90x on 4096x11008
+WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs and this many K-tiles (H100, M=16, results/
+                        # decode_epilogue): 4096x11008 at split 6 took 0.81-0.90x the mma.sp kernel's time launched
+                        # after another hybrid linear (programmatic, as down_proj follows SiLU(gate) * up in a model).
+                        # 4096x4096 stays on mma.sp at any density: as a programmatic dependent of another hybrid linear
+                        # split 6 took 0.91-0.97x its time, but after an elementwise kernel writing x (how o_proj runs,
+                        # after attention; q / k / v run stacked) 1.03-1.14x (call 11)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -174,7 +176,8 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more
+    (4096 x 11008, not 4096 x 4096)."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
     return pairs >= WGMMA_DECODE_MIN_PAIRS or (pairs >= 16 and sched.k // sched.tile >= WGMMA_DECODE_LONG_K)
 

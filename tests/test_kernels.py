@@ -443,7 +443,7 @@ def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_
 def test_wgmma_decode_default_splits_k_over_a_cluster():
     """M <= 16 on tall layers runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the largest
     cluster whose clusters all run at once (a second wave doubles the time); SiLU(gate) * up pairs each gate
-    row-tile with its up row-tile in one CTA, so half the pairs. Layers of 16-31 pairs go to it with K >= 32 tiles (at
+    row-tile with its up row-tile in one CTA, so half the pairs. Layers of 16-31 pairs go to it with K >= 64 tiles (at
     any share of dense tiles), else they stay on the mma.sp kernel."""
     from patchc.codegen import wgmma
     from patchc.codegen.launch import (H100_MAX_CLUSTERS, WGMMA_DECODE_MAX_M, candidates, default_config,
@@ -461,10 +461,10 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
     assert default_config(WGMMA_DECODE_MAX_M, tall, 11008, mma=True, wg=True) == wgmma_decode(2)
     assert default_config(1, sched(172, 32), 11008, mma=True, wg=True, silu_mul=True) == wgmma_decode(1)
     mostly_24 = build_schedule(torch.rand(62, 32, generator=torch.Generator().manual_seed(1)) < 0.1, 128)
-    assert default_config(16, mostly_24, 7936, mma=True, wg=True) == wgmma_decode(3)   # 31 pairs, ~10% dense
-    assert default_config(16, sched(62, 32), 7936, mma=True, wg=True) == wgmma_decode(3)   # ~half dense
-    # 4096-row layers: on the wgmma kernel with K >= 32 tiles at any share of dense tiles, on mma.sp with shorter K
-    for k_tiles, engine in ((32, "wgmma"), (86, "wgmma"), (16, "mma_sp")):
+    assert default_config(16, mostly_24, 7936, mma=True, wg=True).engine == "mma_sp"   # 31 pairs, 32 K-tiles
+    assert default_config(16, sched(62, 64), 7936, mma=True, wg=True).engine == "wgmma"   # 31 pairs, 64 K-tiles
+    # 4096-row layers: on the wgmma kernel with K >= 64 tiles at any share of dense tiles, on mma.sp with shorter K
+    for k_tiles, engine in ((86, "wgmma"), (64, "wgmma"), (32, "mma_sp"), (16, "mma_sp")):
         for dense_share in (1.0, 0.5, 0.0):
             bm = torch.zeros(32 * k_tiles, dtype=torch.bool)
             bm[: int(dense_share * bm.numel())] = True
