@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         // Sums by slot, not by fragment: consumer thread j takes this CTA's slots j, j + 256, ... (key = slot * split +
         // rank) of both warpgroups and adds the `split` partials of each in rank order, its loads independent of one
         // another. (Summed by the threads that held the fragments, each warp branched per fragment and chained one
-        // shared-memory load after another: ~1300 SM cycles at split 6, bench/results/decode_l2pf.)
+        // shared-memory load after another: ~1300 SM cycles at split 6, bench/results/decode_epilogue.)
         for (int i = (int)threadIdx.x - 128; i < per_k; i += 256) {
           const int key = i * split + rank;
           if (key >= L::KEYS) break;
