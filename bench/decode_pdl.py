@@ -172,7 +172,7 @@ def bench(n, k, s, bw, log) -> dict:
                 return y
             row[f"err_{name}_{split}"] = err(ab_run((d, v, e), poison=True), ref)
             paths[f"{name}_{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
-    if AFTER_WRITE_ALL:   # each path also after the write that precedes most linears of a model (no programmatic overlap)
+    if AFTER_WRITE_ALL:   # each path also after the write that precedes most linears in a model (nothing to overlap)
         for name in [p for p in paths if p.startswith(("ms", "wg"))]:
             paths[f"{name}_after_write"] = [lambda f=f, i=i: (x.copy_(xs[i % len(xs)]), f()) for i, f in
                                             enumerate(paths[name])]

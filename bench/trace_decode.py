@@ -9,13 +9,15 @@ the first CTA's start to the last CTA's end) is the launch gap between two kerne
                    3 warp 0's tiles are done, 4 all warps' (the reduction starts), 5 end (thread 0)
     wgmma points:  0 start, 1 slots and barriers ready, 2 the producer issued its last copy, 3 the first stage landed,
                    4 the consumer's last wgmma is done, 5 past the cluster barrier (every CTA's receive barrier is
-                   initialised), 6 the other CTAs' partials have landed, 7 they are summed, 8 this CTA's share of y
-                   is stored, 9 end: past the second cluster barrier phase (thread 128)
+                   initialised), 6 the other CTAs' partials have landed, 7 they are summed and this CTA's share of
+                   y is stored (one loop since the fourteenth session), 8 the same point, 9 end: past the second
+                   cluster barrier phase (thread 128)
 
     python bench/trace_decode.py [--out DIR] [--sparsities 0,0.5] [--pdl] [--cases 4096x4096:6,...] [--kernels wgmma]
 
 Besides the summary (trace_decode.{json,md}), trace_decode_raw.json keeps every CTA's points (us after the first CTA's
-start, the global timer) and the SM it ran on, for the timelines the summary hides (which CTAs start early, who waits on whom).
+start, the global timer) and the SM it ran on, for the timelines the summary hides (which CTAs start early, who waits
+on whom).
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ CASES = [(4096, 4096, 6), (11008, 4096, 2), (4096, 11008, 6)]   # N, K, the wgmm
 
 
 def build_traced(kernels=("wgmma", "mma_sp")):
-    """The two extensions (those named in `kernels`; None for the others) with PATCHC_TRACE defined, under names of their own (each with its kernel's declarations
-    and flags, plus the trace reader PATCHC_TRACE_HOST defines)."""
+    """The two extensions (those named in `kernels`; None for the others) with PATCHC_TRACE defined, under names of
+    their own (each with its kernel's declarations and flags, plus the trace reader PATCHC_TRACE_HOST defines)."""
     def traced(kernel, source, prefix):
         extra = [f"{prefix}_trace_read", f"{prefix}_trace_clear"]
         return load_inline(f"{kernel.name}_trace", cpp_sources=kernel.decl + f"\ntorch::Tensor {extra[0]}();"
