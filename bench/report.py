@@ -29,20 +29,17 @@ def machine_env(device: str) -> dict:
 def write_report(out: Path, name: str, title: str, columns: list[tuple[str, object]], rows: list[dict],
                  env: dict | None = None, note: str = "") -> str:
     """columns: (header, key or function of the row). Returns the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"env": env, "rows": rows} if env is not None else rows
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     cell = lambda r, k: k(r) if callable(k) else r.get(k, "")  # noqa: E731
     md = [f"# {title}", ""] + ([note, ""] if note else [])
     md += ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(str(cell(r, k)) for _, k in columns) + " |" for r in rows]
     text = "\n".join(md) + "\n"
-    (out / f"{name}.md").write_text(text)
+    save_results(out, name, payload, text)
     return text
 
 
-def save_results(out, name: str, payload: dict, md: str) -> None:
+def save_results(out, name: str, payload: dict | list, md: str) -> None:
     """DIR/NAME.json (payload) and DIR/NAME.md (md), each written to a temporary file and renamed into place, so an
     interrupted run leaves the previous files whole."""
     out = Path(out)

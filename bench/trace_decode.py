@@ -31,6 +31,7 @@ import triton
 from torch.utils.cpp_extension import load_inline
 
 from kernels import make_layer, rotating_copies  # bench/kernels.py
+from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.launch import capture_graph
@@ -154,8 +155,6 @@ def main() -> None:
             torch.cuda.empty_cache()
     with open(os.path.join(a.out, "trace_decode_raw.json"), "w") as f:
         json.dump({"env": env, "launches": raw}, f)
-    with open(os.path.join(a.out, "trace_decode.json"), "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
     lines = [f"# Decode launches traced from inside ({env['gpu']}, torch {env['torch']}, M=16"
              f"{', programmatic dependent launches' if pdl else ''})", "",
              "us after the first CTA's start: median CTA / latest CTA at each point; gap = per call - span.", ""]
@@ -169,8 +168,7 @@ def main() -> None:
                              f"{r['span_us']} | {r['gap_us']} | " + " | ".join(cells) + " |")
         lines.append("")
     md = "\n".join(lines)
-    with open(os.path.join(a.out, "trace_decode.md"), "w") as f:
-        f.write(md)
+    save_results(a.out, "trace_decode", {"env": env, "rows": rows}, md)
     print(md)
 
 
