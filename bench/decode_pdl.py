@@ -2,10 +2,10 @@
 graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
 
     python bench/decode_pdl.py [--out DIR] [--sparsities 0,0.25,0.35,0.45,0.5] [--skip-checks] [--splits 2,4,6,8]
-                               [--ab NAME=OLD.cu ...] [--after-write-all]
+                               [--ab NAME=OLD.cu ...] [--after-write-all] [--half-splits 1,2]
 
 1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
-   bias, SiLU * up) against float64; a captured chain of five launches (wgmma and mma.sp, each reading the output of
+   bias, SiLU * up; two row-tiles or half of one a CTA) against float64; a captured chain of six launches (wgmma and mma.sp, each reading the output of
    the one before) replayed after its input changed, equal bit for bit to the same chain launched plainly.
 2. per 7B shape and sparsity, timed in alternation (ROUNDS rounds, medians) in CUDA graphs rotating over weight
    copies > L2 (bench/kernels.py), every launch after another launch of the same path ("chain"):
@@ -13,6 +13,8 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
    - `ms{w}x{s}`: the mma.sp kernel with w warps and s slices a CTA, programmatic (the default is 16 x 2 on the
      4096-row layers: one CTA an SM by registers; 8 x 2 leaves room for the next launch's CTAs);
    - `wg{s}` / `wg{s}_plain`: the wgmma decode kernel at split s, programmatic / plain;
+   - `wh{s}`: the wgmma decode kernel with half a row-tile a CTA (rows=64) at split s, programmatic (`_plain`:
+     plainly), where its clusters all fit at once (H100_MAX_CLUSTERS);
    - `default_after_write`: the default after an elementwise kernel (not programmatic) that writes its x, as a linear
      after a norm runs in a model (with --after-write-all every `ms*` / `wg*` path too: `{name}_after_write`);
    - `{name}_{s}`: with --ab NAME=FILE (repeatable), another version of codegen/wgmma.cu (same entry point) at split
@@ -41,7 +43,7 @@ from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.device import pdl_enabled
-from patchc.codegen.launch import get_config, launch
+from patchc.codegen.launch import H100_MAX_CLUSTERS, get_config, launch
 
 ROUNDS = 2
 AB = {}     # --ab NAME=FILE: other builds of wgmma.cu by name
@@ -49,6 +51,7 @@ AFTER_WRITE_ALL = False   # --after-write-all: every kernel path also timed afte
 MMA_SP_LAUNCHES = ((16, 2),)   # (warps, slices) on 4096-row layers (8 x 2 and 4 x 2: slower, twelfth session)
 WG_SPLITS = (2, 4, 6, 8)
 PLAIN_SPLITS = (2, 6)
+HALF_SPLITS = (1, 2)   # --half-splits: rows=64 CTAs (half a row-tile each)
 
 
 def plain(f):
@@ -84,10 +87,12 @@ def checks(log) -> bool:
                 bias = (torch.randn(n, device="cuda") * 0.1).to(dt)
                 for split in range(1, min(8, k // 128) + 1):
                     for pdl in (False, True):
-                        y = wgmma.run(x, d, v, e, sched, bias, poison=True, block_n=16, split=split, pdl=pdl)
-                        r = err(y, ref + bias.double())
-                        record({"check": f"{n}x{k}", "s": s, "dtype": str(dt)[6:], "split": split, "pdl": pdl},
-                               r < 1e-2 and not torch.isnan(y).any(), rel_err=r)
+                        for rows in wgmma.ROWS:
+                            y = wgmma.run(x, d, v, e, sched, bias, poison=True, block_n=16, split=split, pdl=pdl,
+                                          rows=rows)
+                            r = err(y, ref + bias.double())
+                            record({"check": f"{n}x{k}", "s": s, "dtype": str(dt)[6:], "split": split, "pdl": pdl,
+                                    "rows": rows}, r < 1e-2 and not torch.isnan(y).any(), rel_err=r)
     x, d, v, e, sched, ref, _ = make_layer(1024, 1024, 16, 0.4, seed=5)
     bias = (torch.randn(1024, device="cuda") * 0.1).to(x.dtype)
     full = ref + bias.double()
@@ -97,18 +102,18 @@ def checks(log) -> bool:
         r = err(y, want)
         record({"check": "silu 2x512x1024", "split": split, "pdl": True}, r < 1e-2, rel_err=r)
     # A chain in which every launch reads the previous one's output: 4096 -> 4096 (wgmma split 4) -> 11008 (wgmma
-    # split 2) -> 4096 (mma.sp) -> 4096 (wgmma split 6) -> 4096 (mma.sp), captured with programmatic launches and
-    # replayed after x changed, against the same launches made plainly.
+    # split 2) -> 4096 (mma.sp) -> 4096 (wgmma split 6) -> 4096 (mma.sp) -> 4096 (wgmma, half a row-tile a CTA, split
+    # 2), captured with programmatic launches and replayed after x changed, against the same launches made plainly.
     steps = [(4096, 4096, 0.5, "wg", 4), (11008, 4096, 0.35, "wg", 2), (4096, 11008, 0.45, "ms", 0),
-             (4096, 4096, 0.0, "wg", 6), (4096, 4096, 0.25, "ms", 0)]
+             (4096, 4096, 0.0, "wg", 6), (4096, 4096, 0.25, "ms", 0), (4096, 4096, 0.35, "wh", 2)]
     layers = [make_layer(n, k, 16, s, seed=40 + i)[1:5] for i, (n, k, s, _, _) in enumerate(steps)]
     x0 = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
 
     def chain(pdl: bool):
         h = x0
         for (n, k, s, kind, split), (d, v, e, sched) in zip(steps, layers):
-            if kind == "wg":
-                h = wgmma.run(h, d, v, e, sched, None, block_n=16, split=split, pdl=pdl)
+            if kind in ("wg", "wh"):
+                h = wgmma.run(h, d, v, e, sched, None, block_n=16, split=split, pdl=pdl, rows=64 if kind == "wh" else 256)
             else:
                 warps, sl = mma_sp.default_launch(16, n, 132)
                 h = mma_sp.run(h, d, v, e, sched, None, n, warps, sl, pdl=pdl)
@@ -124,7 +129,7 @@ def checks(log) -> bool:
         g.replay()
         want = chain(False)
         torch.cuda.synchronize()
-        record({"check": "programmatic chain of 5 launches, replay vs plain", "rep": rep},
+        record({"check": "programmatic chain of 6 launches, replay vs plain", "rep": rep},
                bool(torch.equal(y, want)), max_abs_diff=float((y.float() - want.float()).abs().max()))
     print(f"checks: {n_checks} {'passed' if ok else 'FAILED'}", flush=True)
     return ok
@@ -139,6 +144,19 @@ def bench(n, k, s, bw, log) -> dict:
     xs = [torch.randn_like(x) for _ in range(4)]
     cfg = get_config(x, d, v, e, sched, None, n, tune=False)      # what a user gets
 
+    def add_ab(name, split, rows, key):   # --ab build `name` at this split and rows a CTA, programmatic
+        def ab_run(c, poison=False):
+            y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
+                torch.empty((m, n), dtype=x.dtype, device=x.device)
+            AB[name].hybrid_wgmma(x, *c, sched.slot, None, y, 16, split, 0, int(pdl_enabled(x)), rows)   # as wgmma.run
+            return y
+        try:
+            row[f"err_{key}"] = err(ab_run((d, v, e), poison=True), ref)
+        except RuntimeError as ex:   # an older build without this CTA shape
+            print(f"--ab {name}: {key} skipped ({str(ex).splitlines()[0]})", flush=True)
+            return
+        paths[key] = [lambda c=c: ab_run(c) for c in packs]
+
     def after_write(c, i):
         x.copy_(xs[i % len(xs)])   # an elementwise kernel (not programmatic) writing x, as a norm before a linear
         return launch(x, *c, sched, None, n, cfg)
@@ -148,7 +166,8 @@ def bench(n, k, s, bw, log) -> dict:
              "default_plain": [plain(lambda c=c: launch(x, *c, sched, None, n, cfg)) for c in packs],
              "default_after_write": [lambda c=c, i=i: after_write(c, i) for i, c in enumerate(packs)]}
     row = {"N": n, "K": k, "M": m, "sparsity": s, "bytes": p.nbytes,
-           "default_cfg": f"{cfg.engine} split {cfg.split_k}" if cfg.engine == "wgmma" else
+           "default_cfg": f"{cfg.engine} split {cfg.split_k}{' rows 64' if cfg.block_m == 64 else ''}"
+           if cfg.engine == "wgmma" else
            f"{cfg.engine} {cfg.num_warps}x{cfg.block_n // 16}",
            "floor_us": round((p.nbytes + x.nbytes + m * n * 2) / bw * 1e6, 2),
            "err_default": err(launch(x, d, v, e, sched, None, n, cfg, poison=True), ref)}
@@ -164,16 +183,21 @@ def bench(n, k, s, bw, log) -> dict:
         if split in PLAIN_SPLITS:
             paths[f"wg{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp,
                                                                          pdl=False) for c in packs]
-        for name, ext in AB.items():
-            def ab_run(c, sp=split, ext=ext, poison=False):
-                y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
-                    torch.empty((m, n), dtype=x.dtype, device=x.device)
-                ext.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, int(pdl_enabled(x)))   # as wgmma.run decides
-                return y
-            row[f"err_{name}_{split}"] = err(ab_run((d, v, e), poison=True), ref)
-            paths[f"{name}_{split}"] = [lambda c=c, f=ab_run: f(c) for c in packs]
+        for name in AB:
+            add_ab(name, split, 256, f"{name}_{split}")
+    for split in HALF_SPLITS:
+        if 2 * (n // 128) > H100_MAX_CLUSTERS[split - 1]:
+            continue
+        row[f"err_wh{split}"] = err(wgmma.run(x, d, v, e, sched, None, poison=True, block_n=16, split=split, rows=64),
+                                    ref)
+        paths[f"wh{split}"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp, rows=64)
+                               for c in packs]
+        paths[f"wh{split}_plain"] = [lambda c=c, sp=split: wgmma.run(x, *c, sched, None, block_n=16, split=sp, rows=64,
+                                                                     pdl=False) for c in packs]
+        for name in AB:
+            add_ab(name, split, 64, f"{name}_h{split}")
     if AFTER_WRITE_ALL:   # each path also after the write that precedes most linears in a model (nothing to overlap)
-        for name in [p for p in paths if p.startswith(("ms", "wg"))]:
+        for name in [p for p in paths if p.startswith(("ms", "wg", "wh", *AB)) and not p.endswith("_plain")]:
             paths[f"{name}_after_write"] = [lambda f=f, i=i: (x.copy_(xs[i % len(xs)]), f()) for i, f in
                                             enumerate(paths[name])]
     for name, ts in time_alternating(paths, ROUNDS).items():
@@ -187,17 +211,20 @@ def bench(n, k, s, bw, log) -> dict:
 
 
 def table(env, rows) -> str:
+    SUB_PATHS = [("h", s) for s in HALF_SPLITS]
     f = lambda r, key: f"{r[key]} ({r[key] / r['floor_us']:.2f})" if key in r else "-"  # noqa: E731
     out = [f"# Decode M=16 with programmatic dependent launches ({env['gpu']}, torch {env['torch']}, triton "
            f"{env['triton']}, copy {env['copy_GBps']} GB/s, {env['date']})", "",
            "us (/ byte floor); every launch after another of the same path in a CUDA graph, rotating over weight copies > "
            "L2. default: what launch() runs, programmatic as under capture; plain: PATCHC_PDL=0; after write: after an "
            "elementwise kernel writing x. msWxS: mma.sp with W warps x S slices a CTA; wgS: wgmma split S, programmatic / "
-           "plain (then --ab's builds by name, programmatic).", "",
+           "plain (then --ab's builds by name, programmatic); whS: wgmma with half a row-tile a CTA, split S, programmatic "
+           "(/ after write with --after-write-all).", "",
            "| N x K | s | floor | read | cuBLAS | default (kernel) | default plain | default after write | "
            + " | ".join(f"ms{w}x{s}" for w, s in MMA_SP_LAUNCHES) + " | "
-           + " | ".join(f"wg{s} / plain" for s in WG_SPLITS) + " |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * (len(MMA_SP_LAUNCHES) + len(WG_SPLITS))]
+           + " | ".join(f"wg{s} / plain" for s in WG_SPLITS) + " | "
+           + " | ".join(f"w{t}{s}" for t, s in SUB_PATHS) + " |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * (len(MMA_SP_LAUNCHES) + len(WG_SPLITS) + len(SUB_PATHS))]
     for r in rows:
         out.append(f"| {r['N']}x{r['K']} | {r['sparsity']} | {r['floor_us']} | {r['read_us']} | {r['cublas_us']} | "
                    f"{f(r, 'default_us')} {r['default_cfg']} | {f(r, 'default_plain_us')} | "
@@ -205,7 +232,11 @@ def table(env, rows) -> str:
                    + " | ".join(f(r, f"ms{w}x{s}_us") for w, s in MMA_SP_LAUNCHES) + " | "
                    + " | ".join(f"{f(r, f'wg{s}_us')} / {r.get(f'wg{s}_plain_us', '-')}"
                                 + "".join(f" / {name} {r[f'{name}_{s}_us']}" for name in AB if f"{name}_{s}_us" in r)
-                                for s in WG_SPLITS) + " |")
+                                for s in WG_SPLITS) + " | "
+                   + " | ".join(f(r, f"w{t}{s}_us") + (f" / {r[f'w{t}{s}_after_write_us']}"
+                                                        if f"w{t}{s}_after_write_us" in r else "")
+                                + "".join(f" / {name} {r[f'{name}_{t}{s}_us']}" for name in AB if f"{name}_{t}{s}_us" in r)
+                                for t, s in SUB_PATHS) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -213,13 +244,15 @@ def main():
     ap = argparse.ArgumentParser()
     sweep_args(ap, ms="16", out="bench/results/decode_pdl")
     ap.add_argument("--splits", default="2,4,6,8", help="wgmma splits to time (the default path is timed anyway)")
+    ap.add_argument("--half-splits", default="1,2", help="splits of the rows=64 (half a row-tile a CTA) wgmma decode")
     ap.add_argument("--after-write-all", action="store_true",
                     help="time every mma.sp / wgmma path also after an elementwise kernel writing x")
     ap.add_argument("--ab", action="append", default=[], metavar="NAME=FILE",
                     help="another version of codegen/wgmma.cu to time beside the current one (repeatable)")
     a = ap.parse_args()
-    global WG_SPLITS, AFTER_WRITE_ALL
+    global WG_SPLITS, HALF_SPLITS, AFTER_WRITE_ALL
     WG_SPLITS = tuple(int(v) for v in a.splits.split(","))
+    HALF_SPLITS = tuple(int(v) for v in a.half_splits.split(",") if v)
     AFTER_WRITE_ALL = a.after_write_all
     for spec in a.ab:
         name, _, path = spec.partition("=")

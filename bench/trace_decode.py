@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results/trace_decode"))
     ap.add_argument("--sparsities", default="0,0.5")
     ap.add_argument("--cases", default=",".join(f"{n}x{k}:{s}" for n, k, s in CASES),
-                    help="N x K : the wgmma split, comma-separated")
+                    help="N x K : the wgmma split (suffix h: half a row-tile a CTA, rows=64), comma-separated")
     ap.add_argument("--kernels", default="mma_sp,wgmma", help="which kernels to trace")
     ap.add_argument("--pdl", action="store_true", help="launch both kernels as programmatic dependents (each launch of "
                     "the graph may then start while the one before it drains: gaps can be negative)")
@@ -113,9 +113,9 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "pdl": bool(pdl)}
     rows, raw = [], []
-    cases = [(int(nk.split("x")[0]), int(nk.split("x")[1]), int(sp)) for nk, sp in
-             (c.split(":") for c in a.cases.split(","))]
-    for n, k, split in cases:
+    cases = [(int(nk.split("x")[0]), int(nk.split("x")[1]), int(sp.rstrip("h")), 64 if sp.endswith("h") else 256)
+             for nk, sp in (c.split(":") for c in a.cases.split(","))]
+    for n, k, split, wg_rows in cases:
         for s in map(float, a.sparsities.split(",")):
             x, d, v, e, sched, ref, p = make_layer(n, k, 16, s)
             packs = rotating_copies((d, v, e), p.nbytes)
@@ -127,7 +127,7 @@ def main() -> None:
                                  None, y, 128, warps, sl, 0, 0, pdl)
 
             def run_wg(c, sp):
-                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, pdl)
+                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, pdl, wg_rows)
 
             runs = []
             if ms is not None:
@@ -136,7 +136,7 @@ def main() -> None:
                              ms.mma_sp_trace_clear, ms.mma_sp_trace_read, MMA_SP_POINTS))
             if wg is not None:
                 run_wg((d, v, e), split)
-                runs.append((f"wgmma_s{split}", float((y.double() - ref).abs().max()),
+                runs.append((f"wgmma_s{split}{'h' if wg_rows == 64 else ''}", float((y.double() - ref).abs().max()),
                              [lambda c=c: run_wg(c, split) for c in packs], wg.wgmma_trace_clear, wg.wgmma_trace_read,
                              WGMMA_POINTS))
             for kernel, max_err, fns, clear, read, names in runs:

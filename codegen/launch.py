@@ -1,9 +1,9 @@
 """Launch the hybrid kernels: pick a config for M (decode or prefill), optionally autotune it once per
 (layer shape, density, M bucket) on the GPU, and cache the choice on disk.
 
-Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on tall
-layers (and 4096-row ones with K >= 8192: wgmma_decodes) runs on the wgmma kernel with
-16-token CTAs and K split over a cluster (wgmma_decode_default). Else, with 16-bit
+Decode (M <= 64) is memory bound. On an H100 / H200 (sm_90a, tile 128, 16-bit) M <= WGMMA_DECODE_MAX_M on layers
+of >= 4096 rows (wgmma_decodes) runs on the wgmma kernel with 16-token CTAs of two row-tiles or half of one, K split
+over a cluster (wgmma_decode_default). Else, with 16-bit
 activations, M <= 16 (32 on layers of at most 4096 output rows; tuned: <= 32) and an sm_80+ GPU it runs on the
 sparse tensor cores (mma_sp: 2:4 tiles as stored, no decompression); otherwise on the Triton kernel with
 small BLOCK_M, BLOCK_N below the tile, and split-K so that enough programs stream weight bytes at once.
@@ -46,16 +46,13 @@ CSLT_OVER_WGMMA_M = 4096  # ... and cuSPARSELt on all-2:4 layers below here (M=5
                         # M=2048: 0.98-1.07x; M=4096: 0.93-0.98x, so all-2:4 layers go to cuSPARSELt from here)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 WGMMA_DECODE_MAX_M = 16  # up to here the wgmma kernel's 16-token CTAs are the decode default where it runs ...
-WGMMA_DECODE_MIN_PAIRS = 32  # ... on layers of at least this many CTA row pairs (8192 rows; SiLU * up: gate and up
-                        # pairs): H100, results/decode_wgmma, M=16: 11008x4096 0.87-0.93x the mma.sp kernel's time, the
-                        # stacked 2 x 11008 of SiLU * up 0.79x; on 4096-row layers (16 pairs) it took 0.93-1.04x
-                        # (4096x11008) and 1.13-1.35x (4096x4096) the mma.sp kernel's time, so those stay there ...
-WGMMA_DECODE_LONG_K = 64  # ... unless they have at least 16 pairs and this many K-tiles (H100, M=16, results/
-                        # decode_epilogue): 4096x11008 at split 6 took 0.81-0.90x the mma.sp kernel's time launched
-                        # after another hybrid linear (programmatic, as down_proj follows SiLU(gate) * up in a model).
-                        # 4096x4096 stays on mma.sp at any density: as a programmatic dependent of another hybrid linear
-                        # split 6 took 0.91-0.97x its time, but after an elementwise kernel writing x (how o_proj runs,
-                        # after attention; q / k / v run stacked) 1.03-1.14x (call 11)
+WGMMA_DECODE_MIN_PAIRS = 16  # ... on layers of at least this many CTA row pairs (4096 rows). H100, M=16: 11008x4096
+                        # 0.87-0.93x the mma.sp kernel's time, the stacked 2 x 11008 of SiLU * up 0.79x (results/
+                        # decode_wgmma); 4096-row layers on half-row-tile CTAs at split 2 (results/decode_half):
+                        # 4096x4096 0.80-0.85x its time after another hybrid linear (programmatic) and 0.95-1.0x after
+                        # an elementwise kernel writing x (how o_proj runs, after attention), 4096x11008 0.79-0.83x /
+                        # 0.92-0.99x. SiLU * up (no half-row-tile CTAs) keeps the tenth session's rule: >= 32 pairs, or
+                        # >= 16 with K >= 64 tiles (results/decode_epilogue)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -69,7 +66,8 @@ class KernelConfig:
     group_m: int = 8
     engine: str = "triton"  # "mma_sp": the sparse-tensor-core decode kernel (block_n = rows a CTA, 16 or 32);
                             # "wgmma": the Hopper GEMM (codegen/wgmma.cu, sm_90a; block_n = tokens a CTA, split_k
-                            # = CTAs of a cluster splitting K, 0 or 1: none);
+                            # = CTAs of a cluster splitting K, 0 or 1: none; block_m = rows of W a CTA at decode,
+                            # 64, or 0: 256);
                             # "tma": the TMA-fed prefill GEMM over the tile lists (sm_90+, 16-bit);
                             # "cslt": prefill of an all-2:4 layer on cuSPARSELt (codegen/cusparselt.py)
     staged: bool = False    # mma_sp: weights through shared memory by bulk copies (sm_90+)
@@ -113,7 +111,7 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
                         for warps, stages in ((4, 2), (4, 3)):
                             out.append(KernelConfig(bm, bn, split, warps, stages))
     if wg and m <= WGMMA_DECODE_MAX_M:
-        out += [wgmma_decode(split) for split in range(1, min(wgmma.MAX_SPLIT, k_tiles) + 1)]
+        out += [wgmma_decode(split, rows) for rows in wgmma.ROWS for split in range(1, min(wgmma.MAX_SPLIT, k_tiles) + 1)]
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
         if cslt:
@@ -163,9 +161,10 @@ WGMMA = KernelConfig(0, 128, 0, 12, 4, engine="wgmma")      # block_n: tokens a 
 WGMMA_64 = KernelConfig(0, 64, 0, 12, 5, engine="wgmma")
 
 
-def wgmma_decode(split: int) -> KernelConfig:
-    """The wgmma kernel at decode: 16-token CTAs, K split over a cluster of `split` CTAs."""
-    return KernelConfig(0, wgmma.DECODE_BLOCK_N, split, 12, 5, engine="wgmma")
+def wgmma_decode(split: int, rows: int = 256) -> KernelConfig:
+    """The wgmma kernel at decode: 16-token CTAs, K split over a cluster of `split` CTAs; a CTA covers `rows` rows
+    of W (256: two row-tiles; 64: half of one), kept in block_m (0 for 256)."""
+    return KernelConfig(0 if rows == 256 else rows, wgmma.DECODE_BLOCK_N, split, 12, 5, engine="wgmma")
 
 
 def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
@@ -176,21 +175,33 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs, and layers of at least 16 pairs with WGMMA_DECODE_LONG_K K-tiles or more
-    (4096 x 11008, not 4096 x 4096)."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs (SiLU * up fused: 32 pairs, or 16 with K >= 64 tiles)."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
-    return pairs >= WGMMA_DECODE_MIN_PAIRS or (pairs >= 16 and sched.k // sched.tile >= WGMMA_DECODE_LONG_K)
+    if silu_mul:
+        return pairs >= 32 or (pairs >= 16 and sched.k // sched.tile >= 64)
+    return pairs >= WGMMA_DECODE_MIN_PAIRS
 
 
 def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
                          max_clusters: tuple[int, ...] = H100_MAX_CLUSTERS) -> KernelConfig:
-    """The largest split (at most the K-tiles) whose clusters all run at once (max_clusters[s - 1]: clusters of s
-    CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1. A decode CTA streamed at most ~60-100 GB/s
-    on the H100, so more CTAs read faster, but a second wave of clusters costs more than it gains (results/
-    decode_wgmma: 16 pairs at split 8, 15 clusters at once, took 1.2-1.5x the time of split 6)."""
-    pairs = wgmma_decode_pairs(sched, silu_mul)
+    """The CTA shape and split that stream with the most CTAs in one wave: for two row-tiles a CTA and (without
+    silu_mul) half a row-tile a CTA, the largest split (at most the K-tiles) whose clusters all run at once
+    (max_clusters[s - 1]: clusters of s CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1; the
+    half-row-tile CTAs where they make more CTAs. A decode CTA streamed at most ~60-100 GB/s on the H100, so more CTAs
+    read faster, but a second wave of clusters costs more than it gains (results/decode_wgmma: 16 pairs at split 8,
+    15 clusters at once, took 1.2-1.5x the time of split 6); 4096-row layers: 128 CTAs of half a row-tile (split 2)
+    took 0.81-0.94x the time of 96 of two row-tiles (split 6; results/decode_half)."""
     top = max(1, min(wgmma.MAX_SPLIT, sched.k // sched.tile, len(max_clusters)))
-    return wgmma_decode(max([s for s in range(1, top + 1) if pairs <= max_clusters[s - 1]], default=1))
+
+    def best_split(units: int) -> int:   # clusters of `units` CTAs a split: the largest split that fits, 0 if none
+        return max([s for s in range(1, top + 1) if units <= max_clusters[s - 1]], default=0)
+
+    pairs = wgmma_decode_pairs(sched, silu_mul)
+    halves = 2 * (sched.n // sched.tile)
+    s_pair, s_half = best_split(pairs), 0 if silu_mul else best_split(halves)
+    if s_half and halves * s_half > pairs * s_pair:
+        return wgmma_decode(s_half, rows=64)
+    return wgmma_decode(max(1, s_pair))
 
 
 def wgmma_default(m: int, sched: Schedule, num_sms: int = 132) -> KernelConfig:
@@ -279,8 +290,9 @@ def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: tor
         reason = wgmma.unsupported(x, weight_dtype(dense, values), sched)
         if reason:
             raise ValueError(f"the wgmma kernel cannot run this call: {reason}")
-        fused = silu_mul and wgmma_fuses_silu(sched)
-        y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n, max(1, cfg.split_k), fused)
+        rows = cfg.block_m or 256
+        fused = silu_mul and rows == 256 and wgmma_fuses_silu(sched)
+        y = wgmma.run(x, dense, values, meta, sched, bias, poison, cfg.block_n, max(1, cfg.split_k), fused, rows=rows)
         return torch.nn.functional.silu(y[:, :n_out]) * y[:, n_out:] if silu_mul and not fused else y
     if cfg.engine == "tma" or cfg.split_k == 0:  # all stacked rows, then SiLU(gate) * up in torch
         if cfg.engine == "tma":

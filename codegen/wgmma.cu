@@ -59,31 +59,42 @@ constexpr int SMEM_LIMIT = 227 * 1024;          // H100 / H200 shared memory a b
 constexpr int MAX_C = 256;                      // K-tiles a row (K <= 32768)
 constexpr int MAX_SPLIT = 8;                    // CTAs of a cluster splitting K (the portable cluster size)
 
-template <int BN>
+#ifndef PATCHC_HALF_STAGES   // (bench/decode_pdl.py --ab builds may set it)
+#define PATCHC_HALF_STAGES 10
+#endif
+
+// A stage of the ring: x's box, then per row-tile c a weight box at W + c * W_SLOT, then the codes. HALF (half a
+// row-tile a CTA, a whole K-tile a step): x's two boxes, the two halves' [64, 64] (or [64, 32]) boxes, 64 rows' codes.
+template <int BN, bool HALF = false>
 struct Layout {
   static constexpr int X_BOX = BN * BOX_K * 2;                  // [BN, 64] of x
-  static constexpr int W = X_BOX;                               // row-tile c's box at W + c * W_BOX
-  static constexpr int META = X_BOX + 2 * W_BOX;                // row-tile c's codes at META + c * META_BYTES
-  static constexpr int STAGE = META + 2 * META_BYTES;           // 52 KB at BN = 128 (keeps 1 KB alignment)
+  static constexpr int X1 = X_BOX;                              // HALF: x's second box
+  static constexpr int W_SLOT = HALF ? W_BOX / 2 : W_BOX;
+  static constexpr int W = HALF ? 2 * X_BOX : X_BOX;
+  static constexpr int META = W + 2 * W_SLOT;                   // row-tile c's codes at META + c * META_BYTES
+  static constexpr int STAGE = META + (HALF ? META_BYTES / 2 : 2 * META_BYTES);   // 52 KB at BN = 128; HALF 21 KB
   static constexpr int STATIC = 2 * MAX_C * 4;                  // the two rows' tile slots (static shared memory)
   // Decode CTAs (BN <= 32) split K over a cluster: a thread's accumulators are FRAGS float4 fragments, and each
   // CTA receives the other CTAs' partials of the fragments it owns (a 1 / split share, padded to ceil(KEYS / split)
   // a warpgroup) in a buffer of its own: [split senders][2 warpgroups][ceil(KEYS / split)] float4.
   static constexpr int FRAGS = BN / 4;                          // float4 fragments a consumer thread holds
-  static constexpr int KEYS = 128 * FRAGS;                      // fragments of one warpgroup (a row-tile)
+  static constexpr int KEYS = 128 * (HALF ? FRAGS / 2 : FRAGS);   // fragments of one warpgroup (HALF: rows 0-63)
   static constexpr bool PUSH = BN <= 32;
   static constexpr int RECV_BYTES = PUSH ? 16 * (2 * KEYS + 2 * MAX_SPLIT) : 0;
-  static constexpr int BUDGET = SMEM_LIMIT - STATIC - RECV_BYTES - 1024 - 128;
-  static constexpr int STAGES = BUDGET / STAGE < 6 ? BUDGET / STAGE : 6;   // 4 at BN = 128, 5 at BN = 64 and 16
+  static constexpr int BUDGET = SMEM_LIMIT - STATIC - RECV_BYTES - 1024 - 256;
+  static constexpr int MAX_STAGES = HALF ? PATCHC_HALF_STAGES : 6;
+  static constexpr int STAGES = BUDGET / STAGE < MAX_STAGES ? BUDGET / STAGE : MAX_STAGES;   // 4 at BN = 128, 5 at 64
+                                                                                        // and 16
   static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
-  static constexpr int BARS = 2 * STAGES + 1;                   // full[STAGES], empty[STAGES], received
-  static constexpr int RECV = STAGES * STAGE + 128;             // the receive buffer, after the ring and barriers
+  static constexpr int BARS = 2 * STAGES + 2;                   // full[STAGES], empty[STAGES], received, dependency
+  static constexpr int RECV = STAGES * STAGE + 256;             // the receive buffer, after the ring and barriers
   static constexpr int SMEM = RECV + RECV_BYTES + 1024;         // + alignment slack
   static_assert(STAGES >= 2, "two stages at least");
+  static_assert(STAGE % 1024 == 0 && X_BOX % 1024 == 0, "swizzled boxes want 1 KB alignment");
   static_assert(2 * BN * EPI_PITCH * 2 <= STAGES * STAGE, "the epilogue reuses the ring");
   static constexpr int RED_PITCH = 2 * TILE + 4;                // fp32 partials [BN tokens, 256 rows (+ pad)]
   static_assert(BN * RED_PITCH * 4 <= STAGES * STAGE, "the fp32 epilogue reuses the ring");
-  static_assert(BARS * 8 <= 128, "the mbarriers fit between the ring and the receive buffer");
+  static_assert(BARS * 8 <= 256, "the mbarriers fit between the ring and the receive buffer");
 };
 
 template <typename T, int BN> struct Wgmma;
@@ -109,6 +120,13 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
+// Whether the mbarrier's phase of this parity has completed, without waiting.
+__device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile("{\n\t.reg .pred P1;\n\tmbarrier.test_wait.parity.shared::cta.b64 P1, [%1], %2;\n\tselp.u32 %0, 1, 0, P1;\n}"
+               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -178,7 +196,12 @@ __device__ __forceinline__ void store4(T* p, float a, float b, float c, float d)
   *reinterpret_cast<uint2*>(p) = v.u;
 }
 
-template <typename T, int BN>
+// ROWS = 64 (decode, BN = 16): a CTA computes half a row-tile instead of two row-tiles, for layers too short for
+// enough CTAs otherwise (4096 rows: 128 CTAs at split 2 in clusters of 2, where two row-tiles a CTA needed split 6 for
+// 96). A step is then a whole K-tile: consumer warpgroup c takes its half c (64 columns) of the CTA's 64 rows, with
+// x's [BN, 64] box of those columns, and the two warpgroups' partials of the same rows are summed in the epilogue with
+// the other CTAs' (2 * split sources a fragment). (32-row CTAs, no split, ran 1.1-1.5x slower: bench/NOTES.md.)
+template <typename T, int BN, int ROWS>
 __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const __grid_constant__ CUtensorMap x_map,       // x [M, K], box [BN, 64], 128 B swizzle
     const __grid_constant__ CUtensorMap dense_map,   // dense [n_dense * T, T], box [T, 64], 128 B swizzle
@@ -190,7 +213,10 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     int silu_mul,                                     // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
     int pdl) {                                        // launched as a programmatic dependent
 #if PATCHC_WGMMA_ARCH
-  using L = Layout<BN>;
+  constexpr bool HALF = ROWS < 2 * TILE;         // half a row-tile a CTA
+  constexpr int SUBS = TILE / ROWS;              // HALF: CTAs a row-tile
+  using L = Layout<BN, HALF>;
+  static_assert(ROWS == 2 * TILE || (ROWS == TILE / 2 && BN <= 32), "ROWS: 256, or 64 for decode CTAs");
   PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);      // (bench/trace_decode.py's points 0-9)
   extern __shared__ unsigned char smem_raw[];
   __shared__ int slots[2][MAX_C];
@@ -200,11 +226,14 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (L::STAGES + s); };
   const uint32_t recv_bar = bars + 8 * 2 * L::STAGES;           // split > 1: the other CTAs' partials have landed
+  const uint32_t dep_bar = recv_bar + 8;                        // the previous kernel is done (griddepcontrol.wait)
 
   // This CTA's row-tiles rt[0], rt[1]: 2p and (if R allows) 2p + 1; with silu_mul gate p and up p + R / 2.
-  const int rt0 = silu_mul ? blockIdx.y : 2 * blockIdx.y;
-  const int pair = silu_mul ? 2 : (R - rt0 < 2 ? R - rt0 : 2);
-  const int rt1 = silu_mul ? blockIdx.y + R / 2 : rt0 + pair - 1;
+  // HALF: rows ROWS hr .. ROWS hr + ROWS - 1 of row-tile rt0 = p / SUBS (hr = p % SUBS).
+  const int rt0 = HALF ? blockIdx.y / SUBS : silu_mul ? blockIdx.y : 2 * blockIdx.y;
+  const int hr = HALF ? blockIdx.y % SUBS : 0;
+  const int pair = HALF ? 1 : silu_mul ? 2 : (R - rt0 < 2 ? R - rt0 : 2);
+  const int rt1 = HALF ? rt0 : silu_mul ? blockIdx.y + R / 2 : rt0 + pair - 1;
   const int m0 = blockIdx.x * BN;            // first token of this CTA
   const int rank = blockIdx.z;               // = %cluster_ctarank (cluster dims 1 x 1 x split, gridDim.z = split)
   // v / split as a multiply and a shift (exact for v < 9000, split <= 8), for the decode epilogue: a division by the
@@ -213,9 +242,11 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   const uint32_t split_magic = (65536u + (uint32_t)split - 1) / (uint32_t)split;
   auto div_split = [&](int v) { return (int)(((uint32_t)v * split_magic) >> 16); };
   // This CTA's steps [q0, q1) of the 2C half-K-tile steps (kc = q / 2, half q % 2): a split need not divide the K-tiles
-  // (on 4096 x 11008, 86 K-tiles over 6 CTAs: 28-29 steps each, where whole K-tiles gave 14 or 15). Warp-uniform as
-  // ptxas can see (else it serialises the wgmmas: C7520).
-  const int q0 = __shfl_sync(0xffffffff, rank * 2 * C / split, 0), q1 = __shfl_sync(0xffffffff, (rank + 1) * 2 * C / split, 0);
+  // (on 4096 x 11008, 86 K-tiles over 6 CTAs: 28-29 steps each, where whole K-tiles gave 14 or 15). HALF: of the C
+  // K-tile steps (a step's bytes are half as many). Warp-uniform as ptxas can see (else it serialises the wgmmas: C7520).
+  const int n_steps = HALF ? C : 2 * C;
+  const int q0 = __shfl_sync(0xffffffff, rank * n_steps / split, 0);
+  const int q1 = __shfl_sync(0xffffffff, (rank + 1) * n_steps / split, 0);
   const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);   // warp-uniform, as ptxas can see
   // With an odd number of row-tiles the last CTA has one: its second warpgroup then runs the first row-tile's
   // tiles again and stores nothing (a branch around the mainloop would make ptxas serialise the wgmmas).
@@ -229,6 +260,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       mbar_init(empty(s), 8);                // one arrival per consumer warp
     }
     mbar_init(recv_bar, 1);
+    mbar_init(dep_bar, 1);
     fence_mbar_init();
   }
   __syncthreads();
@@ -242,8 +274,19 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     if (threadIdx.x == 0) {
       // Step q's weights: row-tile c's half-K-tile box (dense, or a 2:4 tile's values and codes) into stage s.
       auto load_weights = [&](int q, int s) {
-        const int kc = (q0 + q) / 2, h = (q0 + q) % 2;
         const uint32_t st = base + s * L::STAGE;
+        if constexpr (HALF) {   // K-tile q0 + q, rows ROWS hr.. of its row-tile: both halves (ROWS-row boxes), x's two boxes
+          const int i = slots[0][q0 + q], row = (i >= 0 ? i : ~i) * TILE + hr * ROWS;
+          mbar_expect(full(s), 2 * L::X_BOX + (i >= 0 ? ROWS * BOX_K * 4 : ROWS * BOX_K * 2 + ROWS * 16));
+          for (int h = 0; h < 2; ++h) {
+            if (i >= 0) tma_load(st + L::W + h * L::W_SLOT, &dense_map, h * BOX_K, row, full(s));
+            else tma_load(st + L::W + h * L::W_SLOT, &values_map, h * BOX_K / 2, row, full(s));
+          }
+          if (i < 0)
+            bulk_copy(st + L::META, meta + (int64_t)(~i) * META_BYTES + hr * ROWS * 16, ROWS * 16, full(s));
+          return;
+        }
+        const int kc = (q0 + q) / 2, h = (q0 + q) % 2;
         uint32_t bytes = L::X_BOX;
         for (int c = 0; c < 2; ++c) bytes += slots[c][kc] >= 0 ? W_BOX : V_BOX + META_BYTES;
         mbar_expect(full(s), bytes);           // (x's box too: it follows)
@@ -257,31 +300,48 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           }
         }
       };
-      auto load_x = [&](int q, int s) {        // x [m0:+BN, 64 columns]
-        tma_load(base + s * L::STAGE, &x_map, (q0 + q) * BOX_K, m0, full(s));
+      auto load_x = [&](int q, int s) {        // x [m0:+BN, 64 columns] (HALF: 128, as two boxes)
+        if constexpr (HALF) {
+          tma_load(base + s * L::STAGE, &x_map, (q0 + q) * 2 * BOX_K, m0, full(s));
+          tma_load(base + s * L::STAGE + L::X1, &x_map, ((q0 + q) * 2 + 1) * BOX_K, m0, full(s));
+        } else {
+          tma_load(base + s * L::STAGE, &x_map, (q0 + q) * BOX_K, m0, full(s));
+        }
       };
-      // Launched as a programmatic dependent, the first ring's weights go ahead (no kernel of a forward writes
-      // weights or the schedule) while x, maybe the previous kernel's output, waits for that kernel. Launched plainly,
-      // each stage's x follows its weights: with all the ring's weights first, the first stage's x queued behind them
-      // (H100, 11008 x 4096 split 2: 0.6-1 us a launch, bench/results/decode_pdl).
+      // Launched as a programmatic dependent, the ring's weights go ahead (no kernel of a forward writes weights or
+      // the schedule) while x, maybe the previous kernel's output, waits for that kernel, unless that kernel has
+      // finished by the time the first stage's weights are on their way (the producer's second warp arrives on dep_bar
+      // past griddepcontrol.wait): after a kernel that is not a programmatic predecessor (a norm or attention before a
+      // linear) x then follows its weights from the first step, as in a plain launch: with the whole ring's weights
+      // first, the first stage's x queued behind them (H100: 0.6-1 us a launch). Testing again after each stage lost
+      // 0.3-0.6 us a launch after another hybrid linear (bench/results/decode_pdl, decode_half).
       const int ahead = pdl ? (steps < L::STAGES ? steps : L::STAGES) : 0;
-      for (int q = 0; q < ahead; ++q) load_weights(q, q);
-      grid_dependency_wait();
-      for (int q = 0; q < ahead; ++q) load_x(q, q);
-      for (int q = ahead; q < steps; ++q) {
+      int q = 0;
+      if (ahead > 0) {
+        load_weights(0, 0);
+        q = 1;
+        if (!mbar_test(dep_bar, 0))
+          for (; q < ahead; ++q) load_weights(q, q);
+      }
+      if (pdl) mbar_wait(dep_bar, 0);
+      for (int j = 0; j < q; ++j) load_x(j, j);
+      for (; q < steps; ++q) {
         const int s = q % L::STAGES;
         if (q >= L::STAGES) mbar_wait(empty(s), ((q / L::STAGES) & 1) ^ 1);
         load_weights(q, s);
         load_x(q, s);
       }
       PATCHC_TRACE_AT(2, true, 0u);
+    } else if (threadIdx.x == 32) {          // x may be the previous kernel's output: tell the producer when it is done
+      grid_dependency_wait();
+      mbar_arrive(dep_bar);
     }
     if (split > 1) {                         // the producer warpgroup's part in the two cluster barrier phases
       cluster_wait();
       cluster_arrive_relaxed();
       cluster_wait();
     }
-  } else {  // consumers: warpgroup c owns row-tile rt0 + c (two 64-row accumulators)
+  } else {  // consumers: warpgroup c owns row-tile rt0 + c (two 64-row accumulators); HALF: K-tile half c of 64 rows
     setmaxnreg_inc<232>();
     const int c = wg - 1;
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -303,33 +363,36 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     }
 #endif
     for (int q = 0; q < steps; ++q) {
-      const int s = q % L::STAGES, kc = (q0 + q) / 2, h = (q0 + q) % 2;
+      const int s = q % L::STAGES, kc = HALF ? q0 + q : (q0 + q) / 2, h = HALF ? c : (q0 + q) % 2;
       mbar_wait(full(s), (q / L::STAGES) & 1);
-      const uint32_t xs = base + s * L::STAGE, ws = xs + L::W + c * W_BOX;
+      const uint32_t st = base + s * L::STAGE, xs = st + (HALF && c ? L::X1 : 0), ws = st + L::W + c * L::W_SLOT;
       uint32_t e0 = 0, e1 = 0, e2 = 0, e3 = 0;
       wgmma_fence();
-      if (slots[c][kc] >= 0) {
+      if (slots[HALF ? 0 : c][kc] >= 0) {
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           Wgmma<T, BN>::dense(acc0[kk % NSETS], desc128(ws + kk * 32), desc128(xs + kk * 32));
-          Wgmma<T, BN>::dense(acc1[kk % NSETS], desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
+          if constexpr (!HALF)
+            Wgmma<T, BN>::dense(acc1[kk % NSETS], desc128(ws + 64 * 128 + kk * 32), desc128(xs + kk * 32));
         }
       } else {
-        // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row)
-        const unsigned char* ms = base_ptr + (xs - base) + L::META + c * META_BYTES + 8 * h;
+        // this step's 2 k32 steps are code words 2h, 2h + 1 of each row (16 code bytes a row; HALF: 64 rows' codes)
+        const unsigned char* ms = base_ptr + (st - base) + L::META + (HALF ? 0 : c * META_BYTES) + 8 * h;
         const int row = warp * 16 + g;
         const uint2 a_lo = *reinterpret_cast<const uint2*>(ms + row * 16);
         const uint2 a_hi = *reinterpret_cast<const uint2*>(ms + (row + 8) * 16);
-        const uint2 b_lo = *reinterpret_cast<const uint2*>(ms + (row + 64) * 16);
-        const uint2 b_hi = *reinterpret_cast<const uint2*>(ms + (row + 72) * 16);
+        if constexpr (!HALF) {
+          const uint2 b_lo = *reinterpret_cast<const uint2*>(ms + (row + 64) * 16);
+          const uint2 b_hi = *reinterpret_cast<const uint2*>(ms + (row + 72) * 16);
+          e2 = __byte_perm(b_lo.x, b_hi.x, perm);
+          e3 = __byte_perm(b_lo.y, b_hi.y, perm);
+        }
         e0 = __byte_perm(a_lo.x, a_hi.x, perm);
         e1 = __byte_perm(a_lo.y, a_hi.y, perm);
-        e2 = __byte_perm(b_lo.x, b_hi.x, perm);
-        e3 = __byte_perm(b_lo.y, b_hi.y, perm);
         Wgmma<T, BN>::sparse(acc0[0], desc64(ws), desc128(xs), e0);
-        Wgmma<T, BN>::sparse(acc1[0], desc64(ws + 64 * 64), desc128(xs), e2);
+        if constexpr (!HALF) Wgmma<T, BN>::sparse(acc1[0], desc64(ws + 64 * 64), desc128(xs), e2);
         Wgmma<T, BN>::sparse(acc0[1 % NSETS], desc64(ws + 32), desc128(xs + 64), e1);
-        Wgmma<T, BN>::sparse(acc1[1 % NSETS], desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
+        if constexpr (!HALF) Wgmma<T, BN>::sparse(acc1[1 % NSETS], desc64(ws + 64 * 64 + 32), desc128(xs + 64), e3);
       }
       wgmma_commit();
       wgmma_wait<1>();                       // the previous step's group is done: its stage is free
@@ -352,7 +415,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
 
     // Epilogue: both consumer warpgroups are past their last wgmma (every stage read), so the ring is free.
     named_barrier(1, 256);
-    if (split > 1) {
+    if (split > 1 || HALF) {
       // K split over the cluster (decode CTAs, BN <= 32; the host refuses others): a key names a thread's float4
       // fragment within its warpgroup (the same key for a gate and its up), CTA `rank` owns the keys with
       // key % split == rank. Each CTA lays out the fragments the others own in its free ring, owner by owner, and
@@ -361,9 +424,13 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       // `split` partials of every key it owns, slot by slot, and writes those. Cluster
       // barrier phase 0 (arrived at the start): every receive barrier is initialised before a copy signals it;
       // phase 1 (arrived once a CTA has received everything): no CTA exits while a copy may still read its ring.
+      // HALF: a thread's fragments are those of rows 0-63 only, and both warpgroups' keys name the same outputs (the
+      // sum is over 2 * split partials); at split 1 the same code sums the two warpgroups', with no cluster.
       if constexpr (L::PUSH) {
-        constexpr int F = L::FRAGS, FH = L::FRAGS / 2;   // fragments: FH of rows 0-63, then FH of rows 64-127
-        const int ct = threadIdx.x % 128, per_k = div_split(L::KEYS + split - 1);   // ceil(KEYS / split)
+        constexpr int FH = L::FRAGS / 2, F = HALF ? FH : L::FRAGS;   // fragments: FH of rows 0-63, then FH of 64-127
+        constexpr int KEYS = L::KEYS;
+        static_assert(KEYS == 128 * F, "a key a fragment of a consumer thread");
+        const int ct = threadIdx.x % 128, per_k = div_split(KEYS + split - 1);   // ceil(KEYS / split)
         const uint32_t recv = base + L::RECV, share = 2 * per_k * 16;   // bytes a CTA sends each other CTA
         auto frag = [&](int u) { return (u < FH ? acc0[0] : acc1[0]) + 4 * (u % FH); };
         int slot_of[F], owner_of[F];         // fragment u's key = ct * F + u: key / split and key % split
@@ -378,7 +445,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
                        (uint32_t)(((owner_of[u] * 2 + c) * per_k + slot_of[u]) * 16), frag(u));
         fence_proxy_async();
         named_barrier(1, 256);
-        cluster_wait();                      // phase 0
+        if (split > 1) cluster_wait();       // phase 0
         PATCHC_TRACE_AT(5, threadIdx.x == 128, 0u);
         if (threadIdx.x == 128) {
           mbar_expect(recv_bar, (split - 1) * share);   // each other CTA sends a whole share (slots it does not own too)
@@ -387,7 +454,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
               bulk_copy_to_cta(map_rank(recv + rank * share, q), base + q * share, share, map_rank(recv_bar, q));
         }
         mbar_wait_cluster(recv_bar, 0);
-        cluster_arrive_relaxed();            // phase 1: this CTA has received all its partials
+        if (split > 1) cluster_arrive_relaxed();   // phase 1: this CTA has received all its partials
         PATCHC_TRACE_AT(6, threadIdx.x == 128, 0u);
         // Sums by slot, not by fragment: consumer thread j takes this CTA's slots j, j + 256, ... (key = slot * split +
         // rank) of both warpgroups and adds the `split` partials of each in rank order, its loads independent of one
@@ -395,7 +462,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         // shared-memory load after another: ~1300 SM cycles at split 6, bench/results/decode_epilogue.)
         for (int i = (int)threadIdx.x - 128; i < per_k; i += 256) {
           const int key = i * split + rank;
-          if (key >= L::KEYS) break;
+          if (key >= KEYS) break;
           float4 s[2];
 #pragma unroll
           for (int cc = 0; cc < 2; ++cc) {
@@ -414,7 +481,14 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
           auto put = [&](int tk, int n, float v) {
             if (m0 + tk < M) y[(int64_t)(m0 + tk) * stride_ym + n] = from_float<T>(v);
           };
-          if (silu_mul) {
+          if (HALF) {                        // both warpgroups' partials are of rows ROWS hr + r, + 8
+            const int n = rt0 * TILE + hr * ROWS + r;
+            const float b_lo = bias ? to_float(bias[n]) : 0.f, b_hi = bias ? to_float(bias[n + 8]) : 0.f;
+            put(tok, n, s[0].x + s[1].x + b_lo);
+            put(tok + 1, n, s[0].y + s[1].y + b_lo);
+            put(tok, n + 8, s[0].z + s[1].z + b_hi);
+            put(tok + 1, n + 8, s[0].w + s[1].w + b_hi);
+          } else if (silu_mul) {
             const int n = rt0 * TILE + r, nu = rt1 * TILE + r;   // gate and up rows of W; y's column n
             const float b_lo = bias ? to_float(bias[n]) : 0.f, b_hi = bias ? to_float(bias[n + 8]) : 0.f;
             const float u_lo = bias ? to_float(bias[nu]) : 0.f, u_hi = bias ? to_float(bias[nu + 8]) : 0.f;
@@ -437,7 +511,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         }
         PATCHC_TRACE_AT(7, threadIdx.x == 128, 0u);
         PATCHC_TRACE_AT(8, threadIdx.x == 128, 0u);
-        cluster_wait();                      // phase 1: every CTA has received, so no copy still reads this ring
+        if (split > 1) cluster_wait();       // phase 1: every CTA has received, so no copy still reads this ring
       }
     } else if (silu_mul) {  // fp32 partials [BN tokens, 256 rows]: SiLU(gate) * up is written below
       float* red = reinterpret_cast<float*>(base_ptr);
@@ -540,24 +614,29 @@ CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType dt, int64_t rows, in
   return map;
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int ROWS>
 void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Tensor& values, const torch::Tensor& meta,
             const torch::Tensor& slot, const c10::optional<torch::Tensor>& bias, torch::Tensor& y,
             CUtensorMapDataType dt, int split, bool silu_mul, bool pdl) {
-  using L = Layout<BN>;
+  constexpr bool HALF = ROWS < 2 * TILE;
+  using L = Layout<BN, HALF>;
   const int64_t M = x.size(0), K = x.size(1), R = slot.size(0), C = slot.size(1);
+  const int box_rows = HALF ? ROWS : TILE;   // weight rows a box
   const CUtensorMap x_map = tensor_map(x.data_ptr(), dt, M, K, x.stride(0), BN, BOX_K);
   // An empty field gets a map over x: never read (no tile of that kind), but the kernel wants a valid map.
-  const CUtensorMap d_map = dense.numel() ? tensor_map(dense.data_ptr(), dt, dense.size(0) * TILE, TILE, TILE, TILE, BOX_K)
-                                          : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K);
+  const CUtensorMap d_map = dense.numel()
+                                ? tensor_map(dense.data_ptr(), dt, dense.size(0) * TILE, TILE, TILE, box_rows, BOX_K)
+                                : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), box_rows, BOX_K);
   const CUtensorMap v_map = values.numel()
-                                ? tensor_map(values.data_ptr(), dt, values.size(0) * TILE, TILE / 2, TILE / 2, TILE, BOX_K / 2)
-                                : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), TILE, BOX_K / 2);
-  auto kernel = hybrid_wgmma_kernel<T, BN>;
+                                ? tensor_map(values.data_ptr(), dt, values.size(0) * TILE, TILE / 2, TILE / 2, box_rows,
+                                             BOX_K / 2)
+                                : tensor_map(x.data_ptr(), dt, M, K, x.stride(0), box_rows, BOX_K / 2);
+  auto kernel = hybrid_wgmma_kernel<T, BN, ROWS>;
   TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
               "patchc: could not raise the shared memory limit of the wgmma kernel to ", L::SMEM, " bytes");
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)((M + BN - 1) / BN), (unsigned)(silu_mul ? R / 2 : (R + 1) / 2), (unsigned)split);
+  cfg.gridDim = dim3((unsigned)((M + BN - 1) / BN), (unsigned)(HALF ? TILE / ROWS * R : silu_mul ? R / 2 : (R + 1) / 2),
+                     (unsigned)split);
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = L::SMEM;
   cfg.stream = c10::cuda::getCurrentCUDAStream();
@@ -589,7 +668,7 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
 template <typename T, int BN>
 int max_clusters(int split) {
   using L = Layout<BN>;
-  auto kernel = hybrid_wgmma_kernel<T, BN>;
+  auto kernel = hybrid_wgmma_kernel<T, BN, 2 * TILE>;   // (64-row CTAs: one an SM too)
   TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
               "patchc: could not raise the shared memory limit of the wgmma kernel");
   cudaLaunchConfig_t cfg = {};
@@ -630,10 +709,11 @@ int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {
 
 // y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule;
 // block_n: tokens a CTA (16, 32, 64 or 128); split: CTAs (a cluster) splitting K, 1..8; silu_mul: W = [gate; up]
-// and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up); pdl: launched as a programmatic dependent.
+// and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up); pdl: launched as a programmatic dependent;
+// rows: rows of W a CTA, 256 (two row-tiles) or 64 (half a row-tile: decode, block_n 16, no silu_mul).
 void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
                   c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split,
-                  int64_t silu_mul, int64_t pdl) {
+                  int64_t silu_mul, int64_t pdl, int64_t rows) {
   using namespace patchc_wgmma;
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
@@ -654,16 +734,23 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
               "K-tiles");
   TORCH_CHECK(pdl == 0 || pdl == 1, "patchc wgmma: pdl must be 0 or 1");
   TORCH_CHECK(split == 1 || block_n <= 32, "patchc wgmma: K split over a cluster is for 16-token (decode) CTAs");
+  TORCH_CHECK(rows == 256 || (rows == 64 && block_n == 16 && silu_mul == 0),
+              "patchc wgmma: rows a CTA must be 256, or 64 for 16-token CTAs without silu_mul");
   TORCH_CHECK(!bias || (bias->is_cuda() && bias->is_contiguous() && bias->scalar_type() == x.scalar_type() &&
                         bias->numel() == slot.size(0) * TILE),
               "patchc wgmma: bias must be a contiguous CUDA vector of N elements in x's dtype");
   const int s = (int)split;
   const bool silu = silu_mul != 0, dep = pdl != 0;
+  if (rows == 64) {
+    if (bf16) launch<__nv_bfloat16, 16, 64>(x, dense, values, meta, slot, bias, y, dt, s, false, dep);
+    else launch<__half, 16, 64>(x, dense, values, meta, slot, bias, y, dt, s, false, dep);
+    return;
+  }
   switch (block_n) {
-#define PATCHC_WGMMA_CASE(BN)                                                                   \
-  case BN:                                                                                      \
-    if (bf16) launch<__nv_bfloat16, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);  \
-    else launch<__half, BN>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);              \
+#define PATCHC_WGMMA_CASE(BN)                                                                          \
+  case BN:                                                                                             \
+    if (bf16) launch<__nv_bfloat16, BN, 256>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);  \
+    else launch<__half, BN, 256>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);              \
     break;
     PATCHC_WGMMA_BLOCK_NS
 #undef PATCHC_WGMMA_CASE

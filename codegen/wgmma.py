@@ -27,6 +27,7 @@ TILE = 128
 BLOCK_NS = (16, 64, 128)  # tokens a CTA (m64nBNk16 wgmma); a CTA covers 256 rows of W (two row-tiles)
 PREFILL_BLOCK_NS = (64, 128)
 DECODE_BLOCK_N = 16       # M <= 16, K split over a cluster
+ROWS = (256, 64)          # rows of W a CTA: two row-tiles, or (decode only) half of one
 MAX_SPLIT = 8             # CTAs of a cluster splitting K (portable cluster size)
 MAX_K = 256 * TILE      # wgmma.cu MAX_C K-tiles a row
 DTYPES = {torch.bfloat16: ("__nv_bfloat16", "bf16"), torch.float16: ("__half", "f16")}
@@ -68,7 +69,7 @@ _KERNEL = CudaKernel(
     "patchc_wgmma", "wgmma kernel", source,
     "void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
     "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split, "
-    "int64_t silu_mul, int64_t pdl);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
+    "int64_t silu_mul, int64_t pdl, int64_t rows);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
     ["hybrid_wgmma", "wgmma_max_clusters"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
 
 
@@ -120,10 +121,11 @@ def unsupported(x: torch.Tensor, w_dtype: torch.dtype, sched: Schedule) -> str |
 
 def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
         bias: torch.Tensor | None, poison: bool = False, block_n: int = 128, split: int = 1,
-        silu_mul: bool = False, pdl: bool | None = None) -> torch.Tensor:
+        silu_mul: bool = False, pdl: bool | None = None, rows: int = 256) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W^T + bias (N = sched.n), or with silu_mul (W = [gate; up] stacked, bias likewise)
     y [M, N / 2] = SiLU(x @ gate^T + b_gate) * (x @ up^T + b_up). One CTA per (two row-tiles, block_n tokens,
-    1 / split of K); split > 1 launches clusters of `split` CTAs. The caller checked `unsupported`.
+    1 / split of K); split > 1 launches clusters of `split` CTAs. rows=64 (decode: block_n 16, no silu_mul): a CTA per
+    half row-tile instead, four times the CTAs at one split. The caller checked `unsupported`.
     pdl: launch as a programmatic dependent (None: device.pdl_enabled, i.e. under CUDA graph capture on sm_90+).
     poison=True fills y with NaN first, so an element the kernel misses shows."""
     if block_n not in BLOCK_NS:
@@ -134,6 +136,11 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     if split > 1 and block_n != DECODE_BLOCK_N:
         raise ValueError(f"wgmma.run: K split over a cluster (split {split}) is for the {DECODE_BLOCK_N}-token decode "
                          f"CTAs, not block_n {block_n}")
+    if rows not in ROWS:
+        raise ValueError(f"wgmma.run: rows {rows} not in {ROWS}")
+    if rows != 256 and (block_n != DECODE_BLOCK_N or silu_mul):
+        raise ValueError(f"wgmma.run: rows {rows} (part of a row-tile a CTA) is for the {DECODE_BLOCK_N}-token decode CTAs "
+                         "without silu_mul")
     if silu_mul and (sched.n // TILE) % 2:
         raise ValueError(f"wgmma.run: silu_mul needs an even number of row-tiles (gate and up), got N={sched.n}")
     ext = extension()
@@ -150,5 +157,5 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
         torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
         ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n, split, int(silu_mul),
-                         int(pdl_enabled(x) if pdl is None else pdl))
+                         int(pdl_enabled(x) if pdl is None else pdl), rows)
     return y

@@ -358,8 +358,8 @@ def wgmma_case(draw):
     decode = draw(st.booleans())
     m = draw(st.integers(1, 16)) if decode else \
         draw(st.sampled_from([draw(st.integers(1, 300)), draw(st.integers(301, 2100))]))
-    cfg = wgmma_decode(draw(st.integers(1, min(wgmma.MAX_SPLIT, bitmap.shape[1])))) if decode else \
-        draw(st.sampled_from([WGMMA, WGMMA_64]))
+    cfg = wgmma_decode(draw(st.integers(1, min(wgmma.MAX_SPLIT, bitmap.shape[1]))), draw(st.sampled_from(wgmma.ROWS))) \
+        if decode else draw(st.sampled_from([WGMMA, WGMMA_64]))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
     silu = draw(st.booleans())
     if silu and draw(st.booleans()):  # gate and up stacked: an even number of row-tiles is fused in the kernel
@@ -372,7 +372,7 @@ def wgmma_case(draw):
 def test_wgmma_kernel_matches_float64_reference(c):
     """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
     wgmma in K order; 64- and 128-token blocks, and 16-token blocks with K split over a cluster of 1..8 CTAs whose
-    partials meet in distributed shared memory; M not a multiple of the block, bias, SiLU(gate) * up (in the
+    partials meet in distributed shared memory, covering two row-tiles or half of one a CTA; M not a multiple of the block, bias, SiLU(gate) * up (in the
     kernel when gate and up are whole row-tiles, else after it), and a CUDA graph replay after a poisoning fill (there
     the kernel is a programmatic dependent launch, whose y must land after the fill)."""
     bitmap, m, dtype, bias, seed, silu, graph, cfg = c
@@ -441,10 +441,11 @@ def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_
 
 
 def test_wgmma_decode_default_splits_k_over_a_cluster():
-    """M <= 16 on tall layers runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the largest
-    cluster whose clusters all run at once (a second wave doubles the time); SiLU(gate) * up pairs each gate
-    row-tile with its up row-tile in one CTA, so half the pairs. Layers of 16-31 pairs go to it with K >= 64 tiles (at
-    any share of dense tiles), else they stay on the mma.sp kernel."""
+    """M <= 16 on layers of >= 4096 rows runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the
+    largest cluster whose clusters all run at once (a second wave doubles the time), with CTAs of two row-tiles or of
+    half of one, whichever streams with more CTAs (4096 rows: 128 half-row-tile CTAs at split 2 over 96 of two
+    row-tiles at split 6); SiLU(gate) * up pairs each gate row-tile with its up row-tile in one CTA, so half the pairs,
+    and goes to it from 16 pairs with K >= 64 tiles. Shorter layers stay on the mma.sp kernel."""
     from patchc.codegen import wgmma
     from patchc.codegen.launch import (H100_MAX_CLUSTERS, WGMMA_DECODE_MAX_M, candidates, default_config,
                                        wgmma_decode, wgmma_decode_default)
@@ -452,27 +453,34 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
     def sched(r, c):
         return build_schedule(torch.rand(r, c, generator=torch.Generator().manual_seed(r * c)) < 0.5, 128)
     # H100: 132 / 66 / 39 / 30 / 22 / 17 / 15 / 15 clusters of 1..8 CTAs at once
-    for (r, c, silu), split in (((32, 32, False), 6), ((86, 32, False), 2), ((32, 86, False), 6),
-                                ((172, 32, True), 1), ((96, 32, False), 2), ((32, 4, False), 4), ((400, 32, False), 1)):
+    for (r, c, silu), (split, rows) in (((32, 32, False), (2, 64)), ((86, 32, False), (2, 256)),
+                                        ((32, 86, False), (2, 64)), ((172, 32, True), (1, 256)),
+                                        ((96, 32, False), (2, 256)), ((32, 4, False), (2, 64)),
+                                        ((400, 32, False), (1, 256)), ((16, 32, False), (3, 64)),
+                                        ((32, 32, True), (6, 256))):
         cfg = wgmma_decode_default(sched(r, c), silu, H100_MAX_CLUSTERS)
-        assert cfg == wgmma_decode(split) and cfg.engine == "wgmma" and cfg.block_n == wgmma.DECODE_BLOCK_N, (r, c, cfg)
-    assert wgmma_decode_default(sched(32, 32), max_clusters=(132,) * 8) == wgmma_decode(8)
+        assert cfg == wgmma_decode(split, rows) and cfg.engine == "wgmma" and cfg.block_n == wgmma.DECODE_BLOCK_N, \
+            (r, c, cfg)
+    assert wgmma_decode_default(sched(32, 32), max_clusters=(132,) * 8) == wgmma_decode(8, 64)
     tall, short = sched(86, 32), sched(32, 32)
     assert default_config(WGMMA_DECODE_MAX_M, tall, 11008, mma=True, wg=True) == wgmma_decode(2)
     assert default_config(1, sched(172, 32), 11008, mma=True, wg=True, silu_mul=True) == wgmma_decode(1)
-    mostly_24 = build_schedule(torch.rand(62, 32, generator=torch.Generator().manual_seed(1)) < 0.1, 128)
-    assert default_config(16, mostly_24, 7936, mma=True, wg=True).engine == "mma_sp"   # 31 pairs, 32 K-tiles
-    assert default_config(16, sched(62, 64), 7936, mma=True, wg=True).engine == "wgmma"   # 31 pairs, 64 K-tiles
-    # 4096-row layers: on the wgmma kernel with K >= 64 tiles at any share of dense tiles, on mma.sp with shorter K
-    for k_tiles, engine in ((86, "wgmma"), (64, "wgmma"), (32, "mma_sp"), (16, "mma_sp")):
+    # 4096-row layers: half-row-tile CTAs at split 2 at any K and share of dense tiles; 2048 rows stay on mma.sp
+    for k_tiles in (86, 64, 32, 16):
         for dense_share in (1.0, 0.5, 0.0):
             bm = torch.zeros(32 * k_tiles, dtype=torch.bool)
             bm[: int(dense_share * bm.numel())] = True
             layer = build_schedule(bm.reshape(32, k_tiles), 128)
-            assert default_config(16, layer, 4096, mma=True, wg=True).engine == engine, (k_tiles, dense_share)
+            assert default_config(16, layer, 4096, mma=True, wg=True) == wgmma_decode(2, 64), (k_tiles, dense_share)
+    assert default_config(16, sched(16, 32), 2048, mma=True, wg=True).engine == "mma_sp"
+    # SiLU * up fused (two row-tiles a CTA): from 16 pairs with K >= 64 tiles, else from 32 pairs
+    assert default_config(16, sched(32, 32), 2048, mma=True, wg=True, silu_mul=True).engine == "mma_sp"
+    assert default_config(16, sched(32, 64), 2048, mma=True, wg=True, silu_mul=True).engine == "wgmma"
+    assert default_config(16, sched(64, 32), 4096, mma=True, wg=True, silu_mul=True).engine == "wgmma"
     assert default_config(WGMMA_DECODE_MAX_M + 1, tall, 11008, mma=True, wg=True).engine != "wgmma"
     assert default_config(1, tall, 11008, mma=True, wg=False).engine == "mma_sp"
-    assert {wgmma_decode(i) for i in range(1, 9)} <= set(candidates(16, short, 4096, mma=True, wg=True))
+    assert {wgmma_decode(i, rows) for i in range(1, 9) for rows in (256, 64)} <= \
+        set(candidates(16, short, 4096, mma=True, wg=True))
     assert not any(c.engine == "wgmma" for c in candidates(16, short, 4096, mma=True))
     with pytest.raises(ValueError, match="split 9 must be 1..8"):
         wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=16, split=9)
@@ -480,6 +488,12 @@ def test_wgmma_decode_default_splits_k_over_a_cluster():
         wgmma.run(torch.randn(4, 512), None, None, None, sched(3, 4), None, block_n=16, silu_mul=True)
     with pytest.raises(ValueError, match="for the 16-token decode CTAs, not block_n 64"):
         wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=64, split=2)
+    with pytest.raises(ValueError, match="rows 64 .* decode CTAs without silu_mul"):
+        wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=64, rows=64)
+    with pytest.raises(ValueError, match="rows 64 .* decode CTAs without silu_mul"):
+        wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=16, silu_mul=True, rows=64)
+    with pytest.raises(ValueError, match=r"rows 128 not in \(256, 64\)"):
+        wgmma.run(torch.randn(4, 4096), None, None, None, short, None, block_n=16, rows=128)
 
 
 def test_wgmma_rules_and_prefill_default():
