@@ -50,8 +50,8 @@ WGMMA_DECODE_MIN_PAIRS = 16  # ... on layers of at least this many CTA row pairs
                         # 0.87-0.93x the mma.sp kernel's time, the stacked 2 x 11008 of SiLU * up 0.79x (results/
                         # decode_wgmma); 4096-row layers on half-row-tile CTAs at split 2 (results/decode_half):
                         # 4096x4096 0.80-0.85x its time after another hybrid linear (programmatic) and 0.95-1.0x after
-                        # an elementwise kernel writing x (how o_proj runs, after attention), 4096x11008 0.79-0.83x /
-                        # 0.92-0.99x. SiLU * up (no half-row-tile CTAs) keeps the tenth session's rule: >= 32 pairs, or
+                        # an elementwise kernel writing x (how o_proj runs, after attention), 4096x11008 0.79-0.84x /
+                        # 0.88-0.93x. SiLU * up (no half-row-tile CTAs) keeps the tenth session's rule: >= 32 pairs, or
                         # >= 16 with K >= 64 tiles (results/decode_epilogue)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
@@ -173,11 +173,18 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
     return r // 2 if silu_mul else triton.cdiv(r, 2)
 
 
+def half_rows_enabled() -> bool:
+    """Whether decode may use the wgmma kernel's half-row-tile CTAs (PATCHC_WGMMA_HALF=0: two row-tiles a CTA
+    only, and 4096-row layers with K < 64 tiles on the mma.sp kernel, as before them)."""
+    return os.environ.get("PATCHC_WGMMA_HALF", "1").lower() not in ("0", "false", "no")
+
+
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs (SiLU * up fused: 32 pairs, or 16 with K >= 64 tiles)."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs (SiLU * up fused, or without half-row-tile CTAs: 32 pairs, or 16 with K >= 64
+    tiles)."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
-    if silu_mul:
+    if silu_mul or not half_rows_enabled():
         return pairs >= 32 or (pairs >= 16 and sched.k // sched.tile >= 64)
     return pairs >= WGMMA_DECODE_MIN_PAIRS
 
@@ -198,7 +205,7 @@ def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
 
     pairs = wgmma_decode_pairs(sched, silu_mul)
     halves = 2 * (sched.n // sched.tile)
-    s_pair, s_half = best_split(pairs), 0 if silu_mul else best_split(halves)
+    s_pair, s_half = best_split(pairs), 0 if silu_mul or not half_rows_enabled() else best_split(halves)
     if s_half and halves * s_half > pairs * s_pair:
         return wgmma_decode(s_half, rows=64)
     return wgmma_decode(max(1, s_pair))
@@ -511,7 +518,8 @@ def autotune_enabled() -> bool:
     return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
 
 
-_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA", "PATCHC_WGMMA_DECODE")
+_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA", "PATCHC_WGMMA_DECODE",
+                 "PATCHC_WGMMA_HALF")
 _answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
 
 

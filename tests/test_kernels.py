@@ -440,6 +440,20 @@ def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_
         assert captured == (torch.cuda.get_device_capability() >= (9, 0))
 
 
+def test_wgmma_half_row_tile_ctas_can_be_turned_off(monkeypatch):
+    """PATCHC_WGMMA_HALF=0: two row-tiles a CTA only; 4096-row layers then decode on the wgmma kernel at split 6 with
+    K >= 64 tiles and on the mma.sp kernel with shorter K, as before half-row-tile CTAs existed."""
+    from patchc.codegen.launch import default_config, wgmma_decode
+
+    monkeypatch.setenv("PATCHC_WGMMA_HALF", "0")
+    g = torch.Generator().manual_seed(3)
+    square, wide = (build_schedule(torch.rand(32, c, generator=g) < 0.5, 128) for c in (32, 86))
+    assert default_config(16, square, 4096, mma=True, wg=True).engine == "mma_sp"
+    assert default_config(16, wide, 4096, mma=True, wg=True) == wgmma_decode(6)
+    monkeypatch.setenv("PATCHC_WGMMA_HALF", "1")
+    assert default_config(16, square, 4096, mma=True, wg=True) == wgmma_decode(2, 64)
+
+
 def test_wgmma_decode_default_splits_k_over_a_cluster():
     """M <= 16 on layers of >= 4096 rows runs on the wgmma kernel: 16-token CTAs, one CTA an SM, K split over the
     largest cluster whose clusters all run at once (a second wave doubles the time), with CTAs of two row-tiles or of
