@@ -18,7 +18,8 @@
 // stage; a consumer keeps one step's wgmma group in flight and frees a stage when the group that read it has
 // completed. y is staged through shared memory transposed and written with 16-byte stores.
 //
-// Decode (M <= 16: BN = 16) is memory bound and has far fewer CTAs than SMs at one CTA a row pair, so K is split
+// Decode (M <= 16: BN = 16) is memory bound and has far fewer CTAs than SMs at one CTA a row pair (or, ROWS = 64, a
+// half row-tile: see hybrid_wgmma_kernel), so K is split
 // over a thread-block cluster of `split` CTAs (cluster dims 1 x 1 x split), each streaming its share of the K-tiles
 // through the same ring; each CTA owns 1 / split of the output fragments, lays out the others' fp32 partials in its
 // ring and has the bulk copy engine send each owner its share (completing on the owner's mbarrier), then sums the
@@ -83,8 +84,8 @@ struct Layout {
   static constexpr int RECV_BYTES = PUSH ? 16 * (2 * KEYS + 2 * MAX_SPLIT) : 0;
   static constexpr int BUDGET = SMEM_LIMIT - STATIC - RECV_BYTES - 1024 - 256;
   static constexpr int MAX_STAGES = HALF ? PATCHC_HALF_STAGES : 6;
-  static constexpr int STAGES = BUDGET / STAGE < MAX_STAGES ? BUDGET / STAGE : MAX_STAGES;   // 4 at BN = 128, 5 at 64
-                                                                                        // and 16
+  // 4 stages at BN = 128, 5 at BN = 64 and 16, 10 for HALF
+  static constexpr int STAGES = BUDGET / STAGE < MAX_STAGES ? BUDGET / STAGE : MAX_STAGES;
   static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
   static constexpr int BARS = 2 * STAGES + 2;                   // full[STAGES], empty[STAGES], received, dependency
   static constexpr int RECV = STAGES * STAGE + 256;             // the receive buffer, after the ring and barriers
@@ -204,8 +205,8 @@ __device__ __forceinline__ void store4(T* p, float a, float b, float c, float d)
 template <typename T, int BN, int ROWS>
 __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const __grid_constant__ CUtensorMap x_map,       // x [M, K], box [BN, 64], 128 B swizzle
-    const __grid_constant__ CUtensorMap dense_map,   // dense [n_dense * T, T], box [T, 64], 128 B swizzle
-    const __grid_constant__ CUtensorMap values_map,  // values [n_sparse * T, T / 2], box [T, 32], 64 B swizzle
+    const __grid_constant__ CUtensorMap dense_map,   // dense [n_dense * T, T], box [T (HALF: 64), 64], 128 B swizzle
+    const __grid_constant__ CUtensorMap values_map,  // values [n_sparse * T, T / 2], box [T (HALF: 64), 32], 64 B swizzle
     const uint8_t* __restrict__ meta,                 // [n_sparse, T, T / 8]
     const int* __restrict__ slot,                     // [R, C]: i >= 0 dense tile i, ~i 2:4 tile i
     int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym,
