@@ -5,8 +5,9 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
                                [--ab NAME=OLD.cu ...] [--after-write-all] [--half-splits 1,2]
 
 1. checks: the wgmma decode kernel launched plainly and as a programmatic dependent (splits 1..8, bf16 / fp16,
-   bias, SiLU * up; two row-tiles or half of one a CTA) against float64; a captured chain of six launches (wgmma and mma.sp, each reading the output of
-   the one before) replayed after its input changed, equal bit for bit to the same chain launched plainly.
+   bias, SiLU * up; two row-tiles or half of one a CTA) against float64; a captured chain of six launches (wgmma and
+   mma.sp, each reading the output of the one before) replayed after its input changed, equal bit for bit to the same
+   chain launched plainly.
 2. per 7B shape and sparsity, timed in alternation (ROUNDS rounds, medians) in CUDA graphs rotating over weight
    copies > L2 (bench/kernels.py), every launch after another launch of the same path ("chain"):
    - `default` / `default_plain`: what launch() runs for a user, programmatic (as captured) / plain (PATCHC_PDL=0);
@@ -16,7 +17,8 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
    - `wh{s}`: the wgmma decode kernel with half a row-tile a CTA (rows=64) at split s, programmatic (`_plain`:
      plainly), where its clusters all fit at once (H100_MAX_CLUSTERS);
    - `default_after_write`: the default after an elementwise kernel (not programmatic) that writes its x, as a linear
-     after a norm runs in a model (with --after-write-all every `ms*` / `wg*` path too: `{name}_after_write`);
+     after a norm runs in a model (with --after-write-all every `ms*` / `wg*` / `wh*` / --ab path too:
+     `{name}_after_write`);
    - `{name}_{s}`: with --ab NAME=FILE (repeatable), another version of codegen/wgmma.cu (same entry point) at split
      s, programmatic, timed in the same rounds on the same weights;
    - cuBLAS dense, the byte floor ((packed + x + y bytes) / the 1 GiB copy bandwidth) and the fastest streaming read
@@ -113,7 +115,8 @@ def checks(log) -> bool:
         h = x0
         for (n, k, s, kind, split), (d, v, e, sched) in zip(steps, layers):
             if kind in ("wg", "wh"):
-                h = wgmma.run(h, d, v, e, sched, None, block_n=16, split=split, pdl=pdl, rows=64 if kind == "wh" else 256)
+                h = wgmma.run(h, d, v, e, sched, None, block_n=16, split=split, pdl=pdl,
+                              rows=64 if kind == "wh" else 256)
             else:
                 warps, sl = mma_sp.default_launch(16, n, 132)
                 h = mma_sp.run(h, d, v, e, sched, None, n, warps, sl, pdl=pdl)
@@ -211,7 +214,6 @@ def bench(n, k, s, bw, log) -> dict:
 
 
 def table(env, rows) -> str:
-    SUB_PATHS = [("h", s) for s in HALF_SPLITS]
     f = lambda r, key: f"{r[key]} ({r[key] / r['floor_us']:.2f})" if key in r else "-"  # noqa: E731
     out = [f"# Decode M=16 with programmatic dependent launches ({env['gpu']}, torch {env['torch']}, triton "
            f"{env['triton']}, copy {env['copy_GBps']} GB/s, {env['date']})", "",
@@ -223,8 +225,8 @@ def table(env, rows) -> str:
            "| N x K | s | floor | read | cuBLAS | default (kernel) | default plain | default after write | "
            + " | ".join(f"ms{w}x{s}" for w, s in MMA_SP_LAUNCHES) + " | "
            + " | ".join(f"wg{s} / plain" for s in WG_SPLITS) + " | "
-           + " | ".join(f"w{t}{s}" for t, s in SUB_PATHS) + " |",
-           "|---|---|---|---|---|---|---|---|" + "---|" * (len(MMA_SP_LAUNCHES) + len(WG_SPLITS) + len(SUB_PATHS))]
+           + " | ".join(f"wh{s}" for s in HALF_SPLITS) + " |",
+           "|---|---|---|---|---|---|---|---|" + "---|" * (len(MMA_SP_LAUNCHES) + len(WG_SPLITS) + len(HALF_SPLITS))]
     for r in rows:
         out.append(f"| {r['N']}x{r['K']} | {r['sparsity']} | {r['floor_us']} | {r['read_us']} | {r['cublas_us']} | "
                    f"{f(r, 'default_us')} {r['default_cfg']} | {f(r, 'default_plain_us')} | "
@@ -233,10 +235,10 @@ def table(env, rows) -> str:
                    + " | ".join(f"{f(r, f'wg{s}_us')} / {r.get(f'wg{s}_plain_us', '-')}"
                                 + "".join(f" / {name} {r[f'{name}_{s}_us']}" for name in AB if f"{name}_{s}_us" in r)
                                 for s in WG_SPLITS) + " | "
-                   + " | ".join(f(r, f"w{t}{s}_us") + (f" / {r[f'w{t}{s}_after_write_us']}"
-                                                        if f"w{t}{s}_after_write_us" in r else "")
-                                + "".join(f" / {name} {r[f'{name}_{t}{s}_us']}" for name in AB if f"{name}_{t}{s}_us" in r)
-                                for t, s in SUB_PATHS) + " |")
+                   + " | ".join(f(r, f"wh{s}_us") + (f" / {r[f'wh{s}_after_write_us']}" if f"wh{s}_after_write_us" in r
+                                                     else "")
+                                + "".join(f" / {name} {r[f'{name}_h{s}_us']}" for name in AB if f"{name}_h{s}_us" in r)
+                                for s in HALF_SPLITS) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -51,8 +51,9 @@ WGMMA_DECODE_MIN_PAIRS = 16  # ... on layers of at least this many CTA row pairs
                         # decode_wgmma); 4096-row layers on half-row-tile CTAs at split 2 (results/decode_half):
                         # 4096x4096 0.80-0.85x its time after another hybrid linear (programmatic) and 0.95-1.0x after
                         # an elementwise kernel writing x (how o_proj runs, after attention), 4096x11008 0.79-0.84x /
-                        # 0.88-0.93x. SiLU * up (no half-row-tile CTAs) keeps the tenth session's rule: >= 32 pairs, or
-                        # >= 16 with K >= 64 tiles (results/decode_epilogue)
+                        # 0.88-0.93x. SiLU * up (no half-row-tile CTAs) keeps the two-row-tile rule below
+WGMMA_PAIRS_MIN_PAIRS = 32   # two row-tiles a CTA only (SiLU * up fused, or PATCHC_WGMMA_HALF=0): layers of this many
+WGMMA_PAIRS_LONG_K = 64      # pairs, or of 16 pairs with this many K-tiles (results/decode_wgmma, decode_epilogue)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -111,7 +112,8 @@ def candidates(m: int, sched: Schedule, n_out: int, mma: bool = False, staged: b
                         for warps, stages in ((4, 2), (4, 3)):
                             out.append(KernelConfig(bm, bn, split, warps, stages))
     if wg and m <= WGMMA_DECODE_MAX_M:
-        out += [wgmma_decode(split, rows) for rows in wgmma.ROWS for split in range(1, min(wgmma.MAX_SPLIT, k_tiles) + 1)]
+        out += [wgmma_decode(split, rows) for rows in wgmma.ROWS
+                for split in range(1, min(wgmma.MAX_SPLIT, k_tiles) + 1)]
     if m > DECODE_MAX_M:
         out.append(KernelConfig(0, 0, 0, 4, 1))  # split_k 0: decompress + vendor GEMM
         if cslt:
@@ -181,11 +183,11 @@ def half_rows_enabled() -> bool:
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
     """Whether M <= WGMMA_DECODE_MAX_M goes to the wgmma kernel's decode CTAs by default: layers of at least
-    WGMMA_DECODE_MIN_PAIRS CTA row pairs (SiLU * up fused, or without half-row-tile CTAs: 32 pairs, or 16 with K >= 64
-    tiles)."""
+    WGMMA_DECODE_MIN_PAIRS CTA row pairs (SiLU * up fused, or without half-row-tile CTAs: WGMMA_PAIRS_MIN_PAIRS, or
+    16 with WGMMA_PAIRS_LONG_K K-tiles)."""
     pairs = wgmma_decode_pairs(sched, silu_mul)
     if silu_mul or not half_rows_enabled():
-        return pairs >= 32 or (pairs >= 16 and sched.k // sched.tile >= 64)
+        return pairs >= WGMMA_PAIRS_MIN_PAIRS or (pairs >= 16 and sched.k // sched.tile >= WGMMA_PAIRS_LONG_K)
     return pairs >= WGMMA_DECODE_MIN_PAIRS
 
 

@@ -139,8 +139,8 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     if rows not in ROWS:
         raise ValueError(f"wgmma.run: rows {rows} not in {ROWS}")
     if rows != 256 and (block_n != DECODE_BLOCK_N or silu_mul):
-        raise ValueError(f"wgmma.run: rows {rows} (part of a row-tile a CTA) is for the {DECODE_BLOCK_N}-token decode CTAs "
-                         "without silu_mul")
+        raise ValueError(f"wgmma.run: rows {rows} (part of a row-tile a CTA) is for the {DECODE_BLOCK_N}-token decode "
+                         "CTAs without silu_mul")
     if silu_mul and (sched.n // TILE) % 2:
         raise ValueError(f"wgmma.run: silu_mul needs an even number of row-tiles (gate and up), got N={sched.n}")
     ext = extension()

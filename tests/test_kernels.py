@@ -372,9 +372,10 @@ def wgmma_case(draw):
 def test_wgmma_kernel_matches_float64_reference(c):
     """Two row-tiles a CTA (or one, for the last of an odd count), dense tiles on wgmma and 2:4 tiles on sparse
     wgmma in K order; 64- and 128-token blocks, and 16-token blocks with K split over a cluster of 1..8 CTAs whose
-    partials meet in distributed shared memory, covering two row-tiles or half of one a CTA; M not a multiple of the block, bias, SiLU(gate) * up (in the
-    kernel when gate and up are whole row-tiles, else after it), and a CUDA graph replay after a poisoning fill (there
-    the kernel is a programmatic dependent launch, whose y must land after the fill)."""
+    partials meet in distributed shared memory, covering two row-tiles or half of one a CTA; M not a multiple of the
+    block, bias, SiLU(gate) * up (in the kernel when gate and up are whole row-tiles, else after it), and a CUDA graph
+    replay after a poisoning fill (there the kernel is a programmatic dependent launch, whose y must land after the
+    fill)."""
     bitmap, m, dtype, bias, seed, silu, graph, cfg = c
     run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
