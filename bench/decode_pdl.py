@@ -151,7 +151,7 @@ def bench(n, k, s, bw, log) -> dict:
         def ab_run(c, poison=False):
             y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
                 torch.empty((m, n), dtype=x.dtype, device=x.device)
-            AB[name].hybrid_wgmma(x, *c, sched.slot, None, y, 16, split, 0, int(pdl_enabled(x)), rows)   # as wgmma.run
+            AB[name].hybrid_wgmma(x, *c, sched.slot, sched.kinds, None, y, 16, split, 0, int(pdl_enabled(x)), rows)
             return y
         try:
             row[f"err_{key}"] = err(ab_run((d, v, e), poison=True), ref)

@@ -127,7 +127,7 @@ def main() -> None:
                                  None, y, 128, warps, sl, 0, 0, pdl)
 
             def run_wg(c, sp):
-                wg.hybrid_wgmma(x, *c, sched.slot, None, y, 16, sp, 0, pdl, wg_rows)
+                wg.hybrid_wgmma(x, *c, sched.slot, sched.kinds, None, y, 16, sp, 0, pdl, wg_rows)
 
             runs = []
             if ms is not None:

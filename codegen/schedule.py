@@ -3,8 +3,9 @@
 Packed storage is row-major over (row-tile r, K-tile c), so the dense tiles of row-tile r are the
 contiguous storage range dense_start[r]:dense_start[r+1] (likewise the 2:4 tiles): every program of
 a row-tile streams its tiles in storage order, each weight byte read once. The schedule gives each
-stored tile its K-tile index. Several layers can be stacked along the output dim (q/k/v, gate/up):
-their storages concatenate in the same order, and the schedule of the stack is the concatenation.
+stored tile its K-tile index, and `slot` / `kinds` say where each tile (r, c) is stored (kinds: the same in a
+compact form the wgmma kernel takes in its launch parameters). Several layers can be stacked along the output dim
+(q/k/v, gate/up): their storages concatenate in the same order, and the schedule of the stack is the concatenation.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Schedule:
     dense_start: torch.Tensor   # int32 [R + 1]: row-tile r's dense tiles are [dense_start[r], dense_start[r+1])
     sparse_start: torch.Tensor  # int32 [R + 1]
     slot: torch.Tensor          # int32 [R, C]: where tile (r, c) is stored: i >= 0 dense tile i, ~i (< 0) 2:4 tile i
+    kinds: torch.Tensor         # int32 [1 + 2 R W], on the CPU (tile_kinds): slot in 32-K-tile bitmasks
     key: str                    # hash of bitmap + shape + tile: names the layer's kernel specialisation
 
     @property
@@ -37,7 +39,27 @@ class Schedule:
     def to(self, device) -> "Schedule":
         mv = lambda t: t.to(device)  # noqa: E731
         return Schedule(self.n, self.k, self.tile, mv(self.dense_col), mv(self.sparse_col), mv(self.dense_start),
-                        mv(self.sparse_start), mv(self.slot), self.key)
+                        mv(self.sparse_start), mv(self.slot), self.kinds, self.key)   # (kinds stays on the CPU)
+
+
+def tile_kinds(bitmap: torch.Tensor) -> torch.Tensor:
+    """bitmap [R, C] (1 = dense) -> int32 [1 + 2 R W] on the CPU, W = ceil(C / 32): W, then for row-tile r and chunk j
+    (K-tiles 32 j .. 32 j + 31) at 1 + 2 (r W + j) the dense tiles stored before the chunk and the chunk's bitmask
+    (bit b: K-tile 32 j + b is dense; bit 31 is the int32 sign). Storage being row-major, tile (r, c) is dense tile
+    d = before + popcount(mask below bit c % 32) if its bit is set, else 2:4 tile r C + c - d: `slot` in a form small
+    enough to travel in a kernel launch's parameters (the wgmma decode reads it there, not from global memory)."""
+    bm = bitmap.bool().cpu()
+    r, c = bm.shape
+    w = -(-c // 32)
+    padded = torch.zeros(r, w * 32, dtype=torch.bool)
+    padded[:, :c] = bm
+    bits = padded.reshape(r, w, 32).to(torch.int64) << torch.arange(32, dtype=torch.int64)
+    masks = bits.sum(-1)                                                     # [R, W] in 0 .. 2^32 - 1
+    dense = padded.reshape(r, w, 32).sum(-1).flatten()
+    before = (dense.cumsum(0) - dense).reshape(r, w)                         # dense tiles stored before each chunk
+    masks = torch.where(masks >= 1 << 31, masks - (1 << 32), masks)          # as int32
+    body = torch.stack([before, masks], -1).flatten()
+    return torch.cat([torch.tensor([w]), body]).to(torch.int32)
 
 
 def build_schedule(bitmap: torch.Tensor, tile: int) -> Schedule:
@@ -53,6 +75,8 @@ def build_schedule(bitmap: torch.Tensor, tile: int) -> Schedule:
     flat = bm.flatten()
     rank = torch.where(flat, flat.cumsum(0) - 1, (~flat).cumsum(0) - 1)                # index within its kind
     slot = torch.where(flat, rank, -rank - 1).reshape(r, c).to(torch.int32)            # ~i == -i - 1
-    h = hashlib.sha256(bm.to(torch.uint8).cpu().numpy().tobytes())
+    bm_cpu = bm.cpu()                                                                  # (one device->host copy)
+    h = hashlib.sha256(bm_cpu.to(torch.uint8).numpy().tobytes())
     h.update(f"{r}x{c}x{tile}".encode())
-    return Schedule(r * tile, c * tile, tile, dense_col, sparse_col, dense_start, sparse_start, slot, h.hexdigest()[:16])
+    return Schedule(r * tile, c * tile, tile, dense_col, sparse_col, dense_start, sparse_start, slot, tile_kinds(bm_cpu),
+                    h.hexdigest()[:16])

@@ -28,7 +28,8 @@
 //
 // Launched as a programmatic dependent (codegen/device.py: under CUDA graph capture on sm_90), the kernel's CTAs may
 // start while the kernel before it drains: they read their tile slots and fill the ring with weights, and load x
-// (maybe that kernel's output) only after griddepcontrol.wait. Each CTA lets the next launch start at once.
+// (maybe that kernel's output) only after griddepcontrol.wait. Each CTA lets the next launch start at once. The tile
+// slots travel in the launch's parameters (TileKinds) where they fit: a CTA's first loads then wait on no global read.
 //
 // Sparse metadata (PTX ISA, "Sparse wgmma": the per-warp layout of mma.sp m16n8k32 with selector 0): the
 // thread of lane 4g + t (t = 0, 1) of warp w supplies, for one k32 step, the 4-bit codes of rows 16w + g (bits
@@ -40,6 +41,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <cstring>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -202,6 +204,17 @@ __device__ __forceinline__ void store4(T* p, float a, float b, float c, float d)
 // 96). A step is then a whole K-tile: consumer warpgroup c takes its half c (64 columns) of the CTA's 64 rows, with
 // x's [BN, 64] box of those columns, and the two warpgroups' partials of the same rows are summed in the epilogue with
 // the other CTAs' (2 * split sources a fragment). (32-row CTAs, no split, ran 1.1-1.5x slower: bench/NOTES.md.)
+// A layer's tile kinds in the launch's parameters (codegen/schedule.py tile_kinds): w[0] = W, the 32-K-tile chunks a
+// row-tile; then per row-tile r and chunk j, at 1 + 2 (r W + j), the dense tiles stored before the chunk and the
+// chunk's bitmask (bit b: K-tile 32 j + b is dense). A CTA's slots are then constant loads and popcounts instead of
+// a global load, which at a CTA's start runs under the previous launch's traffic (the slowest CTAs' took ~1.1 us):
+// 4096x4096 at 50% 8.43 -> 8.21 us (bench/results/decode_kinds). w[0] = 0: the kinds do not fit
+// (1 + 2 R W > KIND_WORDS), read `slot`.
+constexpr int KIND_WORDS = 880;                 // with the other parameters under the classic 4 KB limit
+struct TileKinds {
+  uint32_t w[KIND_WORDS];
+};
+
 template <typename T, int BN, int ROWS>
 __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     const __grid_constant__ CUtensorMap x_map,       // x [M, K], box [BN, 64], 128 B swizzle
@@ -212,7 +225,8 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     int R, int C, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t stride_ym,
     int split,                                        // CTAs of a cluster splitting K (gridDim.z)
     int silu_mul,                                     // W = [gate; up]: y [M, N / 2] = SiLU(x gate^T) * (x up^T)
-    int pdl) {                                        // launched as a programmatic dependent
+    int pdl,                                          // launched as a programmatic dependent
+    const __grid_constant__ TileKinds kinds) {        // slot, as bitmasks (w[0] = 0: read slot)
 #if PATCHC_WGMMA_ARCH
   constexpr bool HALF = ROWS < 2 * TILE;         // half a row-tile a CTA
   constexpr int SUBS = TILE / ROWS;              // HALF: CTAs a row-tile
@@ -254,7 +268,18 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   if (threadIdx.x == 0)  // the descriptors' first use waits on them otherwise
     for (const CUtensorMap* m : {&x_map, &dense_map, &values_map})
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(m)) : "memory");
-  for (int i = threadIdx.x; i < 2 * C; i += THREADS) slots[i / C][i % C] = slot[(int64_t)(i < C ? rt0 : rt1) * C + i % C];
+  if (kinds.w[0] > 0) {
+    const int W = (int)kinds.w[0];
+    for (int i = threadIdx.x; i < 2 * C; i += THREADS) {
+      const int r = i < C ? rt0 : rt1, c = i % C;
+      const uint32_t before = kinds.w[1 + 2 * (r * W + c / 32)], mask = kinds.w[2 + 2 * (r * W + c / 32)];
+      const int d = (int)(before + __popc(mask & ((1u << (c % 32)) - 1u)));   // dense tiles stored before (r, c)
+      slots[i / C][c] = (mask >> (c % 32)) & 1u ? d : ~(r * C + c - d);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 2 * C; i += THREADS)
+      slots[i / C][i % C] = slot[(int64_t)(i < C ? rt0 : rt1) * C + i % C];
+  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < L::STAGES; ++s) {
       mbar_init(full(s), 1);
@@ -617,8 +642,8 @@ CUtensorMap tensor_map(const void* ptr, CUtensorMapDataType dt, int64_t rows, in
 
 template <typename T, int BN, int ROWS>
 void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Tensor& values, const torch::Tensor& meta,
-            const torch::Tensor& slot, const c10::optional<torch::Tensor>& bias, torch::Tensor& y,
-            CUtensorMapDataType dt, int split, bool silu_mul, bool pdl) {
+            const torch::Tensor& slot, const torch::Tensor& kinds, const c10::optional<torch::Tensor>& bias,
+            torch::Tensor& y, CUtensorMapDataType dt, int split, bool silu_mul, bool pdl) {
   constexpr bool HALF = ROWS < 2 * TILE;
   using L = Layout<BN, HALF>;
   const int64_t M = x.size(0), K = x.size(1), R = slot.size(0), C = slot.size(1);
@@ -635,6 +660,9 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   auto kernel = hybrid_wgmma_kernel<T, BN, ROWS>;
   TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::SMEM) == cudaSuccess,
               "patchc: could not raise the shared memory limit of the wgmma kernel to ", L::SMEM, " bytes");
+  TileKinds tile_kinds;   // (all of it set: CUDA graphs keep the parameters' bytes)
+  std::memset(&tile_kinds, 0, sizeof(tile_kinds));
+  if (kinds.numel() <= KIND_WORDS) std::memcpy(tile_kinds.w, kinds.data_ptr<int>(), kinds.numel() * 4);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)((M + BN - 1) / BN), (unsigned)(HALF ? TILE / ROWS * R : silu_mul ? R / 2 : (R + 1) / 2),
                      (unsigned)split);
@@ -660,7 +688,8 @@ void launch(const torch::Tensor& x, const torch::Tensor& dense, const torch::Ten
   const cudaError_t err = cudaLaunchKernelEx(
       &cfg, kernel, x_map, d_map, v_map, (const uint8_t*)meta.data_ptr<uint8_t>(), (const int*)slot.data_ptr<int>(),
       (int)R, (int)C, bias ? reinterpret_cast<const T*>(bias->data_ptr()) : (const T*)nullptr,
-      reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul, (int)pdl);
+      reinterpret_cast<T*>(y.data_ptr()), (int)M, (int64_t)y.stride(0), split, (int)silu_mul, (int)pdl,
+      tile_kinds);
   // (no integers in these messages: streaming one segfaulted inside an extension on the GPU image; wgmma.py
   // validates block_n and split first)
   TORCH_CHECK(err == cudaSuccess, "patchc wgmma: launch failed: ", cudaGetErrorString(err));
@@ -708,13 +737,14 @@ int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {
   return 0;
 }
 
-// y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] from its schedule;
+// y [M, N] (preallocated) = x [M, K] @ W^T (+ bias); W packed with tile 128, slot [R, C] and kinds (on the CPU)
+// from its schedule;
 // block_n: tokens a CTA (16, 32, 64 or 128); split: CTAs (a cluster) splitting K, 1..8; silu_mul: W = [gate; up]
 // and y [M, N / 2] = SiLU(x gate^T + b_gate) * (x up^T + b_up); pdl: launched as a programmatic dependent;
 // rows: rows of W a CTA, 256 (two row-tiles) or 64 (half a row-tile: decode, block_n 16, no silu_mul).
 void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, torch::Tensor slot,
-                  c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split,
-                  int64_t silu_mul, int64_t pdl, int64_t rows) {
+                  torch::Tensor kinds, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n,
+                  int64_t split, int64_t silu_mul, int64_t pdl, int64_t rows) {
   using namespace patchc_wgmma;
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 &&
@@ -726,6 +756,11 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
                   y.size(0) == x.size(0) && y.stride(1) == 1 && y.stride(0) % 8 == 0,
               "patchc wgmma: x ", x.sizes(), ", y ", y.sizes(), " and the schedule's slots ", slot.sizes(),
               " do not fit (tile 128, K <= ", MAX_C * TILE, ")");
+  const int64_t kind_w = (slot.size(1) + 31) / 32;
+  TORCH_CHECK(!kinds.is_cuda() && kinds.scalar_type() == torch::kInt && kinds.dim() == 1 && kinds.is_contiguous() &&
+                  kinds.numel() == 1 + 2 * slot.size(0) * kind_w && kinds.data_ptr<int>()[0] == kind_w,
+              "patchc wgmma: kinds must be the schedule's tile_kinds (a CPU int32 vector of 1 + 2 R ceil(C / 32)) for "
+              "slots ", slot.sizes());
   TORCH_CHECK(dense.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type() &&
                   y.scalar_type() == x.scalar_type(), "patchc wgmma: weights, x and y must share one 16-bit dtype");
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
@@ -743,15 +778,15 @@ void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, to
   const int s = (int)split;
   const bool silu = silu_mul != 0, dep = pdl != 0;
   if (rows == 64) {
-    if (bf16) launch<__nv_bfloat16, 16, 64>(x, dense, values, meta, slot, bias, y, dt, s, false, dep);
-    else launch<__half, 16, 64>(x, dense, values, meta, slot, bias, y, dt, s, false, dep);
+    if (bf16) launch<__nv_bfloat16, 16, 64>(x, dense, values, meta, slot, kinds, bias, y, dt, s, false, dep);
+    else launch<__half, 16, 64>(x, dense, values, meta, slot, kinds, bias, y, dt, s, false, dep);
     return;
   }
   switch (block_n) {
-#define PATCHC_WGMMA_CASE(BN)                                                                          \
-  case BN:                                                                                             \
-    if (bf16) launch<__nv_bfloat16, BN, 256>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);  \
-    else launch<__half, BN, 256>(x, dense, values, meta, slot, bias, y, dt, s, silu, dep);              \
+#define PATCHC_WGMMA_CASE(BN)                                                                              \
+  case BN:                                                                                                 \
+    if (bf16) launch<__nv_bfloat16, BN, 256>(x, dense, values, meta, slot, kinds, bias, y, dt, s, silu, dep); \
+    else launch<__half, BN, 256>(x, dense, values, meta, slot, kinds, bias, y, dt, s, silu, dep);            \
     break;
     PATCHC_WGMMA_BLOCK_NS
 #undef PATCHC_WGMMA_CASE

@@ -30,6 +30,7 @@ DECODE_BLOCK_N = 16       # M <= 16, K split over a cluster
 ROWS = (256, 64)          # rows of W a CTA: two row-tiles, or (decode only) half of one
 MAX_SPLIT = 8             # CTAs of a cluster splitting K (portable cluster size)
 MAX_K = 256 * TILE      # wgmma.cu MAX_C K-tiles a row
+KIND_WORDS = 880          # wgmma.cu: a schedule's `kinds` up to this size travel in the launch's parameters
 DTYPES = {torch.bfloat16: ("__nv_bfloat16", "bf16"), torch.float16: ("__half", "f16")}
 
 
@@ -68,8 +69,9 @@ def source(text: str | None = None) -> str:
 _KERNEL = CudaKernel(
     "patchc_wgmma", "wgmma kernel", source,
     "void hybrid_wgmma(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta, "
-    "torch::Tensor slot, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, int64_t split, "
-    "int64_t silu_mul, int64_t pdl, int64_t rows);\nint64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
+    "torch::Tensor slot, torch::Tensor kinds, c10::optional<torch::Tensor> bias, torch::Tensor y, int64_t block_n, "
+    "int64_t split, int64_t silu_mul, int64_t pdl, int64_t rows);\n"
+    "int64_t wgmma_max_clusters(int64_t block_n, int64_t split);",
     ["hybrid_wgmma", "wgmma_max_clusters"], ["-O3", "-gencode=arch=compute_90a,code=sm_90a"], "PATCHC_WGMMA")
 
 
@@ -156,6 +158,6 @@ def run(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.
     y = torch.full((m, n), float("nan"), dtype=x.dtype, device=x.device) if poison else \
         torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
-        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, bias, y, block_n, split, int(silu_mul),
+        ext.hybrid_wgmma(x, dense, values, meta, sched.slot, sched.kinds, bias, y, block_n, split, int(silu_mul),
                          int(pdl_enabled(x) if pdl is None else pdl), rows)
     return y

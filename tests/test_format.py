@@ -87,3 +87,27 @@ def test_schedule_slot_points_at_each_tiles_storage():
                     assert ~s == int((~bitmap.flatten())[:i * c + j].sum())
         assert sorted(slot[slot >= 0].tolist()) == list(range(int(bitmap.sum())))
         assert sorted((~slot[slot < 0]).tolist()) == list(range(int((~bitmap).sum())))
+
+
+def test_schedule_kinds_say_what_slot_says():
+    """Schedule.kinds (the tile slots as 32-K-tile bitmasks, which the wgmma kernel takes in its launch parameters)
+    decode to Schedule.slot for every tile, on the CPU whatever the schedule's device, across chunk boundaries and with
+    bit 31 set (stored as a negative int32)."""
+    from patchc.codegen.schedule import build_schedule
+
+    g = torch.Generator().manual_seed(4)
+    for r, c in ((1, 1), (3, 31), (2, 32), (5, 33), (4, 86), (2, 64)):
+        for p in (0.0, 0.4, 1.0):
+            bitmap = torch.rand(r, c, generator=g) < p
+            sched = build_schedule(bitmap, 16)
+            k = sched.kinds
+            assert k.dtype == torch.int32 and k.device.type == "cpu" and sched.to("meta").kinds is k
+            w = -(-c // 32)
+            assert k.numel() == 1 + 2 * r * w and int(k[0]) == w
+            u = k.to(torch.int64) & 0xFFFFFFFF
+            for i in range(r):
+                for j in range(c):
+                    before, mask = int(u[1 + 2 * (i * w + j // 32)]), int(u[2 + 2 * (i * w + j // 32)])
+                    d = before + bin(mask & ((1 << (j % 32)) - 1)).count("1")
+                    want = d if (mask >> (j % 32)) & 1 else ~(i * c + j - d)
+                    assert want == int(sched.slot[i, j]), (r, c, p, i, j)

@@ -380,6 +380,19 @@ def test_wgmma_kernel_matches_float64_reference(c):
     run_case(128, bitmap, m, dtype, bias, seed, cfg_fn=lambda *_: cfg, silu=silu, graph=graph)
 
 
+@pytest.mark.skipif(not _wgmma_ready(), reason="wgmma kernel: needs an H100 / H200 (sm_90a) and nvcc")
+def test_wgmma_reads_global_slots_when_the_kinds_exceed_the_launch_parameters():
+    """A layer whose tile kinds do not fit in the launch's parameters (440 row-tiles of one K-tile: 881 words, the
+    kernel takes 880) is computed from the slots in global memory instead, with both CTA shapes, in a graph too."""
+    from patchc.codegen import wgmma
+    from patchc.codegen.launch import wgmma_decode
+
+    bitmap = make_bitmap("random", 440, 1, torch.Generator().manual_seed(7))
+    assert build_schedule(bitmap, 128).kinds.numel() > wgmma.KIND_WORDS
+    for rows in wgmma.ROWS:
+        run_case(128, bitmap, 16, torch.bfloat16, True, 7, cfg_fn=lambda *_: wgmma_decode(1, rows), graph=True)
+
+
 def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
     """The generated inline asm: m64nNk16 dense and m64nNk32 sparse wgmma (N = 16, 64, 128) for bf16 and fp16, each
     naming its N/2 accumulators, both descriptors (and the sparse one its metadata register) and scale-d once; and
