@@ -1,14 +1,21 @@
-"""Insert trainable hybrid-mask nodes: weight -> MaskNode(weight) -> linear.
+"""Insert trainable hybrid-mask nodes into a captured graph.
 
-Each masked linear's weight `get_attr` gets a `call_module` successor that returns W * M(logits) in
-the weight's own layout; only the matmul's use of the weight is rewired, so the parameter itself
-stays frozen and unchanged byte for byte. Only the mask logits require grad.
+Each masked linear gets a MaskNode (a call_module node) that owns a reference to the frozen weight and the
+layer's mask logits:
+
+  aten.linear(x, W, b)          ->  MaskNode(x, b)       y = x @ (W * M).T + b, fused (see MaskedLinear)
+  mm / addmm over W or W.T      ->  MaskNode() -> W * M  the weight only (GPT-2's Conv1D and other forms)
+
+The frozen parameter is unchanged byte for byte; only the mask logits require grad. In the fused form the
+relaxed mask is recomputed in backward from the logits (with the same stateless noise), so nothing of
+weight size waits for backward: the layer keeps only its input x, as a plain linear layer does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from patchc import mask as hm
 
@@ -25,32 +32,97 @@ class MaskState:
           mean   no noise: the deterministic relaxation
           hard   the extracted hard masks (set_hard)
           off    the dense model (a free teacher for distillation)
+    The noise of node i at a step is a stateless hash keyed by (seed, step, micro, i): set_step() sets them.
     """
     mode: str = "soft"
     tau: float = 4.0
     scale_tile: float = 25.0
     scale_24: float = 100.0
-    generator: torch.Generator | None = None
-    # Recompute the soft masks in backward instead of keeping them (torch.utils.checkpoint): the per-weight
-    # soft mask, 2:4 probabilities and the norm's input are not held between forward and backward. Less memory
-    # (Joint + distillation on a 1B model fits an H100 only with it), slower steps (bench/results/train_speed).
+    seed: int = 0
+    step: int = 0
+    micro: int = 0
+    # weight-only nodes (mm/addmm forms): recompute their soft mask in backward (torch.utils.checkpoint)
+    # instead of keeping it. Fused nodes (aten.linear) always recompute.
     checkpoint: bool = False
+    # the graph runs under torch.compile: fused nodes compute W * M inline (inductor fuses the mask into a
+    # few kernels and its partitioner recomputes it in backward) instead of through MaskedLinear
+    compile: bool = False
+    knobs: torch.Tensor | None = field(default=None, repr=False)   # [scale_tile, scale_24, tau] on the device
+    keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys
+
+    def set_step(self, step: int, micro: int, n_nodes: int, device) -> None:
+        """Noise keys and schedule values of one micro-batch, as device tensors (no recompiles, one copy)."""
+        self.step, self.micro = step, micro
+        keys = [[hm.noise_key(self.seed, step, micro, i, s) for s in (0, 1)] for i in range(n_nodes)]
+        self.keys = torch.tensor(keys, dtype=torch.int64).to(device)
+        self.knobs = torch.tensor([self.scale_tile, self.scale_24, self.tau], dtype=torch.float32).to(device)
+        self._knobs_for = (self.scale_tile, self.scale_24, self.tau)
+
+    def knobs_now(self, device) -> torch.Tensor:
+        """The knobs tensor for the current values (made again only when a value or the device changed)."""
+        want = (self.scale_tile, self.scale_24, self.tau)
+        if self.knobs is None or self.knobs.device != device or getattr(self, "_knobs_for", None) != want:
+            self.knobs = torch.tensor(want, dtype=torch.float32, device=device)
+            self._knobs_for = want
+        return self.knobs
+
+
+class MaskedLinear(torch.autograd.Function):
+    """y = x @ (W * M(logits)).T + b with M the relaxed hybrid mask. Forward keeps x and the (frozen) W; backward
+    recomputes W * M from the logits, then dx = dy @ (W * M), dWM = dy.T @ x and the logit gradients through
+    the mask. Extra outputs: the mean dense-tile probability and ||W * M||_F (the regularisers' inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, tile_logits, pattern_logits, mask24, knobs, keys, tile):
+        with torch.no_grad():
+            wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, mask24, tile, knobs, keys)
+        y = F.linear(x, wm, bias)
+        ctx.save_for_backward(x, w, tile_logits, pattern_logits, mask24, knobs, keys)
+        ctx.tile, ctx.has_bias = tile, bias is not None
+        return y, gate_mean, norm
+
+    @staticmethod
+    def backward(ctx, dy, d_gate, d_norm):
+        x, w, tile_logits, pattern_logits, mask24, knobs, keys = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_() for t in (tile_logits, pattern_logits) if t is not None]
+        tl = inputs[0]
+        pl = inputs[1] if pattern_logits is not None else None
+        with torch.enable_grad():
+            wm, gate_mean, norm = hm.soft_masked_weight(w, tl, pl, mask24, ctx.tile, knobs, keys)
+        dy2 = dy.reshape(-1, dy.shape[-1])                                   # [tokens, out]
+        dx = (dy2 @ wm.detach()).reshape(x.shape)                            # [tokens, out] @ [out, in]
+        dwm = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)             # [out, tokens] @ [tokens, in]
+        grads = torch.autograd.grad([wm, gate_mean, norm], inputs, [dwm.to(wm.dtype), d_gate, d_norm])
+        g_tile = grads[0]
+        g_pat = grads[1] if pl is not None else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, None, db, g_tile, g_pat, None, None, None, None
 
 
 class MaskNode(torch.nn.Module):
-    """Hybrid mask of one linear: tile logits [R, C] and, in joint mode, 2:4 pattern logits [out, in/4, 6]."""
+    """Hybrid mask of one linear: tile logits [R, C] (fp32) and, in joint mode, 2:4 pattern logits
+    [out, in/4, 6] (bf16 when lean: patchc.optim.LeanAdamW keeps them in 4 bytes per logit with its state).
+    `weight` is the frozen parameter itself (shared with the model, never written)."""
 
     def __init__(self, site: LinearSite, tile: int, state: MaskState, tile_logits: torch.Tensor,
-                 pattern: torch.Tensor, pattern_logits: torch.Tensor | None = None):
+                 pattern: torch.Tensor, pattern_logits: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 index: int = 0, lean: bool = False):
         super().__init__()
         self.name, self.tile, self.transposed, self.state = site.name, tile, site.transposed, state
         self.out_features, self.in_features = site.out_features, site.in_features
+        self.index = index
+        self.fused = False                     # set by insert_masks: this node computes the whole linear
+        self.weight = weight                   # the frozen nn.Parameter (registered when given)
         self.tile_logits = torch.nn.Parameter(tile_logits.float().clone())  # [R, C]
         self.joint = pattern_logits is not None
         if self.joint:
-            self.pattern_logits = torch.nn.Parameter(pattern_logits.float().clone())  # [out, in/4, 6]
+            dtype = torch.bfloat16 if lean else torch.float32
+            self.pattern_logits = torch.nn.Parameter(pattern_logits.to(dtype).clone())  # [out, in/4, 6]
+        else:
+            self.pattern_logits = None
         # The fixed one-shot 2:4 mask (PATCH-Tile), kept as bool [out, in].
-        self.register_buffer("mask24", hm.pattern_to_mask(pattern.to(torch.uint8)), persistent=False)
+        self.register_buffer("mask24", None if self.joint else hm.pattern_to_mask(pattern.to(torch.uint8)),
+                             persistent=False)
         self.register_buffer("hard_bitmap", torch.zeros_like(self.tile_logits, dtype=torch.bool), persistent=False)
         self.register_buffer("hard_pattern", pattern.to(torch.uint8).clone(), persistent=False)
         self.last_gate: torch.Tensor | None = None      # mean dense-tile probability of the last forward
@@ -60,89 +132,102 @@ class MaskNode(torch.nn.Module):
     def numel(self) -> int:
         return self.out_features * self.in_features
 
-    def soft_masks(self, noise: bool, generator: torch.Generator | None = None, tau: float | None = None,
-                   scale_tile: float | None = None, scale_24: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self.state
-        tau = st.tau if tau is None else tau
-        gen = st.generator if generator is None else generator
-        gate = hm.soft_dense_tile(self.tile_logits, st.scale_tile if scale_tile is None else scale_tile, tau, gen,
-                                  noise)  # [R, C]
-        if self.joint:
-            m24 = hm.soft_mask24(self.pattern_logits, st.scale_24 if scale_24 is None else scale_24, tau, gen,
-                                 noise)  # [out, in]
-        else:
-            m24 = self.mask24
-        return gate, m24
-
-    def _soft_masked(self, w: torch.Tensor, rng_state: torch.Tensor | None, noise: bool, tau: float,
-                     scale_tile: float, scale_24: float):
-        """(W * M, mean gate, ||W * M||) with the noise drawn from a generator restored to `rng_state`, so a
-        recompute in backward draws exactly the same noise."""
-        gen = None
-        if rng_state is not None:
-            gen = torch.Generator(device=w.device)
-            gen.set_state(rng_state)
-        gate, m24 = self.soft_masks(noise, gen, tau, scale_tile, scale_24)
-        masked = w * hm.hybrid_mask(gate, m24, self.tile).to(w.dtype)
-        if gen is not None:
-            self._rng_after = gen.get_state()
-        return masked, gate.mean(), masked.float().norm()
+    def w2d(self) -> torch.Tensor:
+        """The [out, in] view of the frozen weight."""
+        return self.weight.t() if self.transposed else self.weight
 
     def hard_pattern_now(self) -> torch.Tensor:
         """The 2:4 pattern the node would extract now: argmax logits (joint) or the fixed one."""
         if self.joint:
-            return self.pattern_logits.detach().argmax(-1).to(torch.uint8)
+            return self.pattern_logits.detach().float().argmax(-1).to(torch.uint8)
         return self.hard_pattern
 
     def set_hard(self, bitmap: torch.Tensor, pattern: torch.Tensor) -> None:
         self.hard_bitmap.copy_(bitmap.to(self.hard_bitmap.device, torch.bool))
         self.hard_pattern.copy_(pattern.to(self.hard_pattern.device, torch.uint8))
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mode = self.state.mode
-        if mode == "off":
-            return weight
-        w = weight.t() if self.transposed else weight  # [out, in]
-        if mode == "hard":
-            masked = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
-            self.last_gate, self.last_norm = None, None
+    def _keys(self):
+        st = self.state
+        if st.mode != "soft":
+            return None
+        if st.keys is None or self.index >= st.keys.shape[0]:
+            raise RuntimeError("MaskState.set_step() must run before a soft forward (noise keys)")
+        return st.keys[self.index]
+
+    def _masked_weight(self):
+        """(W * M in the stored layout, mean gate, norm) for the weight-only form."""
+        st = self.state
+        w = self.w2d()
+        if st.mode == "off":
+            return self.weight, None, None
+        if st.mode == "hard":
+            wm = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
+            return (wm.t() if self.transposed else wm), None, None
+        args = (w, self.tile_logits, self.pattern_logits, self.mask24, self.tile, st.knobs_now(w.device), self._keys())
+        fn = hm.soft_masked_weight
+        if st.checkpoint and torch.is_grad_enabled() and not st.compile:
+            wm, gate, norm = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         else:
-            st = self.state
-            noise = mode == "soft"
-            recompute = st.checkpoint and torch.is_grad_enabled() and (st.generator is not None or not noise)
-            # only a recompute needs the noise replayed: then the draws come from a generator restored to this state
-            rng = st.generator.get_state() if recompute and noise else None
-            args = (w, rng, noise, st.tau, st.scale_tile, st.scale_24)
-            if recompute:
-                masked, self.last_gate, self.last_norm = torch.utils.checkpoint.checkpoint(
-                    self._soft_masked, *args, use_reentrant=False, preserve_rng_state=False)
-            else:
-                masked, self.last_gate, self.last_norm = self._soft_masked(*args)
-            if rng is not None:  # advance the shared generator past this node's draws
-                st.generator.set_state(self._rng_after)
-        return masked.t() if self.transposed else masked
+            wm, gate, norm = fn(*args)
+        return (wm.t() if self.transposed else wm), gate, norm
+
+    def forward(self, x: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fused:
+            wm, self.last_gate, self.last_norm = self._masked_weight()
+            return wm
+        st = self.state
+        if st.mode in ("off", "hard") or st.compile or not torch.is_grad_enabled():
+            wm, self.last_gate, self.last_norm = self._masked_weight()
+            return F.linear(x, wm, bias)
+        y, self.last_gate, self.last_norm = MaskedLinear.apply(
+            x, self.weight, bias, self.tile_logits, self.pattern_logits, self.mask24, st.knobs_now(x.device),
+            self._keys(), self.tile)
+        return y
+
+
+def _get_attr_value(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def insert_masks(gm: torch.fx.GraphModule, plan: LinearPlan, nodes: dict[str, MaskNode]) -> torch.fx.GraphModule:
-    """Rewire every masked linear of `plan` to read MaskNode(weight); `nodes` maps FQN -> MaskNode."""
+    """Rewire every masked linear of `plan` through its MaskNode; `nodes` maps FQN -> MaskNode. A node is
+    given the frozen weight parameter it masks (node.weight); aten.linear sites become fused nodes."""
     root = torch.nn.Module()
     gm.add_module(MASK_ROOT, root)
     by_name = {n.name: n for n in gm.graph.nodes}
     for i, site in enumerate(plan.masked):
         if site.name not in nodes:
             raise KeyError(f"no MaskNode for masked linear {site.name}")
+        node = nodes[site.name]
         key = f"m{i}"
-        root.add_module(key, nodes[site.name])
+        root.add_module(key, node)
         attr, user = by_name[site.weight_node], by_name[site.node]
-        with gm.graph.inserting_after(attr):
-            masked = gm.graph.call_module(f"{MASK_ROOT}.{key}", (attr,))
-        # Rewire only the path from this parameter to this matmul (directly or through its transpose).
-        if attr in user.all_input_nodes:
-            user.replace_input_with(attr, masked)
+        if node.weight is None:
+            node.weight = _get_attr_value(gm, attr.target)
+        if site.op == "linear" and not site.transposed and user.args[1] is attr:
+            x = user.args[0]
+            bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+            with gm.graph.inserting_before(user):
+                new = gm.graph.call_module(f"{MASK_ROOT}.{key}", (x, bias) if bias is not None else (x,))
+            new.meta.update(user.meta)
+            user.replace_all_uses_with(new)
+            gm.graph.erase_node(user)
+            node.fused = True
         else:
-            for t in user.all_input_nodes:
-                if attr in t.all_input_nodes:
-                    t.replace_input_with(attr, masked)
+            with gm.graph.inserting_after(attr):
+                masked = gm.graph.call_module(f"{MASK_ROOT}.{key}", ())
+            # Rewire only the path from this parameter to this matmul (directly or through its transpose).
+            if attr in user.all_input_nodes:
+                user.replace_input_with(attr, masked)
+            else:
+                for t in user.all_input_nodes:
+                    if attr in t.all_input_nodes:
+                        t.replace_input_with(attr, masked)
+        if not attr.users:
+            gm.graph.erase_node(attr)
     gm.graph.lint()
     gm.recompile()
     return gm

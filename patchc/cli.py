@@ -77,7 +77,13 @@ def add_prune(sub) -> None:
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the exactly extracted masks every N steps (PPL in log.jsonl: the learning curve)")
     p.add_argument("--recompute-masks", action="store_true",
-                   help="recompute the soft masks in backward: less GPU memory for large models, slower steps, same result")
+                   help="weight-only mask nodes (mm/addmm forms such as GPT-2's Conv1D) recompute their soft mask in "
+                        "backward: less memory, same result (linear layers always do)")
+    p.add_argument("--state", choices=["lean", "fp32"], default=d.state,
+                   help="mask-logit + optimizer state: lean = bf16 logits and 8-bit moments (6 bytes per masked weight "
+                        "in joint mode), fp32 = fp32 logits and Adam moments (18 bytes)")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the resumable checkpoint/ folder after the run completes (removed otherwise)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_prune)
 
@@ -96,13 +102,15 @@ def run_prune(a) -> int:
                       warmup=a.warmup, sparse_reg=a.sparse_reg, weight_reg=a.weight_reg, distill=a.distill,
                       tau=tuple(a.tau), scale_tile=tuple(a.scale_tile), scale_24=tuple(a.scale_24),
                       prior_strength=a.prior_strength, calib_samples=a.calib_samples, seed=a.seed,
-                      include=tuple(a.include), exclude=tuple(a.exclude))
+                      include=tuple(a.include), exclude=tuple(a.exclude), state=a.state)
     device = _device(a.device)
     res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
                 overwrite=a.overwrite, eval_ppl=a.eval_ppl, eval_seq_len=a.eval_seq_len,
                 eval_windows=a.eval_windows, save_every=a.save_every, eval_every=a.eval_every,
-                recompute_masks=a.recompute_masks, progress=not a.quiet)
+                recompute_masks=a.recompute_masks, keep_checkpoint=a.keep_checkpoint, progress=not a.quiet)
     s = res.report["sparsity"]
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0
     print(f"sparsity {s['achieved']:.4f} (target {s['target']}, one tile = {s['one_tile']:.4f}); "
           f"{len(res.report['layers'])} layers masked, {len(res.report['skipped'])} kept dense -> {res.out_dir}")
     return 0

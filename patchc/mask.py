@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # The six legal 2:4 patterns over a group of 4 consecutive input weights (1 = kept).
 PATTERNS = torch.tensor(
@@ -117,34 +116,83 @@ def layer_sparsity(bitmap: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 # Differentiable relaxations (Gumbel-softmax), as in PATCH / MaskLLM
 # ---------------------------------------------------------------------------------------------
-def gumbel_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return -torch.log(-torch.log(u.clamp_(1e-10, 1.0 - 1e-7)))
+# The noise is a stateless hash of (key, element index): the same key gives the same noise on any device,
+# in any process and when a backward pass recomputes the mask, so data-parallel ranks, recompute and resume
+# need no random-generator state. Integer math stays below 2**63 (32-bit values times 31-bit constants).
+_M32 = 0xFFFFFFFF
 
 
-def soft_dense_tile(
-    logits: torch.Tensor, scale: float, tau: float, generator: torch.Generator | None = None, noise: bool = True
-) -> torch.Tensor:
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x297A2D39) & _M32
+    return x ^ (x >> 15)
+
+
+def noise_key(*parts: int) -> int:
+    """A 32-bit key from integers (seed, step, micro-batch, layer, stream): distinct tuples, unrelated noise."""
+    import hashlib
+
+    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+
+
+def uniform_noise(key: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Uniform floats in (0, 1), float32, from a 0-d int64 key tensor: element i is a hash of (key, i)."""
+    n = 1
+    for d in shape:
+        n *= d
+    idx = torch.arange(n, device=device, dtype=torch.int64).reshape(shape)
+    h = _mix32(_mix32(idx & _M32) ^ (key.to(device=device, dtype=torch.int64) & _M32))
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # 23 bits: exact in float32, never 0 or 1
+
+
+def soft_dense_tile(logits: torch.Tensor, scale, tau, key: torch.Tensor | None = None) -> torch.Tensor:
     """Probability that a tile is dense: class 1 of gumbel_softmax([0, l] * scale, tau).
 
-    A two-class Gumbel-softmax is a sigmoid of the logit gap plus the difference of two Gumbels.
+    A two-class Gumbel-softmax is a sigmoid of the logit gap plus the difference of two Gumbels, which is
+    a logistic variable log(u) - log(1 - u). key=None: no noise (the deterministic relaxation).
     """
     z = logits.float() * scale
-    if noise:
-        z = z + gumbel_like(z, generator) - gumbel_like(z, generator)
+    if key is not None:
+        u = uniform_noise(key, tuple(z.shape), z.device)
+        z = z + torch.log(u) - torch.log1p(-u)
     return torch.sigmoid(z / tau)
 
 
-def soft_mask24(
-    logits: torch.Tensor, scale: float, tau: float, generator: torch.Generator | None = None, noise: bool = True
-) -> torch.Tensor:
-    """Soft 2:4 mask from pattern logits [out, in/4, 6] -> [out, in] (each group sums to exactly 2)."""
+def soft_mask24(logits: torch.Tensor, scale, tau, key: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft 2:4 mask from pattern logits [out, in/4, 6] -> [out, in] (each group sums to exactly 2).
+    key=None: no noise."""
     z = logits.float() * scale
-    if noise:
-        z = z + gumbel_like(z, generator)
-    probs = F.softmax(z / tau, dim=-1)  # [out, in/4, 6]
-    m = probs @ PATTERNS.to(logits.device, torch.float32)  # [out, in/4, 6] @ [6, 4]
+    if key is not None:
+        u = uniform_noise(key, tuple(z.shape), z.device)
+        z = z - torch.log(-torch.log(u))
+    p = torch.softmax(z / tau, dim=-1)  # [out, in/4, 6]
+    # probs @ PATTERNS, written out so that it fuses: position j is kept by the patterns that contain it
+    m = torch.stack([p[..., 0] + p[..., 1] + p[..., 2], p[..., 0] + p[..., 3] + p[..., 4],
+                     p[..., 1] + p[..., 3] + p[..., 5], p[..., 2] + p[..., 4] + p[..., 5]], dim=-1)
     return m.reshape(logits.shape[0], logits.shape[1] * 4)
+
+
+def soft_masked_weight(w: torch.Tensor, tile_logits: torch.Tensor, pattern_logits: torch.Tensor | None,
+                       mask24: torch.Tensor | None, tile: int, knobs: torch.Tensor, keys: torch.Tensor | None):
+    """One layer's relaxed hybrid mask applied to its weight: (W * M in W's dtype, mean dense-tile
+    probability, ||W * M||_F). w [out, in]; knobs = [scale_tile, scale_24, tau] (a float32 tensor, so a
+    compiled version does not recompile as they move); keys [2] int64 (tile, 2:4 noise) or None."""
+    scale_tile, scale_24, tau = knobs[0], knobs[1], knobs[2]
+    gate = soft_dense_tile(tile_logits, scale_tile, tau, None if keys is None else keys[0])   # [R, C]
+    if pattern_logits is not None:
+        m24 = soft_mask24(pattern_logits, scale_24, tau, None if keys is None else keys[1])  # [out, in]
+    else:
+        m24 = mask24.float()
+    g = gate[:, None, :, None]
+    m = (g + (1.0 - g) * tile_view(m24, tile)).reshape(w.shape)
+    masked = w.float() * m
+    return masked.to(w.dtype), gate.mean(), masked.norm()
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:

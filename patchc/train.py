@@ -21,18 +21,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from patchc import checkpoint as ckpt
+from patchc import distributed as pdist
 from patchc import mask as hm
 from patchc.data import batch_indices, chunk, tokenize_files
 from patchc.evaluate import eval_file_tokens, perplexity
-from patchc.io import read_safetensors, read_safetensors_metadata, write_json, write_safetensors
+from patchc.io import write_json, write_safetensors
 from patchc.models import dtype_name, load_model
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
-from patchc.passes.capture import PREFIX
+from patchc.optim import LeanAdamW
 from patchc.passes.insert_masks import mask_nodes
 
 PRUNE_VERSION = 1
 MODES = ("tile", "joint")
+STATES = ("lean", "fp32")
 METHODS = ("patch", "hybrid", *ONESHOT_METHODS)
 AUTO_TILES = (128, 64, 32, 16)
 
@@ -67,6 +70,8 @@ class PruneConfig:
     seed: int = 0
     include: tuple = ()
     exclude: tuple = ()
+    state: str = "lean"             # mask-logit + optimizer state: lean (bf16 logits, 8-bit moments: 6 bytes per
+                                    # masked weight in joint mode) or fp32 (fp32 logits and Adam moments: 18)
 
     def validate(self) -> None:
         hm.check_sparsity(self.sparsity)
@@ -85,6 +90,8 @@ class PruneConfig:
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
         if self.seq_len < 2:
             raise ValueError("seq_len must be at least 2")
+        if self.state not in STATES:
+            raise ValueError(f"state {self.state!r} unknown; choose lean or fp32")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -92,6 +99,7 @@ class PruneConfig:
     @classmethod
     def from_json(cls, d: dict) -> "PruneConfig":
         names = {f.name for f in fields(cls)}
+        d = {"state": "fp32", **d}  # runs recorded before lean state existed used fp32
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
     @property
@@ -103,7 +111,7 @@ class PruneConfig:
 class PruneResult:
     out_dir: Path
     report: dict
-    model: torch.nn.Module = field(repr=False)       # the HF model (weights untouched)
+    model: torch.nn.Module | None = field(repr=False)  # the HF model (weights untouched; None when distributed)
     graph: torch.nn.Module = field(repr=False)       # the rewritten graph (MaskNodes in hard mode)
 
 
@@ -151,10 +159,10 @@ def init_masks(model, plan, tile: int, cfg: PruneConfig, calib: torch.Tensor, de
     return out
 
 
-def build_nodes(plan, tile: int, state: MaskState, init: dict[str, dict], device) -> dict[str, MaskNode]:
+def build_nodes(plan, tile: int, state: MaskState, init: dict[str, dict], device, lean: bool) -> dict[str, MaskNode]:
     return {s.name: MaskNode(s, tile, state, init[s.name]["tile_logits"], init[s.name]["pattern"],
-                             init[s.name].get("pattern_logits")).to(device)
-            for s in plan.masked}
+                             init[s.name].get("pattern_logits"), index=i, lean=lean).to(device)
+            for i, s in enumerate(plan.masked)}
 
 
 @dataclass
@@ -166,13 +174,17 @@ class MaskedGraph:
     tile: int
     state: MaskState
     capture_s: float
+    weight_norm: float          # sum over masked layers of ||W||_F (the weight-norm term's denominator)
 
 
-def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor, device, *, init: dict[str, dict] | None = None,
-               recompute_masks: bool = False, log=None, name: str = "the model") -> MaskedGraph:
+def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor | None, device, *, init=None,
+               recompute_masks: bool = False, compile: bool = False, log=None, name: str = "the model",
+               info: pdist.DistInfo | None = None) -> MaskedGraph:
     """Capture `model`, choose the tile, find the maskable linears and insert initialised mask nodes: the
-    set-up every prune run (and bench/train_speed.py) does. init: mask logits to start from (a resumed
-    checkpoint's); None initialises them from the one-shot prior on `calib`."""
+    set-up every prune run (and bench/train_speed.py) does. init: a function plan -> initial logits and
+    patterns (a resumed run's placeholders), or None to initialise them from the one-shot prior on `calib`
+    (computed on rank 0 and broadcast when distributed)."""
+    info = info or pdist.DistInfo()
     log = log or _Log(progress=False)
     cap = capture(model)
     tile = choose_tile(cap.gm, cfg)
@@ -182,20 +194,40 @@ def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor, device, *, init: di
                          + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
     log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, "
         f"{len(plan.skipped)} kept dense, tile {tile}, {len(plan.groups)} shared-input groups")
-    state = MaskState(generator=torch.Generator(device=device), checkpoint=recompute_masks)
+    state = MaskState(seed=cfg.seed, checkpoint=recompute_masks, compile=compile)
     if init is None:
         init = init_masks(model, plan, tile, cfg, calib, device, log)
-    gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device))
-    return MaskedGraph(gm, mask_nodes(gm), plan, tile, state, cap.seconds)
+        if info.active:  # every rank starts from rank 0's logits and patterns
+            for site in plan.masked:
+                for k, t in init[site.name].items():
+                    moved = t.to(device)
+                    pdist.broadcast_([moved], info)
+                    init[site.name][k] = moved.cpu()
+    else:
+        init = init(plan, tile)
+    gm = insert_masks(cap.gm, plan, build_nodes(plan, tile, state, init, device, lean=cfg.state == "lean"))
+    nodes = mask_nodes(gm)
+    with torch.no_grad():
+        w_norm = sum(float(n.w2d().float().norm()) for n in nodes)
+    return MaskedGraph(gm, nodes, plan, tile, state, cap.seconds, w_norm)
 
 
 # ---------------------------------------------------------------------------------------------
 # Extraction: exact global target
 # ---------------------------------------------------------------------------------------------
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank calls it), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def extract(nodes: list[MaskNode], sparsity: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Hard (bitmap [R, C] bool, pattern [out, in/4] uint8) per node, global sparsity exact to one tile."""
-    bitmaps = hm.select_dense_tiles([n.tile_logits for n in nodes], sparsity)
-    return [(b.cpu(), n.hard_pattern_now().cpu()) for b, n in zip(bitmaps, nodes)]
+    bitmaps = hm.select_dense_tiles([_full(n.tile_logits).detach() for n in nodes], sparsity)
+    out = []
+    for b, n in zip(bitmaps, nodes):
+        p = _full(n.pattern_logits).detach().float().argmax(-1).to(torch.uint8) if n.joint else n.hard_pattern
+        out.append((b.cpu(), p.cpu()))
+    return out
 
 
 def set_hard(nodes: list[MaskNode], hard) -> None:
@@ -225,51 +257,14 @@ def sparsity_report(plan, nodes: list[MaskNode], hard, tile: int, target: float)
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (one safetensors file; scalars and config in its metadata)
-# ---------------------------------------------------------------------------------------------
-CKPT = "checkpoint.safetensors"
-
-
-def save_checkpoint(out: Path, step: int, cfg: PruneConfig, nodes: list[MaskNode], opt, extra: dict) -> None:
-    tensors = {}
-    for n in nodes:
-        tensors[f"{n.name}/tile_logits"] = n.tile_logits.detach()
-        tensors[f"{n.name}/pattern"] = n.hard_pattern if not n.joint else n.hard_pattern_now()
-        if n.joint:
-            tensors[f"{n.name}/pattern_logits"] = n.pattern_logits.detach()
-    if opt is not None:
-        for i, p in enumerate(opt_params(nodes)):
-            for k, v in opt.state.get(p, {}).items():
-                tensors[f"opt/{i}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    meta = {"format": "patchc-checkpoint-1", "step": str(step), "config": json.dumps(cfg.to_json()),
-            "extra": json.dumps(extra)}
-    write_safetensors(out / CKPT, tensors, meta)
-
-
-def load_checkpoint(out: Path, cfg: PruneConfig) -> tuple[int, dict, dict, dict]:
-    path = out / CKPT
-    meta = read_safetensors_metadata(path)
-    if meta.get("format") != "patchc-checkpoint-1":
-        raise ValueError(f"{path} is not a patchc checkpoint (format {meta.get('format')!r})")
-    saved = PruneConfig.from_json(json.loads(meta["config"]))
-    if saved != cfg:
-        diff = {k: (getattr(saved, k), getattr(cfg, k)) for k in saved.to_json() if getattr(saved, k) != getattr(cfg, k)}
-        raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff} (saved, given)")
-    tensors = read_safetensors(path)
-    init, opt_state = {}, {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, i, key = k.split("/", 2)
-            opt_state.setdefault(int(i), {})[key] = v
-        else:
-            name, key = k.rsplit("/", 1)
-            init.setdefault(name, {})[key] = v
-    return int(meta["step"]), init, opt_state, json.loads(meta.get("extra", "{}"))
-
-
 def opt_params(nodes: list[MaskNode]) -> list[torch.nn.Parameter]:
     return [p for n in nodes for p in ((n.tile_logits, n.pattern_logits) if n.joint else (n.tile_logits,))]
+
+
+def make_optimizer(nodes: list[MaskNode], cfg: PruneConfig, compile: bool = False) -> LeanAdamW:
+    """AdamW over the mask logits; with lean state the bf16 pattern logits keep 2 bytes of state each."""
+    return LeanAdamW(opt_params(nodes), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, seed=cfg.seed,
+                     compile=compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,60 +279,111 @@ class _Log:
             tqdm.write(f"[patchc] {msg}")
 
 
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
-          device: str = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False,
+          device: str = "auto", dtype: torch.dtype | None = None, resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
-          save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False,
+          save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False, keep_checkpoint: bool = False,
+          compile: bool | None = None, step_in_backward: bool | None = None,
           progress: bool = True) -> PruneResult:
     """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`.
-    recompute_masks=True recomputes the soft masks in backward instead of keeping them: less memory, slower
-    steps, identical results (the learned masks do not depend on it).
-    eval_every > 0 (with eval_ppl): every that many steps, the masks extracted at the exact target are
-    evaluated and their PPL logged (log.jsonl "ppl"): the learning curve, e.g. to find the token budget
-    that saturates quality. It changes nothing the run learns."""
+
+    device "auto": CUDA when available; dtype None: bf16 on CUDA, fp32 on the CPU.
+    Under torchrun (WORLD_SIZE > 1) every process calls this: the run is data-parallel with FSDP2 (see
+    patchc.distributed), global batch = ranks x batch_size x grad_accum, and rank 0 alone writes outputs.
+    recompute_masks: weight-only mask nodes (mm/addmm forms) recompute their soft mask in backward (fused
+    linear nodes always do). eval_every > 0 (with eval_ppl): the exactly extracted masks are evaluated every
+    that many steps (log.jsonl "ppl"); it changes nothing the run learns. keep_checkpoint: keep the
+    resumable checkpoint/ folder after a completed run (it is removed otherwise). compile (None = on CUDA in
+    one process): the training graph (masks included) and the optimizer update run through torch.compile.
+    step_in_backward (None = when one
+    process and grad_accum 1): each logit tensor is updated as soon as its gradient is complete and the
+    gradient freed, so gradients never all exist at once (same result)."""
     cfg = config or PruneConfig()
     cfg.validate()
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
-    log = _Log(progress)
+    device = _resolve_device(device)
+    info, device = pdist.setup(device)
+    try:
+        return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
+                      eval_windows, save_every, eval_every, recompute_masks, keep_checkpoint, compile,
+                      step_in_backward, progress, info)
+    finally:
+        pdist.teardown(info)
+
+
+def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len, eval_windows,
+           save_every, eval_every, recompute_masks, keep_checkpoint, compile, step_in_backward, progress,
+           info: pdist.DistInfo) -> PruneResult:
+    cuda = str(device).startswith("cuda")
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    compile = (cuda and not info.active) if compile is None else compile
+    if step_in_backward is None:
+        step_in_backward = not info.active and cfg.grad_accum == 1
+    log = _Log(progress and info.main)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise FileExistsError(f"output folder {out} exists and is not empty: pass --resume to continue "
                                   "its run or --overwrite to replace it")
-        shutil.rmtree(out)
-    if resume and not (out / CKPT).is_file():
-        raise FileNotFoundError(f"--resume: {out / CKPT} does not exist (no checkpoint to continue)")
-    out.mkdir(parents=True, exist_ok=True)
+        pdist.barrier(info)
+        if info.main:
+            shutil.rmtree(out)
+    if resume and not ckpt.exists(out):
+        raise FileNotFoundError(f"--resume: {out / ckpt.CKPT} does not exist (no checkpoint to continue)")
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+    pdist.barrier(info)
     t_start = time.perf_counter()
+    if info.active:
+        log(f"distributed: {info.world} processes ({'nccl' if cuda else 'gloo'}), global batch "
+            f"{info.world} x {cfg.batch_size} x {cfg.grad_accum}")
 
     loaded = load_model(model, device=device, dtype=dtype, seed=cfg.seed)
-    hf = loaded.model
-    need = max(cfg.steps * cfg.batch_size * cfg.grad_accum, cfg.calib_samples if cfg.method != "magnitude" else 1)
-    tokens = tokenize_files(loaded.tokenizer, data, max_tokens=need * cfg.seq_len + 1)
+    hf, tokenizer, source, architecture = loaded.model, loaded.tokenizer, loaded.source, type(loaded.model).__name__
+    global_batch = info.world * cfg.batch_size
+    need = max(cfg.steps * global_batch * cfg.grad_accum, cfg.calib_samples if cfg.method != "magnitude" else 1)
+    tokens = tokenize_files(tokenizer, data, max_tokens=need * cfg.seq_len + 1)
     seqs = chunk(tokens, cfg.seq_len, "training data")
     log(f"data: {tokens.numel():,} tokens -> {len(seqs)} sequences of {cfg.seq_len}")
 
-    start_step, init, opt_state, extra = 0, None, {}, {}
+    start_step, extra, init = 0, {}, None
     if resume:
-        start_step, init, opt_state, extra = load_checkpoint(out, cfg)
-    mg = mask_graph(hf, cfg, seqs[: cfg.calib_samples], device, init=init, recompute_masks=recompute_masks, log=log,
-                    name=model)
-    if resume:
-        log(f"resuming from step {start_step}")
+        st = ckpt.read_state(out)
+        saved = PruneConfig.from_json(st["config"])
+        if saved != cfg:
+            diff = {k: (getattr(saved, k), getattr(cfg, k)) for k in saved.to_json() if getattr(saved, k) != getattr(cfg, k)}
+            raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff} (saved, given)")
+        start_step, extra = int(st["step"]), dict(st.get("extra", {}))
+        init = lambda plan, tile: _placeholder_init(plan, tile, cfg, ckpt.load_patterns(out, plan, info, cfg.mode == "joint" and cfg.learns))  # noqa: E731
+    mg = mask_graph(hf, cfg, seqs[: cfg.calib_samples], device, init=init, recompute_masks=recompute_masks,
+                    compile=compile, log=log, name=model, info=info)
     gm, nodes, plan, tile, state = mg.gm, mg.nodes, mg.plan, mg.tile, mg.state
+    if info.active:
+        pdist.shard_(gm, nodes, info)
+        hf = loaded = None  # the graph holds the weights; FSDP2 frees each rank's unsharded copies
+    opt = make_optimizer(nodes, cfg, compile=compile) if cfg.learns else None
+    if resume:
+        ckpt.load(out, nodes, opt, info)
+        log(f"resuming from step {start_step}")
 
     def logits_fn(ids):
         return gm(ids)
 
-    eval_tokens = eval_file_tokens(loaded.tokenizer, eval_ppl) if eval_ppl else None  # tokenised once
+    eval_tokens = eval_file_tokens(tokenizer, eval_ppl) if eval_ppl else None
 
     def eval_now(tag: str, mode: str = "hard") -> dict | None:
         if eval_tokens is None:
             return None
         prev, state.mode = state.mode, mode
         r = perplexity(logits_fn, eval_tokens, seq_len=eval_seq_len, max_windows=eval_windows, device=device,
-                       desc=f"ppl {tag}", progress=progress)
+                       desc=f"ppl {tag}", progress=progress and info.main)
         state.mode = prev
         r["file"] = str(eval_ppl)
         log(f"PPL ({tag}) {r['ppl']:.3f} on {r['windows']} windows of {r['seq_len']}")
@@ -355,7 +401,9 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         return eval_now(f"step {step}")["ppl"]
 
     if cfg.learns and start_step < cfg.steps:
-        train_loop(gm, nodes, state, cfg, seqs, out, start_step, opt_state, extra, device, save_every, log, eval_hook)
+        train_gm = torch.compile(gm, dynamic=False) if compile else gm  # the training forward (and its backward)
+        train_loop(train_gm, nodes, state, cfg, seqs, out, start_step, opt, extra, device, save_every, log, eval_hook,
+                   w_norm_total=mg.weight_norm, info=info, step_in_backward=step_in_backward)
 
     hard = extract(nodes, cfg.sparsity)
     set_hard(nodes, hard)
@@ -364,19 +412,21 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     ppl_final = eval_now("final")
     tensors = {}
     for n, (b, p) in zip(nodes, hard):
-        tensors[f"{n.name}/tile_logits"] = n.tile_logits.detach()
+        tensors[f"{n.name}/tile_logits"] = _full(n.tile_logits).detach()
         tensors[f"{n.name}/bitmap"] = b.to(torch.uint8)
         tensors[f"{n.name}/pattern"] = p
-    write_safetensors(out / "masks.safetensors", tensors, {"format": "patchc-masks-1", "tile": str(tile)})
+    state_bytes = _state_bytes(nodes, opt)
     result = {
         "version": PRUNE_VERSION,
         "model": model,
-        "model_source": loaded.source,
-        "architecture": type(hf).__name__,
+        "model_source": source,
+        "architecture": architecture,
         "dtype": dtype_name(dtype),
         "tile": tile,
         "config": cfg.to_json(),
-        "tokens_trained": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len if cfg.learns else 0,
+        "tokens_trained": cfg.steps * global_batch * cfg.grad_accum * cfg.seq_len if cfg.learns else 0,
+        "processes": info.world,
+        "training_state": state_bytes,
         "sparsity": {k: v for k, v in report.items() if k not in ("layers", "skipped")},
         "ppl": {"dense": extra.get("ppl_dense"), "init": extra.get("ppl_init"), "final": ppl_final},
         "groups": [asdict(g) for g in plan.groups],
@@ -384,64 +434,110 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         "skipped": report["skipped"],
         "seconds": round(time.perf_counter() - t_start, 2),
     }
-    write_json(out / "prune.json", result)
+    if info.main:
+        write_safetensors(out / "masks.safetensors", tensors, {"format": "patchc-masks-1", "tile": str(tile)})
+        write_json(out / "prune.json", result)
+    if not keep_checkpoint and ckpt.exists(out):
+        ckpt.remove(out, info)
+    pdist.barrier(info)
     log(f"sparsity {report['achieved']:.4f} (target {cfg.sparsity}) -> {out / 'prune.json'}")
     return PruneResult(out_dir=out, report=result, model=hf, graph=gm)
 
 
+def _placeholder_init(plan, tile: int, cfg: PruneConfig, patterns: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Zero logits of the right shapes and the saved fixed patterns: a resumed run's nodes, filled by ckpt.load."""
+    out = {}
+    for s in plan.masked:
+        e = {"tile_logits": torch.zeros(s.out_features // tile, s.in_features // tile), "pattern": patterns[s.name]}
+        if cfg.mode == "joint" and cfg.learns:
+            e["pattern_logits"] = torch.zeros(s.out_features, s.in_features // 4, 6)
+        out[s.name] = e
+    return out
+
+
+def _state_bytes(nodes: list[MaskNode], opt) -> dict:
+    """Bytes of mask logits + optimizer state per masked weight (whole model, all ranks together)."""
+    weights = sum(n.numel for n in nodes)
+    total = 0
+    for p in opt_params(nodes):
+        per = LeanAdamW.state_bytes_per_element(p) if opt is not None else p.element_size()
+        total += p.numel() * per
+    return {"bytes": total, "masked_weights": weights, "bytes_per_masked_weight": round(total / max(weights, 1), 4)}
+
+
 def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, seqs: torch.Tensor, out: Path,
-               start_step: int, opt_state: dict, extra: dict, device, save_every: int, log, eval_hook=None) -> None:
+               start_step: int, opt: LeanAdamW, extra: dict, device, save_every: int, log, eval_hook=None, *,
+               w_norm_total: float, info: pdist.DistInfo | None = None, step_in_backward: bool = False) -> None:
+    info = info or pdist.DistInfo()
     params = opt_params(nodes)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if opt_state:
-        for i, p in enumerate(params):
-            opt.state[p] = {k: v.to(device) if k != "step" else v for k, v in opt_state[i].items()}
+    hooks = []
+    if step_in_backward:
+        for p in params:
+            group = opt.group_of(p)
+
+            def hook(param, _group=group):
+                opt.step_param(param, _group)
+                param.grad = None
+            hooks.append(p.register_post_accumulate_grad_hook(hook))
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
-    w_norm_total = sum(_weight_norms(gm, nodes))
     log_path = out / "log.jsonl"
-    _truncate_log(log_path, start_step)
+    if info.main:
+        _truncate_log(log_path, start_step)
     last_good = start_step
+    global_batch = info.world * cfg.batch_size
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="prune",
-               disable=not log.progress)
-    for step in bar:
-        state.mode = "soft"
-        state.tau = hm.linear_schedule(*cfg.tau, step, cfg.steps)
-        state.scale_tile = hm.linear_schedule(*cfg.scale_tile, step, cfg.steps)
-        state.scale_24 = hm.linear_schedule(*cfg.scale_24, step, cfg.steps)
-        lr = hm.cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "kl": 0.0}
-        for micro in range(cfg.grad_accum):
-            state.generator.manual_seed(cfg.seed * 1_000_003 + step * 97 + micro)
-            ids = seqs[batch_indices(len(seqs), step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)].to(device)
-            loss, ce, kl, density = step_loss(gm, nodes, state, cfg, ids, numel, w_norm_total, step)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint (step {last_good}) "
-                    f"is {out / CKPT}: lower --lr or the regularisers and --resume, or start over")
-            (loss / cfg.grad_accum).backward()
-            sums["loss"] += loss.item() / cfg.grad_accum
-            sums["ce"] += ce.item() / cfg.grad_accum
-            sums["kl"] += kl.item() / cfg.grad_accum
-            sums["density"] += density.item() / cfg.grad_accum
-        opt.step()
-        if any(not torch.isfinite(p).all() for p in params):
-            raise TrainingDiverged(f"mask logits became non-finite at step {step}; last good checkpoint: step "
-                                   f"{last_good} in {out / CKPT}")
-        rec = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "tau": round(state.tau, 5),
-               "lr": lr, "sparsity": round(1.0 - sums["density"], 5)}
-        ppl = eval_hook(step + 1) if eval_hook else None
-        if ppl is not None:
-            rec["ppl"] = round(ppl, 4)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", sparsity=f"{1 - sums['density']:.3f}",
-                        tau=f"{state.tau:.2f}")
-        if (step + 1) % save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(out, step + 1, cfg, nodes, opt, extra)
-            last_good = step + 1
+               disable=not (log.progress and info.main))
+    try:
+        for step in bar:
+            state.mode = "soft"
+            state.tau = hm.linear_schedule(*cfg.tau, step, cfg.steps)
+            state.scale_tile = hm.linear_schedule(*cfg.scale_tile, step, cfg.steps)
+            state.scale_24 = hm.linear_schedule(*cfg.scale_24, step, cfg.steps)
+            lr = hm.cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "kl": 0.0}
+            for micro in range(cfg.grad_accum):
+                state.set_step(step, micro, len(nodes), device)
+                idx = batch_indices(len(seqs), step * cfg.grad_accum + micro, global_batch, cfg.seed)
+                idx = idx[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]  # this rank's share
+                ids = seqs[idx].to(device)
+                loss, ce, kl, density = step_loss(gm, nodes, state, cfg, ids, numel, w_norm_total, step)
+                if pdist.any_(not torch.isfinite(loss).item(), info, device):
+                    raise TrainingDiverged(
+                        f"loss became non-finite at step {step}; stopped. The last good checkpoint (step {last_good}) "
+                        f"is {out / ckpt.CKPT}: lower --lr or the regularisers and --resume, or start over")
+                (loss / cfg.grad_accum).backward()
+                sums["loss"] += loss.item() / cfg.grad_accum
+                sums["ce"] += ce.item() / cfg.grad_accum
+                sums["kl"] += kl.item() / cfg.grad_accum
+                sums["density"] += density.item() / cfg.grad_accum
+            if not step_in_backward:
+                pdist.all_reduce_replicated_grads_(nodes, info)
+                opt.step()
+            bad = any(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params)
+            if pdist.any_(bad, info, device):
+                raise TrainingDiverged(f"mask logits became non-finite at step {step}; last good checkpoint: step "
+                                       f"{last_good} in {out / ckpt.CKPT}")
+            for k in ("loss", "ce", "kl"):
+                sums[k] = pdist.mean_(sums[k], info, device)
+            rec = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "tau": round(state.tau, 5),
+                   "lr": lr, "sparsity": round(1.0 - sums["density"], 5)}
+            ppl = eval_hook(step + 1) if eval_hook else None
+            if ppl is not None:
+                rec["ppl"] = round(ppl, 4)
+            if info.main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", sparsity=f"{1 - sums['density']:.3f}",
+                            tau=f"{state.tau:.2f}")
+            if (step + 1) % save_every == 0 or step + 1 == cfg.steps:
+                ckpt.save(out, step + 1, cfg.to_json(), extra, nodes, opt, info)
+                last_good = step + 1
+    finally:
+        for h in hooks:
+            h.remove()
     bar.close()
 
 
@@ -465,12 +561,6 @@ def step_loss(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, ids
     loss = (ce + cfg.distill * kl + cfg.sparse_reg * (density - (1.0 - cfg.sparsity)).abs()
             - cfg.weight_reg * (1.0 - step / cfg.steps) * kept_norm)
     return loss, ce, kl, density
-
-
-@torch.no_grad()
-def _weight_norms(gm, nodes: list[MaskNode]) -> list[float]:
-    """||W||_F of every masked weight (the denominator of the weight-norm term)."""
-    return [float(gm.get_parameter(PREFIX + n.name).float().norm()) for n in nodes]
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -105,13 +105,13 @@ def test_sparsity_outside_range_is_refused(bad):
 def test_soft_masks_are_probabilities():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 4, 6, generator=g)
-    m = hm.soft_mask24(logits, scale=3.0, tau=0.7, generator=g)
+    m = hm.soft_mask24(logits, scale=3.0, tau=0.7, key=torch.tensor(1))
     assert m.shape == (8, 16)
     assert torch.allclose(m.reshape(8, 4, 4).sum(-1), torch.full((8, 4), 2.0), atol=1e-5)
-    p = hm.soft_dense_tile(torch.randn(3, 3, generator=g), 25.0, 4.0, g)
+    p = hm.soft_dense_tile(torch.randn(3, 3, generator=g), 25.0, 4.0, torch.tensor(2))
     assert ((p > 0) & (p < 1)).all()
     # no noise, low temperature: the relaxation approaches the hard argmax pattern
-    hard = hm.soft_mask24(logits, scale=1.0, tau=1e-4, noise=False)
+    hard = hm.soft_mask24(logits, scale=1.0, tau=1e-4, key=None)
     assert torch.equal(hard.round().bool(), hm.pattern_to_mask(logits.argmax(-1).to(torch.uint8)))
 
 

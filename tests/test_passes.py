@@ -71,15 +71,16 @@ def test_include_exclude_filters(tiny):
 def _masked_graph(model, tile, mode, seed=0):
     cap = capture(model)
     plan = find_linears(cap.gm, tile)
-    state = MaskState(mode=mode, generator=torch.Generator().manual_seed(seed))
+    state = MaskState(mode=mode, seed=seed)
     g = torch.Generator().manual_seed(seed)
     nodes = {}
-    for s in plan.masked:
+    for i, s in enumerate(plan.masked):
         r, c = s.out_features // tile, s.in_features // tile
         pattern = torch.randint(0, 6, (s.out_features, s.in_features // 4), generator=g, dtype=torch.uint8)
         pl = torch.randn(s.out_features, s.in_features // 4, 6, generator=g)
-        nodes[s.name] = MaskNode(s, tile, state, torch.randn(r, c, generator=g), pattern, pl)
+        nodes[s.name] = MaskNode(s, tile, state, torch.randn(r, c, generator=g), pattern, pl, index=i)
     gm = insert_masks(cap.gm, plan, nodes)
+    state.set_step(0, 0, len(plan.masked), "cpu")
     return gm, plan, state
 
 
@@ -140,16 +141,18 @@ def _saved_bytes_and_grads(model, checkpoint: bool):
     return loss.detach(), grads, sum(seen.values())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["gpt2"])
 def test_recomputed_soft_masks_give_the_same_gradients_and_keep_less(arch):
-    """MaskState.checkpoint recomputes the soft masks in backward (same noise, restored generator): the loss
-    and every logit gradient are bitwise those of keeping them, and far fewer bytes wait for backward."""
+    """MaskState.checkpoint recomputes the soft masks of weight-only nodes (GPT-2's Conv1D addmm) in backward
+    (the same stateless noise): the loss and every logit gradient are bitwise those of keeping them, and far
+    fewer bytes wait for backward. (Fused linear nodes always recompute: test_lean_training.py.)"""
     model = load_model(f"tiny:{arch}").model
     loss0, g0, kept0 = _saved_bytes_and_grads(model, checkpoint=False)
     loss1, g1, kept1 = _saved_bytes_and_grads(model, checkpoint=True)
     assert torch.equal(loss0, loss1)
     assert len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
-    assert kept1 < 0.6 * kept0, (kept0, kept1)
+    weights = sum(n.numel for n in mask_nodes(_masked_graph(model, 128, "soft")[0]))
+    assert kept0 - kept1 >= 4 * weights, (kept0, kept1)  # at least one fp32 weight-size tensor per layer not kept
 
 
 def test_dynamic_shapes(tiny):

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_ARCHS
 from patchc import PruneConfig, TrainingDiverged, prune
 from patchc.data import DataError
-from patchc.io import read_safetensors, read_safetensors_metadata
+from patchc.io import read_safetensors
 from patchc.models import load_model
 from patchc.prune_dir import apply_hard_masks_, read_prune_dir
 
@@ -113,14 +113,23 @@ def test_existing_output_needs_overwrite(small_text, tmp_path):
     assert (out / "prune.json").exists() and not (out / "keep.txt").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path):
-    cfg = PruneConfig(sparsity=0.3, lr=float("inf"), **{**FAST, "steps": 6})
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, save_every=1)
-    ckpt = tmp_path / "o/checkpoint.safetensors"
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path, monkeypatch):
+    import patchc.train as tr
+
+    real = tr.step_loss
+
+    def nan_from_step_3(gm, nodes, state, cfg, ids, numel, w_norm, step):
+        loss, ce, kl, density = real(gm, nodes, state, cfg, ids, numel, w_norm, step)
+        return (loss * float("nan") if step >= 3 else loss), ce, kl, density
+    monkeypatch.setattr(tr, "step_loss", nan_from_step_3)
+    cfg = PruneConfig(sparsity=0.3, **{**FAST, "steps": 6})
+    with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 2\)"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, save_every=2)
     assert not (tmp_path / "o/prune.json").exists()
-    if ckpt.exists():  # whatever was saved is finite
-        assert all(torch.isfinite(t.float()).all() for t in read_safetensors(ckpt).values())
+    state = json.loads((tmp_path / "o/checkpoint/state.json").read_text())
+    assert state["step"] == 2
+    shards = list((tmp_path / "o/checkpoint").glob("*.safetensors"))
+    assert shards and all(torch.isfinite(t.float()).all() for f in shards for t in read_safetensors(f).values())
 
 
 def test_resume_after_kill_reproduces_an_uninterrupted_run(small_text, tmp_path):
@@ -133,15 +142,15 @@ def test_resume_after_kill_reproduces_an_uninterrupted_run(small_text, tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt, deadline = out / "checkpoint.safetensors", time.time() + 300
+    state, deadline = out / "checkpoint/state.json", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and int(read_safetensors_metadata(ckpt)["step"]) >= 4:
+        if state.exists() and json.loads(state.read_text())["step"] >= 4:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "prune.json").exists(), "the run finished before it could be killed"
-    killed_at = int(read_safetensors_metadata(ckpt)["step"])
+    killed_at = json.loads(state.read_text())["step"]
     assert 4 <= killed_at < 60
     res = subprocess.run([*cmd, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -152,7 +161,8 @@ def test_resume_after_kill_reproduces_an_uninterrupted_run(small_text, tmp_path)
 
 
 def test_resume_refuses_another_configuration(small_text, tmp_path):
-    prune("tiny:llama", [str(small_text)], tmp_path / "o", PruneConfig(sparsity=0.3, **FAST), progress=False)
+    prune("tiny:llama", [str(small_text)], tmp_path / "o", PruneConfig(sparsity=0.3, **FAST), progress=False,
+          keep_checkpoint=True)
     with pytest.raises(ValueError, match="different configuration"):
         prune("tiny:llama", [str(small_text)], tmp_path / "o", PruneConfig(sparsity=0.4, **FAST), progress=False,
               resume=True)

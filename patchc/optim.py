@@ -1,0 +1,171 @@
+"""LeanAdamW: AdamW for mask logits in 4 bytes per logit (logit + both moments), instead of 12.
+
+A joint-mode layer has 6 pattern logits per group of 4 weights (1.5 per weight): with fp32 logits and
+fp32 Adam moments that is 18 bytes of training state per masked weight. LeanAdamW keeps, per logit:
+
+  logit  bf16, updated with stochastic rounding (unbiased: small late-schedule steps are not lost)
+  r      int8, the normalised first moment m / sqrt(v) on a fixed grid over [-R, R]
+  vq     uint8, the second moment v as a code on a log2 grid (quarter octaves) below a per-tensor
+         reference vref (the tensor's largest v); code 0 is v = 0
+
+= 4 bytes per logit = 6 bytes per masked weight. Why r instead of m: with b1^2 < b2, Cauchy-Schwarz bounds
+|m| / sqrt(v) <= R = (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2)) (1.17 for b1 0.9, b2 0.95), so r needs no
+scale of its own; its rounding error is an absolute error of at most R / 127 in the step lr * r, never a
+relative one. Both codes are rounded stochastically (unbiased in v and in r), with noise from the same
+stateless hash as the masks (patchc.mask.uniform_noise), so a run is reproducible and resumable.
+Parameters that are not bf16 (the tile logits, a few per 128x128 weights) keep ordinary fp32 AdamW state.
+
+The state is plain tensors (saved as safetensors by the trainer) and works on FSDP2 DTensor parameters:
+codes are computed on the local shard; vref is the max over the whole tensor (one all-reduce when sharded).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from patchc.mask import noise_key, uniform_noise
+
+V_STEPS_PER_OCTAVE = 4   # vq code resolution: quarter octaves (19% in v, 9% in sqrt(v); rounded without bias)
+R_LEVELS = 127           # int8 grid for r over [-r_max, r_max]
+
+
+def r_bound(beta1: float, beta2: float) -> float:
+    """Largest |m| / sqrt(v) Adam's moments can reach (Cauchy-Schwarz; needs beta1^2 < beta2)."""
+    if not beta1 * beta1 < beta2:
+        raise ValueError(f"LeanAdamW needs beta1^2 < beta2 (got {beta1}, {beta2})")
+    return (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1 * beta1 / beta2))
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _stochastic_round_bf16(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 rounded up or down with probability proportional to the distance (unbiased)."""
+    bits = x.contiguous().view(torch.int32)
+    noise = (u * 65536.0).to(torch.int32)                                  # uniform in [0, 2**16)
+    bits = (bits + noise) & -65536                                         # keep the top 16 bits
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def encode_v(v: torch.Tensor, vref: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """v >= 0 -> uint8 code: 255 + k / V_STEPS_PER_OCTAVE octaves below vref, rounded without bias; 0 = zero."""
+    s = V_STEPS_PER_OCTAVE
+    t = torch.log2(torch.clamp(v / vref, min=1e-38)) * s                   # <= 0
+    lo = torch.floor(t)
+    v_lo = torch.exp2(lo / s) * vref
+    v_hi = v_lo * (2.0 ** (1.0 / s))
+    up = (u < (v - v_lo) / (v_hi - v_lo)).to(lo.dtype)
+    code = 255.0 + lo + up
+    # below the grid: round to the lowest code or to zero, unbiased as well
+    floor_v = vref * 2.0 ** (-254.0 / s)
+    code = torch.where(code >= 1.0, code, torch.where(u < v / floor_v, 1.0, 0.0))
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def decode_v(code: torch.Tensor, vref: torch.Tensor) -> torch.Tensor:
+    c = code.float()
+    return torch.where(c > 0, torch.exp2((c - 255.0) / V_STEPS_PER_OCTAVE) * vref, 0.0)
+
+
+def lean_step(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, vq: torch.Tensor, vref: torch.Tensor,
+              vref_new: torch.Tensor, u: torch.Tensor, hp: torch.Tensor):
+    """One AdamW step on a bf16 tensor with lean state; returns (p, r, vq) new values.
+    hp = [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, r_max] (float32 tensor)
+    u [3, *p.shape] uniform noise for the three stochastic roundings."""
+    lr, b1, b2, eps, wd, bc1, bc2, r_max = (hp[i] for i in range(8))
+    g = g.float()
+    v_old = decode_v(vq, vref)
+    m_old = r.float() * (r_max / R_LEVELS) * torch.sqrt(v_old)
+    m = b1 * m_old + (1 - b1) * g
+    v = b2 * v_old + (1 - b2) * g * g
+    vq_new = encode_v(v, vref_new, u[0])
+    v_kept = decode_v(vq_new, vref_new)
+    x = p.float() * (1 - lr * wd)
+    x = x - lr * (m / bc1) / (torch.sqrt(v_kept / bc2) + eps)
+    ratio = torch.where(v_kept > 0, m / torch.sqrt(v_kept), 0.0) * (R_LEVELS / r_max)
+    ratio = ratio.clamp(-R_LEVELS, R_LEVELS)
+    r_new = torch.floor(ratio + u[1]).clamp(-R_LEVELS, R_LEVELS).to(torch.int8)
+    return _stochastic_round_bf16(x, u[2]), r_new, vq_new
+
+
+class LeanAdamW(torch.optim.Optimizer):
+    """AdamW whose state for bf16 parameters is 2 bytes (int8 r + uint8 vq) per element; see the module doc.
+
+    seed: the stochastic roundings draw stateless noise from (seed, step, parameter index).
+    compile: run the bf16 update through torch.compile (CUDA: one fused kernel per tensor shape).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 seed: int = 0, compile: bool = False):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        r_bound(*betas)
+        self.seed = seed
+        self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self._step_fn = torch.compile(lean_step, dynamic=False) if compile else lean_step
+
+    @staticmethod
+    def state_bytes_per_element(p: torch.Tensor) -> int:
+        """Bytes of parameter + optimizer state per element (bf16: 2 + 1 + 1; fp32: 4 + 4 + 4)."""
+        return 4 if p.dtype == torch.bfloat16 else 12
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        lp = _local(p)
+        if p.dtype == torch.bfloat16:
+            return {"step": torch.zeros((), dtype=torch.int64), "r": torch.zeros_like(lp, dtype=torch.int8),
+                    "vq": torch.zeros_like(lp, dtype=torch.uint8),
+                    "vref": torch.zeros((), dtype=torch.float32, device=lp.device)}
+        return {"step": torch.zeros((), dtype=torch.int64), "m": torch.zeros_like(lp, dtype=torch.float32),
+                "v": torch.zeros_like(lp, dtype=torch.float32)}
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict) -> None:
+        """Update one parameter from its .grad (also usable from a post-accumulate-grad hook)."""
+        if p.grad is None:
+            return
+        state = self.state[p]
+        if not state:
+            state.update(self._init_state(p))
+        state["step"] += 1
+        t = int(state["step"])
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        lp, g = _local(p), _local(p.grad)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        if p.dtype != torch.bfloat16:
+            m, v = state["m"], state["v"]
+            m.mul_(b1).add_(g.float(), alpha=1 - b1)
+            v.mul_(b2).addcmul_(g.float(), g.float(), value=1 - b2)
+            lp.mul_(1 - lr * wd).addcdiv_(m / bc1, (v / bc2).sqrt_().add_(eps), value=-lr)
+            return
+        vref = state["vref"]
+        v_est = b2 * decode_v(state["vq"], vref).max() if lp.numel() else vref * 0
+        g_max = g.float().abs().max() if lp.numel() else vref * 0
+        vref_new = torch.maximum(v_est + (1 - b2) * g_max * g_max, vref * b2)   # >= every new v of the tensor
+        if hasattr(p, "device_mesh"):  # FSDP2 shard: one reference for the whole tensor
+            import torch.distributed as dist
+
+            dist.all_reduce(vref_new, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
+        vref_new = torch.clamp(vref_new, min=1e-30)
+        key = torch.tensor(noise_key(self.seed, t, self._index[id(p)], 7), device=lp.device)
+        u = uniform_noise(key, (3, *lp.shape), lp.device)
+        hp = torch.tensor([lr, b1, b2, eps, wd, bc1, bc2, r_bound(b1, b2)], dtype=torch.float32, device=lp.device)
+        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, u, hp)
+        lp.copy_(new_p)
+        state["r"].copy_(new_r)
+        state["vq"].copy_(new_vq)
+        vref.copy_(vref_new)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.step_param(p, group)
+        return loss
+
+    def group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not managed by this optimizer")

@@ -1,0 +1,168 @@
+"""Mask learning at scale: stateless noise, the fused masked linear, lean state, data-parallel training."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import WIKI_VALID, need
+from patchc import PruneConfig, prune
+from patchc import mask as hm
+from patchc.io import read_safetensors
+from patchc.optim import LeanAdamW, decode_v, encode_v, r_bound
+from patchc.passes.insert_masks import MaskedLinear
+from patchc.prune_dir import read_prune_dir
+
+FAST = dict(steps=4, seq_len=64, batch_size=2, calib_samples=4)
+
+
+def test_noise_is_a_stateless_uniform_hash():
+    k = torch.tensor(hm.noise_key(0, 3, 0, 7, 1))
+    u = hm.uniform_noise(k, (64, 1000), "cpu")
+    assert torch.equal(u, hm.uniform_noise(k, (64, 1000), "cpu"))                 # same key, same noise
+    other = hm.uniform_noise(torch.tensor(hm.noise_key(0, 4, 0, 7, 1)), (64, 1000), "cpu")
+    assert (u == other).float().mean() < 1e-3                                     # another step: unrelated
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0                          # logs of u and 1-u stay finite
+    hist = torch.histc(u, bins=16, min=0.0, max=1.0)
+    assert (hist / u.numel() - 1 / 16).abs().max() < 0.005                        # uniform
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten()[:-1], u.flatten()[1:]]))[0, 1])) < 0.01
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_fused_masked_linear_matches_autograd_in_float64(joint):
+    """MaskedLinear keeps only x and recomputes W * M in backward: output, input gradient and logit gradients
+    equal plain autograd through the same relaxed mask, in float64."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, tile = 32, 48, 16
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 5, in_f, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(out_f, generator=g, dtype=torch.float64)
+    tl = torch.randn(out_f // tile, in_f // tile, generator=g, dtype=torch.float64, requires_grad=True)
+    pl = torch.randn(out_f, in_f // 4, 6, generator=g, dtype=torch.float64, requires_grad=True) if joint else None
+    m24 = None if joint else hm.pattern_to_mask(torch.randint(0, 6, (out_f, in_f // 4), generator=g, dtype=torch.uint8))
+    knobs, keys = torch.tensor([3.0, 5.0, 0.7], dtype=torch.float64), torch.tensor([11, 12])
+    dy = torch.randn(3, 5, out_f, generator=g, dtype=torch.float64)
+    leaves = [x, tl] + ([pl] if joint else [])
+
+    def grads(y, gate, norm):
+        loss = (y * dy).sum() + 0.3 * gate + 0.7 * norm
+        return torch.autograd.grad(loss, leaves)
+    y, gate, norm = MaskedLinear.apply(x, w, bias, tl, pl, m24, knobs, keys, tile)
+    got = grads(y, gate, norm)
+    wm, gate_r, norm_r = hm.soft_masked_weight(w, tl, pl, m24, tile, knobs, keys)
+    y_r = F.linear(x, wm, bias)
+    want = grads(y_r, gate_r, norm_r)
+    torch.testing.assert_close(y, y_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lean_moment_codes_are_unbiased_and_bounded():
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(400_000, generator=g) * 3e-3
+    u = torch.rand(400_000, generator=g)
+    vref = torch.tensor(1e-2)
+    code = encode_v(v, vref, u)
+    assert code.dtype == torch.uint8
+    assert abs(float(decode_v(code, vref).mean() / v.mean()) - 1) < 2e-3           # no bias in v
+    assert r_bound(0.9, 0.95) == pytest.approx(1.165, abs=1e-3)
+    with pytest.raises(ValueError, match="beta1"):
+        LeanAdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.99, 0.95))
+
+
+def test_lean_adamw_tracks_fp32_adamw():
+    """On a small softmax-logit problem the lean optimizer (bf16 logits, 2 bytes of state) picks the same
+    winners as fp32 AdamW."""
+    target = torch.randn(64, 16, 6, generator=torch.Generator().manual_seed(1))
+
+    def run(opt_cls, dtype):
+        p = torch.nn.Parameter(torch.zeros(64, 16, 6, dtype=dtype))
+        opt = opt_cls([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+        for _ in range(200):
+            loss = ((torch.softmax(p.float() * 3, -1) - torch.softmax(target, -1)) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item(), p.detach().float()
+    l32, p32 = run(torch.optim.AdamW, torch.float32)
+    lean, plean = run(LeanAdamW, torch.bfloat16)
+    assert (p32.argmax(-1) == plean.argmax(-1)).float().mean() > 0.99
+    assert lean < 0.05 * float(((torch.softmax(torch.zeros(6), -1) - torch.softmax(target, -1)) ** 2).sum())
+
+
+def _tensor_bytes(folder: Path, keep=lambda k: True) -> int:
+    return sum(t.numel() * t.element_size() for f in folder.glob("*.safetensors")
+               for k, t in read_safetensors(f).items() if keep(k))
+
+
+def test_joint_state_is_6_bytes_per_masked_weight_and_the_checkpoint_goes_unless_kept(small_text, tmp_path):
+    cfg = PruneConfig(sparsity=0.35, mode="joint", **FAST)
+    res = prune("tiny:llama", [str(small_text)], tmp_path / "lean", cfg, progress=False, keep_checkpoint=True)
+    weights = res.report["sparsity"]["masked_params"]
+    tiles = sum(l["tiles"] for l in res.report["layers"])
+    ck = tmp_path / "lean/checkpoint"
+    # logits + optimizer state on disk: 4 bytes per pattern logit (1.5 per weight) + 12 per fp32 tile logit
+    assert _tensor_bytes(ck) <= 6 * weights + 12 * tiles + 64 * len(res.report["layers"])
+    assert res.report["training_state"]["bytes_per_masked_weight"] <= 6 + 12 * tiles / weights + 1e-3
+    fp32 = prune("tiny:llama", [str(small_text)], tmp_path / "fp32", PruneConfig(**{**cfg.to_json(), "state": "fp32"}),
+                 progress=False)
+    assert fp32.report["training_state"]["bytes_per_masked_weight"] >= 18
+    assert not (tmp_path / "fp32/checkpoint").exists()                            # removed: not asked to keep
+    assert {p.name for p in (tmp_path / "fp32").iterdir()} == {"prune.json", "masks.safetensors", "log.jsonl"}
+
+
+def test_stepping_in_backward_gives_the_same_masks(small_text, tmp_path):
+    cfg = PruneConfig(sparsity=0.35, mode="joint", **FAST)
+    a = prune("tiny:llama", [str(small_text)], tmp_path / "a", cfg, progress=False, step_in_backward=True)
+    b = prune("tiny:llama", [str(small_text)], tmp_path / "b", cfg, progress=False, step_in_backward=False)
+    ma, mb = read_safetensors(a.out_dir / "masks.safetensors"), read_safetensors(b.out_dir / "masks.safetensors")
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def _agreement(a: Path, b: Path) -> tuple[float, float]:
+    x, y = read_prune_dir(a), read_prune_dir(b)
+    bm = sum(int((x.bitmaps[k] == y.bitmaps[k]).sum()) for k in x.bitmaps) / sum(v.numel() for v in x.bitmaps.values())
+    pt = sum(int((x.patterns[k] == y.patterns[k]).sum()) for k in x.patterns) / sum(v.numel() for v in x.patterns.values())
+    return bm, pt
+
+
+def test_torchrun_two_processes_learn_the_masks_of_one_process_and_resume_anywhere(tmp_path):
+    """The documented command: 2 gloo processes x batch 4 learn what one process learns with batch 8
+    (same global batch, same seed); the sharded checkpoint resumes in a single process."""
+    data = need(WIKI_VALID)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    common = ["--sparsity", "0.35", "--mode", "joint", "--data", str(data), "--steps", "4", "--seq-len", "64",
+              "--save-every", "2", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "patchc", "prune", "tiny:llama",
+                        *common, "--batch-size", "4", "--keep-checkpoint", "--out", str(two)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("sparsity 0.3") == 1                                    # rank 0 alone reports
+    rep = json.loads((two / "prune.json").read_text())
+    assert rep["processes"] == 2 and rep["tokens_trained"] == 4 * 2 * 4 * 64
+    assert sorted(p.name for p in (two / "checkpoint").glob("*.safetensors")) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    one = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "patchc", "prune", "tiny:llama", *common, "--batch-size", "8",
+                        "--out", str(one)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bm, pt = _agreement(two, one)
+    assert bm >= 0.99 and pt >= 0.99, (bm, pt)
+    # resume the 2-process checkpoint (step 4 of 4) in one process: nothing left to train, same masks
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for f in ("log.jsonl",):
+        (resumed / f).write_bytes((two / f).read_bytes())
+    (resumed / "checkpoint").mkdir()
+    for f in (two / "checkpoint").iterdir():
+        (resumed / "checkpoint" / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "patchc", "prune", "tiny:llama", *common, "--batch-size", "4",
+                        "--resume", "--out", str(resumed)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _agreement(two, resumed) == (1.0, 1.0)
