@@ -25,7 +25,7 @@ from patchc.token_cache import TokenCache, entry_key, file_sha256, token_dtype, 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".md")
 SNIFF_BYTES = 64 << 10  # the head checked for binary content before any slow work
-PIECE_BYTES = 1 << 20  # text files are read and tokenised in pieces of 1-2 MB
+PIECE_BYTES = 1 << 20  # text files are read and tokenised in pieces of about 1 MB
 FORMATS = "--data takes UTF-8 text files or .jsonl files with a string field 'text' per line"
 
 
@@ -98,24 +98,27 @@ _DOC_CUT = re.compile(rb"[A-Za-z0-9](?=[ \t\r]*\n[ \t\r]*\n)")
 _WORD_CUT = re.compile(rb"[A-Za-z0-9](?=\s)")
 
 
-def _cut(buf: bytes, at: int) -> int:
-    for pattern in (_DOC_CUT, _WORD_CUT):
-        if m := pattern.search(buf, at):
-            return m.start() + 1
+def _cut(buf: bytes, at: int, force: bool) -> int | None:
+    if m := _DOC_CUT.search(buf, at):
+        return m.start() + 1
+    if not force:
+        return None
+    if m := _WORD_CUT.search(buf, at):
+        return m.start() + 1
     while at > 0 and buf[at] & 0xC0 == 0x80:  # no safe cut: at least not inside a UTF-8 character
         at -= 1
     return at
 
 
 def text_pieces(path, piece_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, bytes) pieces of a file, about piece_bytes..2*piece_bytes long (default PIECE_BYTES)."""
+    """(byte offset, bytes) pieces of a file of a little over piece_bytes (default PIECE_BYTES): cut at the first
+    document boundary after it, else (at twice that) after a word."""
     piece_bytes = piece_bytes or PIECE_BYTES
     with open(path, "rb") as f:
         buf, offset = b"", 0
-        while block := f.read(piece_bytes):
+        while block := f.read(max(piece_bytes // 8, 1)):
             buf += block
-            if len(buf) >= 2 * piece_bytes:
-                cut = _cut(buf, piece_bytes)
+            if len(buf) > piece_bytes and (cut := _cut(buf, piece_bytes, force=len(buf) >= 2 * piece_bytes)):
                 yield offset, buf[:cut]
                 offset, buf = offset + cut, buf[cut:]
         if buf:

@@ -148,9 +148,16 @@ def test_text_pieces_cut_between_a_word_and_whitespace(tmp_path):
         offset += len(raw)
         raw.decode("utf-8")  # never inside a character
     for _, raw in pieces[:-1]:
-        assert raw[-1:].isalnum() and len(raw) >= 1000
+        assert raw[-1:].isalnum() and 1000 <= len(raw) < 1200
     # at a blank line when there is one: the next piece starts with it
     assert all(raw.startswith(b"\n\n") for _, raw in pieces[1:])
+    # without blank lines after a letter or digit: after a word; without any: between characters
+    p.write_text("Alpha beta. \u00e9t\u00e9\n" * 400, encoding="utf-8")
+    pieces = [raw for _, raw in text_pieces(p, piece_bytes=1000)]
+    assert b"".join(pieces) == p.read_bytes() and all(raw.endswith(b"Alpha") for raw in pieces[:-1])
+    p.write_text("\u00e9." * 2000, encoding="utf-8")
+    pieces = [raw for _, raw in text_pieces(p, piece_bytes=1000)]
+    assert b"".join(pieces) == p.read_bytes() and len(pieces) > 1 and all(raw.decode() for raw in pieces)
 
 
 def test_every_folder_is_mixed_into_the_first_epoch(tok, tmp_path):
@@ -250,3 +257,21 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "tokens"
     monkeypatch.delenv("PATCHC_CACHE")
     assert default_cache_dir().parts[-3:] == (".cache", "patchc", "tokens")
+
+
+def test_in_memory_functions_keep_their_contract(tok, tmp_path):
+    """tokenize_files / chunk (train.py until it moves to TokenCorpus; evaluate.py for evaluation text)."""
+    a = calib_slice(tmp_path / "a.txt", "wikitext2_raw_valid", 3_000)
+    b = jsonl(tmp_path / "b.jsonl", ["one", "two"])
+    ids = tokenize_files(tok, [str(b), str(a)])  # file order as given; each text file whole
+    assert ids.tolist()[:8] == [*b"one", 256, *b"two", 256]
+    assert ids.numel() == 8 + len(a.read_bytes()) + 1
+    assert torch.equal(tokenize_files(tok, [str(b), str(a)], max_tokens=10), ids[:10])
+    assert chunk(ids, 100).shape == (ids.numel() // 100, 100)
+    with pytest.raises(DataError, match="does not exist"):
+        tokenize_files(tok, [str(tmp_path / "nope.txt")])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="holds no text"):
+        tokenize_files(tok, [str(tmp_path / "empty.txt")])
+    with pytest.raises(DataError, match="fewer than one sequence of 64"):
+        chunk(ids[:10], 64)
