@@ -1,9 +1,9 @@
 """Token cache on disk: one flat binary token array per (tokenizer, file content), memory-mapped on use.
 
 An entry is `<key>.bin` (the tokens, uint16 when the vocabulary fits, else int32) and `<key>.json` (n_tokens,
-dtype, tokenizer fingerprint, source file, patchc version). key = sha256(tokenizer fingerprint + sha256 of the
-file's bytes), so the same content anywhere hits the cache. Both are written atomically, the sidecar last: an
-entry without a sidecar, or whose .bin size disagrees with it, is rebuilt, never trusted.
+dtype, tokenizer fingerprint, source file, format, patchc version). key = sha256(tokenizer fingerprint + sha256
+of the file's bytes + FORMAT), so the same content anywhere hits the cache. Both are written atomically, the
+sidecar last: an entry without a sidecar, or whose .bin size disagrees with it, is rebuilt, never trusted.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 from patchc.io import atomic_path, write_json
 
 HASH_BLOCK = 1 << 20
+FORMAT = 1  # bump when how files become token streams changes: older entries then miss
 
 
 def _version() -> str:
@@ -57,7 +58,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def entry_key(fingerprint: str, content_sha256: str) -> str:
-    return hashlib.sha256(f"{fingerprint}:{content_sha256}".encode()).hexdigest()
+    return hashlib.sha256(f"{fingerprint}:{content_sha256}:{FORMAT}".encode()).hexdigest()
 
 
 class TokenCache:
@@ -93,7 +94,7 @@ class TokenCache:
                 n += arr.size
             f.flush()
         write_json(meta_path, {"n_tokens": n, "dtype": self.dtype.name, "tokenizer": self.fingerprint,
-                               "source": source, "patchc_version": _version()})
+                               "source": source, "format": FORMAT, "patchc_version": _version()})
         return n
 
     def open(self, key: str, n_tokens: int) -> np.ndarray:
