@@ -22,15 +22,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
+_BENCH = sys.path.pop(0) if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench" else None
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers.activations  # noqa: E402,F401  (before bench/ is on the path: its kernels.py is not the hub's)
+
 sys.path.insert(0, str(ROOT))
+if _BENCH:
+    sys.path.insert(0, _BENCH)
 
 from patchc import PruneConfig  # noqa: E402
 from patchc.models import load_model  # noqa: E402
-from patchc.train import _weight_norms, mask_graph, opt_params, step_loss  # noqa: E402
+from patchc.train import make_optimizer, mask_graph, opt_params, step_loss  # noqa: E402
 
 from report import machine_env, write_report  # noqa: E402  (bench/report.py)
 
@@ -74,7 +78,7 @@ def timed(fn, device, reps: int, warmup: int = 3) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3
 
 
 def peak_reset(device):
@@ -100,26 +104,42 @@ def plain_step(model, ids):
     return step
 
 
-def mask_step(model, ids, mode: str, distill: float, device, recompute: bool = False):
-    """A prune step's closure (graph capture, mask init with the magnitude prior: no calibration)."""
+def mask_step(model, ids, mode: str, distill: float, device, *, compile: bool = True, state: str = "lean",
+              in_backward: bool = False):
+    """A prune step's closure as patchc.train runs it (graph capture, mask init with the magnitude prior: no
+    calibration): MaskNodes in soft mode, CE + density + weight-norm (+ KL) terms, backward into the mask
+    logits, LeanAdamW step (in backward when asked). compile: the training graph under torch.compile."""
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100)
-    mg = mask_graph(model, cfg, ids[:1], device, recompute_masks=recompute)
-    gm, nodes, state = mg.gm, mg.nodes, mg.state
-    params = opt_params(nodes)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100, state=state)
+    mg = mask_graph(model, cfg, ids[:1], device, compile=compile)
+    gm, nodes, st = mg.gm, mg.nodes, mg.state
+    run = torch.compile(gm, dynamic=False) if compile else gm
+    opt = make_optimizer(nodes, cfg, compile=compile)
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
-    w_norm = sum(_weight_norms(gm, nodes))
+    hooks = []
+    if in_backward:
+        for p in opt_params(nodes):
+            def hook(param, _g=opt.group_of(p)):
+                opt.step_param(param, _g)
+                param.grad = None
+            hooks.append(p.register_post_accumulate_grad_hook(hook))
+    counter = [0]
 
     def step():
-        state.mode = "soft"
+        st.mode = "soft"
+        st.set_step(counter[0], 0, len(nodes), device)
+        counter[0] += 1
         opt.zero_grad(set_to_none=True)
-        loss, *_ = step_loss(gm, nodes, state, cfg, ids, numel, w_norm, 10)
+        loss, *_ = step_loss(run, nodes, st, cfg, ids, numel, mg.weight_norm, 10)
         loss.backward()
-        opt.step()
-    return step, {"masked_linears": len(nodes), "mask_params": sum(p.numel() for p in params), "tile": mg.tile,
-                  "capture_s": round(mg.capture_s, 1)}
+        if not in_backward:
+            opt.step()
+    n_logits = sum(p.numel() for p in opt_params(nodes))
+    state_bytes = sum(p.numel() * opt.state_bytes_per_element(p) for p in opt_params(nodes))
+    return step, {"masked_linears": len(nodes), "mask_params": n_logits, "tile": mg.tile,
+                  "capture_s": round(mg.capture_s, 1),
+                  "state_bytes_per_masked_weight": round(state_bytes / sum(n.numel for n in nodes), 4)}
 
 
 def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, reps: int) -> list[dict]:
@@ -135,12 +155,19 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
             if kind == "plain":
                 fn, info = plain_step(model, ids), {}
             else:
-                mode, *opts = kind.split("+")  # tile | joint, then +kd (distillation), +rc (recompute masks)
-                fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, "rc" in opts)
+                # tile | joint, then +kd (distillation), +eager (no torch.compile: the fused MaskedLinear path),
+                # +fp32 (fp32 logits and Adam state), +ib (optimizer step in backward)
+                mode, *opts = kind.split("+")
+                fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, compile="eager" not in opts,
+                                     state="fp32" if "fp32" in opts else "lean", in_backward="ib" in opts)
             peak_reset(device)
-            r.update(info, step_ms=round(timed(fn, device, reps), 1), peak_GB=peak_gb(device), fits=True)
+            med, lo, hi = timed(fn, device, reps)
+            r.update(info, step_ms=round(med, 1), step_ms_min=round(lo, 1), step_ms_max=round(hi, 1), reps=reps,
+                     peak_GB=peak_gb(device), fits=True)
         except torch.OutOfMemoryError as e:
             r.update(fits=False, error=str(e).splitlines()[0][:160])
+        except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+            r.update(fits=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         rows.append(r)
         print(json.dumps(r), flush=True)
         del model
@@ -156,9 +183,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/train_speed")
     ap.add_argument("--models", default="smollm2,llama3.2-1b")
-    ap.add_argument("--kinds", default="plain,tile,tile+kd,joint,joint+kd,tile+rc,joint+kd+rc",
-                    help="+kd: with distillation; +rc: soft masks recomputed in backward (prune --recompute-masks)")
-    ap.add_argument("--fit", default="", help="shapes to try PATCH-Tile (masks recomputed) on at batch 1 (largest that fits)")
+    ap.add_argument("--kinds", default="plain,tile,joint,tile+kd,joint+kd,joint+eager,joint+fp32,joint+kd+eager",
+                    help="+kd: with distillation; +eager: no torch.compile; +fp32: fp32 logit state; +ib: step in backward")
+    ap.add_argument("--fit", default="", help="shapes to try PATCH-Joint (step in backward) on at batch 1 x seq")
     ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
@@ -167,17 +194,21 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.models, a.batch, a.seq, a.reps, a.fit = "tiny", "tiny=2", 64, 2, ""
+        a.kinds = "plain,tile,joint+eager,joint+eager+fp32,joint+eager+ib"
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
     rows = []
     for name in a.models.split(","):
         rows += measure(name, a.kinds.split(","), int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
     for name in [n for n in a.fit.split(",") if n]:
-        rows += measure(name, ["tile+rc"], 1, a.seq, a.device, dtype, 3)
+        rows += measure(name, ["joint+ib"], 1, a.seq, a.device, dtype, 3)
     env = {**machine_env(a.device), "dtype": str(dtype)}
     cols = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
-            ("kind", "kind"), ("step ms", lambda r: r.get("step_ms", "")), ("vs plain", lambda r: r.get("vs_plain", "")),
-            ("peak GB", lambda r: r.get("peak_GB", "")), ("fits", lambda r: "yes" if r.get("fits") else "OOM")]
+            ("kind", "kind"), ("step ms (min-max)", lambda r: f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
+                                if "step_ms" in r else ""), ("vs plain", lambda r: r.get("vs_plain", "")),
+            ("peak GB", lambda r: r.get("peak_GB", "")),
+            ("state B/weight", lambda r: r.get("state_bytes_per_masked_weight", "")),
+            ("fits", lambda r: "yes" if r.get("fits") else ("OOM" if "memory" in r.get("error", "") else "error"))]
     print(write_report(Path(a.out), "train_speed", f"Mask-training step cost ({env['device']}, torch {env['torch']}, "
                        f"{env['date']})", cols, rows, env))
 

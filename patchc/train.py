@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from patchc import checkpoint as ckpt
 from patchc import distributed as pdist
 from patchc import mask as hm
-from patchc.data import batch_indices, chunk, tokenize_files
+from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_data_paths, rank_slice
 from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.io import write_json, write_safetensors
 from patchc.models import dtype_name, load_model
@@ -327,6 +327,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     if step_in_backward is None:
         step_in_backward = not info.active and cfg.grad_accum == 1
     log = _Log(progress and info.main)
+    check_data_paths(data)  # missing, binary or undecodable data fails now, before anything is loaded or deleted
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
@@ -348,10 +349,15 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     loaded = load_model(model, device=device, dtype=dtype, seed=cfg.seed)
     hf, tokenizer, source, architecture = loaded.model, loaded.tokenizer, loaded.source, type(loaded.model).__name__
     global_batch = info.world * cfg.batch_size
-    need = max(cfg.steps * global_batch * cfg.grad_accum, cfg.calib_samples if cfg.method != "magnitude" else 1)
-    tokens = tokenize_files(tokenizer, data, max_tokens=need * cfg.seq_len + 1)
-    seqs = chunk(tokens, cfg.seq_len, "training data")
-    log(f"data: {tokens.numel():,} tokens -> {len(seqs)} sequences of {cfg.seq_len}")
+    if info.main:  # rank 0 fills the token cache; the others then read it
+        corpus = TokenCorpus.build(tokenizer, data, progress=progress)
+    pdist.barrier(info)
+    if not info.main:
+        corpus = TokenCorpus.build(tokenizer, data)
+    n_seq = corpus.num_sequences(cfg.seq_len)
+    log(f"data: {corpus.n_tokens:,} tokens in {len(corpus.files)} files ({corpus.hits} from the cache) -> "
+        f"{n_seq} sequences of {cfg.seq_len}, mixed by a seeded shuffle")
+    calib = corpus.sequences(calibration_indices(n_seq, min(cfg.calib_samples, n_seq), cfg.seed), cfg.seq_len)
 
     start_step, extra, init = 0, {}, None
     if resume:
@@ -362,7 +368,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
             raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff} (saved, given)")
         start_step, extra = int(st["step"]), dict(st.get("extra", {}))
         init = lambda plan, tile: _placeholder_init(plan, tile, cfg, ckpt.load_patterns(out, plan, info, cfg.mode == "joint" and cfg.learns))  # noqa: E731
-    mg = mask_graph(hf, cfg, seqs[: cfg.calib_samples], device, init=init, recompute_masks=recompute_masks,
+    mg = mask_graph(hf, cfg, calib, device, init=init, recompute_masks=recompute_masks,
                     compile=compile, log=log, name=model, info=info)
     gm, nodes, plan, tile, state = mg.gm, mg.nodes, mg.plan, mg.tile, mg.state
     if info.active:
@@ -402,7 +408,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
 
     if cfg.learns and start_step < cfg.steps:
         train_gm = torch.compile(gm, dynamic=False) if compile else gm  # the training forward (and its backward)
-        train_loop(train_gm, nodes, state, cfg, seqs, out, start_step, opt, extra, device, save_every, log, eval_hook,
+        train_loop(train_gm, nodes, state, cfg, corpus, out, start_step, opt, extra, device, save_every, log, eval_hook,
                    w_norm_total=mg.weight_norm, info=info, step_in_backward=step_in_backward)
 
     hard = extract(nodes, cfg.sparsity)
@@ -465,7 +471,7 @@ def _state_bytes(nodes: list[MaskNode], opt) -> dict:
     return {"bytes": total, "masked_weights": weights, "bytes_per_masked_weight": round(total / max(weights, 1), 4)}
 
 
-def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, seqs: torch.Tensor, out: Path,
+def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, corpus: TokenCorpus, out: Path,
                start_step: int, opt: LeanAdamW, extra: dict, device, save_every: int, log, eval_hook=None, *,
                w_norm_total: float, info: pdist.DistInfo | None = None, step_in_backward: bool = False) -> None:
     info = info or pdist.DistInfo()
@@ -485,6 +491,7 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
         _truncate_log(log_path, start_step)
     last_good = start_step
     global_batch = info.world * cfg.batch_size
+    n_seq = corpus.num_sequences(cfg.seq_len)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="prune",
                disable=not (log.progress and info.main))
     try:
@@ -500,9 +507,8 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, se
             sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "kl": 0.0}
             for micro in range(cfg.grad_accum):
                 state.set_step(step, micro, len(nodes), device)
-                idx = batch_indices(len(seqs), step * cfg.grad_accum + micro, global_batch, cfg.seed)
-                idx = idx[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]  # this rank's share
-                ids = seqs[idx].to(device)
+                idx = batch_indices(n_seq, step * cfg.grad_accum + micro, global_batch, cfg.seed)
+                ids = corpus.sequences(rank_slice(idx, info.rank, info.world), cfg.seq_len).to(device)
                 loss, ce, kl, density = step_loss(gm, nodes, state, cfg, ids, numel, w_norm_total, step)
                 if pdist.any_(not torch.isfinite(loss).item(), info, device):
                     raise TrainingDiverged(

@@ -92,10 +92,12 @@ def test_kernel_variants_all_compute_the_hybrid_product():
 def test_train_speed_quick(tmp_path):
     """bench/train_speed.py --quick: a plain step and PATCH steps (with the distillation teacher) are timed."""
     r = subprocess.run([sys.executable, str(ROOT / "bench/train_speed.py"), "--quick", "--device", "cpu",
-                        "--kinds", "plain,tile,joint+kd,joint+kd+rc", "--out", str(tmp_path)], capture_output=True, text=True)
+                        "--kinds", "plain,tile+eager,joint+kd+eager,joint+eager+fp32", "--out", str(tmp_path)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "train_speed.json").read_text())
-    assert [x["kind"] for x in res["rows"]] == ["plain", "tile", "joint+kd", "joint+kd+rc"]
+    assert [x["kind"] for x in res["rows"]] == ["plain", "tile+eager", "joint+kd+eager", "joint+eager+fp32"]
+    assert res["rows"][2]["state_bytes_per_masked_weight"] < 6.01 < 18 <= res["rows"][3]["state_bytes_per_masked_weight"]
     assert all(x["fits"] and x["step_ms"] > 0 for x in res["rows"]) and "vs_plain" in res["rows"][2]
     assert res["rows"][2]["mask_params"] > res["rows"][1]["mask_params"]  # joint learns 2:4 logits too
     assert "torch" in res["env"]
