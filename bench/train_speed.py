@@ -68,8 +68,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+def timed(fn, device, reps: int, warmup: int = 3):
+    """(median, min, max) ms of `reps` calls after `warmup` calls, and the first call's seconds (compile)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         fn()
     times = []
     for _ in range(reps):
@@ -78,7 +84,7 @@ def timed(fn, device, reps: int, warmup: int = 3) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3
+    return statistics.median(times) * 1e3, min(times) * 1e3, max(times) * 1e3, first_s
 
 
 def peak_reset(device):
@@ -161,8 +167,9 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
                 fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, compile="eager" not in opts,
                                      state="fp32" if "fp32" in opts else "lean", in_backward="ib" in opts)
             peak_reset(device)
-            med, lo, hi = timed(fn, device, reps)
+            med, lo, hi, first = timed(fn, device, reps)
             r.update(info, step_ms=round(med, 1), step_ms_min=round(lo, 1), step_ms_max=round(hi, 1), reps=reps,
+                     first_step_s=round(first, 1),
                      peak_GB=peak_gb(device), fits=True)
         except torch.OutOfMemoryError as e:
             r.update(fits=False, error=str(e).splitlines()[0][:160])

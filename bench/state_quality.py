@@ -1,0 +1,75 @@
+"""Quality cost of the lean mask-learning state: the same PATCH-Joint run with lean state (bf16 pattern logits,
+LeanAdamW 8-bit moments: 6 bytes per masked weight) and with fp32 state (18 bytes), WikiText-2 PPL of each.
+
+    python bench/state_quality.py --model smollm2-135m --data CALIB_FOLDERS... --eval-ppl wiki.test.raw.txt \
+        --steps 400 --batch-size 8 --seq-len 2048 --out bench/results/state_quality
+Rows run one after the other on one machine (one run each: a full training run is the unit).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_BENCH = sys.path.pop(0) if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench" else None
+import torch  # noqa: E402
+import transformers.activations  # noqa: E402,F401  (before bench/ is on the path)
+
+sys.path.insert(0, str(ROOT))
+if _BENCH:
+    sys.path.insert(0, _BENCH)
+
+from patchc import PruneConfig, prune  # noqa: E402
+
+from report import machine_env, write_report  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--eval-ppl", required=True)
+    ap.add_argument("--sparsity", type=float, default=0.35)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--states", default="lean,fp32")
+    ap.add_argument("--work", default="/tmp/state_quality")
+    ap.add_argument("--out", default="bench/results/state_quality")
+    ap.add_argument("--no-compile", action="store_true", help="train the graph eagerly (fused MaskedLinear path)")
+    a = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for state in a.states.split(","):
+        cfg = PruneConfig(sparsity=a.sparsity, mode="joint", steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                          state=state)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = prune(a.model, a.data, Path(a.work) / state, cfg, device=device, eval_ppl=a.eval_ppl, overwrite=True,
+                    progress=False, compile=False if a.no_compile else None)
+        rep = res.report
+        row = {"state": state, "ppl_final": round(rep["ppl"]["final"]["ppl"], 3), "ppl_dense": round(rep["ppl"]["dense"]["ppl"], 3),
+               "ppl_init": round(rep["ppl"]["init"]["ppl"], 3), "windows": rep["ppl"]["final"]["windows"],
+               "tokens_trained": rep["tokens_trained"], "sparsity": round(rep["sparsity"]["achieved"], 4),
+               "state_bytes_per_masked_weight": rep["training_state"]["bytes_per_masked_weight"],
+               "seconds": round(time.perf_counter() - t0, 1),
+               "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None}
+        print(row, flush=True)
+        rows.append(row)
+        del res
+    if len(rows) == 2:
+        rows[0]["ppl_vs_" + rows[1]["state"]] = round(rows[0]["ppl_final"] / rows[1]["ppl_final"], 4)
+    env = machine_env(device)
+    cols = [("state", "state"), ("state B / masked weight", "state_bytes_per_masked_weight"),
+            ("WikiText-2 PPL", "ppl_final"), ("dense PPL", "ppl_dense"), ("one-shot start PPL", "ppl_init"),
+            ("tokens", "tokens_trained"), ("seconds", "seconds"), ("peak GB", lambda r: r.get("peak_GB") or "")]
+    print(write_report(Path(a.out), "state_quality",
+                       f"PATCH-Joint {a.sparsity:.0%} on {a.model}: lean vs fp32 mask state ({env['device']}, "
+                       f"{env['date']})", cols, rows, env))
+
+
+if __name__ == "__main__":
+    main()
