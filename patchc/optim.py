@@ -70,11 +70,12 @@ def decode_v(code: torch.Tensor, vref: torch.Tensor) -> torch.Tensor:
 
 
 def lean_step(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, vq: torch.Tensor, vref: torch.Tensor,
-              vref_new: torch.Tensor, u: torch.Tensor, hp: torch.Tensor):
+              vref_new: torch.Tensor, key: torch.Tensor, hp: torch.Tensor):
     """One AdamW step on a bf16 tensor with lean state; returns (p, r, vq) new values.
-    hp = [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, r_max] (float32 tensor)
-    u [3, *p.shape] uniform noise for the three stochastic roundings."""
+    hp = [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, r_max] (float32 tensor);
+    key: the 0-d int64 noise key of the three stochastic roundings."""
     lr, b1, b2, eps, wd, bc1, bc2, r_max = (hp[i] for i in range(8))
+    u = uniform_noise(key, (3, *p.shape), p.device)
     g = g.float()
     v_old = decode_v(vq, vref)
     m_old = r.float() * (r_max / R_LEVELS) * torch.sqrt(v_old)
@@ -148,9 +149,8 @@ class LeanAdamW(torch.optim.Optimizer):
             dist.all_reduce(vref_new, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
         vref_new = torch.clamp(vref_new, min=1e-30)
         key = torch.tensor(noise_key(self.seed, t, self._index[id(p)], 7), device=lp.device)
-        u = uniform_noise(key, (3, *lp.shape), lp.device)
         hp = torch.tensor([lr, b1, b2, eps, wd, bc1, bc2, r_bound(b1, b2)], dtype=torch.float32, device=lp.device)
-        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, u, hp)
+        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, key, hp)
         lp.copy_(new_p)
         state["r"].copy_(new_r)
         state["vq"].copy_(new_vq)
