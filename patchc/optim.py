@@ -105,6 +105,20 @@ class LeanAdamW(torch.optim.Optimizer):
         self.seed = seed
         self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._step_fn = torch.compile(lean_step, dynamic=False) if compile else lean_step
+        self._per_step_for, self._per_step = None, None
+
+    def _step_tensors(self, t: int, group: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hyper-parameters, noise keys of every parameter) of step t on `device`: built once a step, so the
+        per-tensor updates copy nothing from the host (each such copy would wait for the GPU)."""
+        b1, b2 = group["betas"]
+        want = (t, id(group), group["lr"], str(device))
+        if self._per_step_for != want:
+            hp = [group["lr"], b1, b2, group["eps"], group["weight_decay"], 1 - b1 ** t, 1 - b2 ** t, r_bound(b1, b2)]
+            keys = [noise_key(self.seed, t, i, 7) for i in range(len(self._index))]
+            self._per_step = (torch.tensor(hp, dtype=torch.float32, device=device),
+                              torch.tensor(keys, dtype=torch.int64, device=device))
+            self._per_step_for = want
+        return self._per_step
 
     @staticmethod
     def state_bytes_per_element(p: torch.Tensor) -> int:
@@ -148,9 +162,8 @@ class LeanAdamW(torch.optim.Optimizer):
 
             dist.all_reduce(vref_new, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
         vref_new = torch.clamp(vref_new, min=1e-30)
-        key = torch.tensor(noise_key(self.seed, t, self._index[id(p)], 7), device=lp.device)
-        hp = torch.tensor([lr, b1, b2, eps, wd, bc1, bc2, r_bound(b1, b2)], dtype=torch.float32, device=lp.device)
-        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, key, hp)
+        hp, keys = self._step_tensors(t, group, lp.device)
+        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, keys[self._index[id(p)]], hp)
         lp.copy_(new_p)
         state["r"].copy_(new_r)
         state["vq"].copy_(new_vq)
