@@ -522,7 +522,8 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, co
             if not step_in_backward:
                 pdist.all_reduce_replicated_grads_(nodes, info)
                 opt.step()
-            bad = any(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in params)
+            bad = not bool(torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                                        for p in params]).all())  # one host sync
             if pdist.any_(bad, info, device):
                 raise TrainingDiverged(f"mask logits became non-finite at step {step}; last good checkpoint: step "
                                        f"{last_good} in {out / ckpt.CKPT}")
