@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,llama3.2-1b")
     ap.add_argument("--kinds", default="plain,tile,joint,tile+kd,joint+kd,joint+eager,joint+fp32,joint+kd+eager",
                     help="+kd: with distillation; +eager: no torch.compile; +fp32: fp32 logit state; +ib: step in backward")
+    ap.add_argument("--model-kinds", default="", help="per-model kinds overriding --kinds: NAME=k1/k2,NAME2=...")
     ap.add_argument("--fit", default="", help="shapes to try PATCH-Joint (step in backward) on at batch 1 x seq")
     ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")
     ap.add_argument("--seq", type=int, default=2048)
@@ -206,7 +207,9 @@ def main() -> None:
     batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
     rows = []
     for name in a.models.split(","):
-        rows += measure(name, a.kinds.split(","), int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
+        per_model = dict(kv.split("=") for kv in a.model_kinds.split(",") if kv)
+        kinds = per_model[name].split("/") if name in per_model else a.kinds.split(",")
+        rows += measure(name, kinds, int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
     for name in [n for n in a.fit.split(",") if n]:
         rows += measure(name, ["joint+ib"], 1, a.seq, a.device, dtype, 3)
     env = {**machine_env(a.device), "dtype": str(dtype)}
