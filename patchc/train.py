@@ -299,8 +299,9 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     recompute_masks: weight-only mask nodes (mm/addmm forms) recompute their soft mask in backward (fused
     linear nodes always do). eval_every > 0 (with eval_ppl): the exactly extracted masks are evaluated every
     that many steps (log.jsonl "ppl"); it changes nothing the run learns. keep_checkpoint: keep the
-    resumable checkpoint/ folder after a completed run (it is removed otherwise). compile (None = on CUDA in
-    one process): the training graph (masks included) and the optimizer update run through torch.compile.
+    resumable checkpoint/ folder after a completed run (it is removed otherwise). compile: the training graph
+    (masks included) and the optimizer update run through torch.compile (off by default: the compile of a
+    30-layer graph took 7 minutes on an H100; see bench/results/train_speed).
     step_in_backward (None = when one
     process and grad_accum 1): each logit tensor is updated as soon as its gradient is complete and the
     gradient freed, so gradients never all exist at once (same result)."""
@@ -323,7 +324,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
            info: pdist.DistInfo) -> PruneResult:
     cuda = str(device).startswith("cuda")
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    compile = (cuda and not info.active) if compile is None else compile
+    compile = False if compile is None else compile  # whole-graph compile: fast steps, but minutes to compile
     if step_in_backward is None:
         step_in_backward = not info.active and cfg.grad_accum == 1
     log = _Log(progress and info.main)
