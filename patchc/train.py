@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,13 +22,17 @@ from tqdm.auto import tqdm
 
 from patchc import mask as hm
 from patchc.data import batch_indices, chunk, tokenize_files
+from patchc.coverage import coverage_report
 from patchc.evaluate import eval_file_tokens, perplexity
+from patchc.fingerprint import source_record
 from patchc.io import read_safetensors, read_safetensors_metadata, write_json, write_safetensors
 from patchc.models import dtype_name, load_model
+from patchc.outdir import finish_prune_output, stage_prune_output
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
 from patchc.passes.capture import PREFIX
 from patchc.passes.insert_masks import mask_nodes
+from patchc.preflight import check_prune
 
 PRUNE_VERSION = 1
 MODES = ("tile", "joint")
@@ -296,23 +299,17 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     evaluated and their PPL logged (log.jsonl "ppl"): the learning curve, e.g. to find the token budget
     that saturates quality. It changes nothing the run learns."""
     cfg = config or PruneConfig()
-    cfg.validate()
+    check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite, eval_ppl=eval_ppl,
+                eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
     log = _Log(progress)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise FileExistsError(f"output folder {out} exists and is not empty: pass --resume to continue "
-                                  "its run or --overwrite to replace it")
-        shutil.rmtree(out)
-    if resume and not (out / CKPT).is_file():
-        raise FileNotFoundError(f"--resume: {out / CKPT} does not exist (no checkpoint to continue)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = stage_prune_output(Path(out_dir), resume=resume, overwrite=overwrite)  # replacing a run: a folder beside it
     t_start = time.perf_counter()
 
     loaded = load_model(model, device=device, dtype=dtype, seed=cfg.seed)
     hf = loaded.model
+    source = source_record(loaded)  # resolved source + fingerprint: lower/eval check they load the same model
     need = max(cfg.steps * cfg.batch_size * cfg.grad_accum, cfg.calib_samples if cfg.method != "magnitude" else 1)
     tokens = tokenize_files(loaded.tokenizer, data, max_tokens=need * cfg.seq_len + 1)
     seqs = chunk(tokens, cfg.seq_len, "training data")
@@ -372,12 +369,14 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         "version": PRUNE_VERSION,
         "model": model,
         "model_source": loaded.source,
+        **source,
         "architecture": type(hf).__name__,
         "dtype": dtype_name(dtype),
         "tile": tile,
         "config": cfg.to_json(),
         "tokens_trained": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len if cfg.learns else 0,
         "sparsity": {k: v for k, v in report.items() if k not in ("layers", "skipped")},
+        "coverage": coverage_report(hf, [s.name for s in plan.masked]),  # share of matmul params masked (MoE!)
         "ppl": {"dense": extra.get("ppl_dense"), "init": extra.get("ppl_init"), "final": ppl_final},
         "groups": [asdict(g) for g in plan.groups],
         "layers": report["layers"],
@@ -385,6 +384,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     write_json(out / "prune.json", result)
+    out = finish_prune_output(out, Path(out_dir))  # a replacement goes into place only now, complete
     log(f"sparsity {report['achieved']:.4f} (target {cfg.sparsity}) -> {out / 'prune.json'}")
     return PruneResult(out_dir=out, report=result, model=hf, graph=gm)
 
