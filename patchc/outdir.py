@@ -161,8 +161,8 @@ def check_out(out: Path, *, overwrite: bool, markers: tuple[str, ...], protected
         p = Path(p)
         if not os.path.lexists(p):
             continue
-        inside = out.resolve() in p.resolve().parents
-        # out == p or out contains p: refused always; out inside p: refused only when replacing it
+        inside = p.resolve() in out.resolve().parents  # out lies inside p (e.g. a run folder in the model's)
+        # out == p or out contains p: refused always; out inside p: refused only when it would be replaced
         if overlaps(out, p) and (not inside or (overwrite and out.exists())):
             raise OutputError(f"{what} {out} overlaps {p}, which this run reads: choose another --out")
     exists = out.is_dir() and any(out.iterdir())

@@ -350,7 +350,7 @@ def test_manifest_edits_are_detected_by_load_and_verify(edit, ckpt, tmp_path):
 
 def test_verify_runs_every_check_load_runs(ckpt, tmp_path):
     """A checkpoint whose manifest is consistent in itself but not with config.json: load fails, so must verify."""
-    from patchc.lower import CheckpointError, load, manifest_digest, verify
+    from patchc.lower import CheckpointError, load, verify
 
     ck = _copy(ckpt, tmp_path / "ck")
     cfg = json.loads((ck / "config.json").read_text())
@@ -362,6 +362,8 @@ def test_verify_runs_every_check_load_runs(ckpt, tmp_path):
     ck2 = _copy(ckpt, tmp_path / "ck2")
 
     def alias(m):
+        from patchc.lower import manifest_digest
+
         m["aliases"]["lm_head.weight"] = "model.embed_tokens.weight"
         m["manifest_sha256"] = manifest_digest(m)      # a consistent-looking edit: the model has lm_head itself
 
@@ -466,3 +468,19 @@ def test_truncated_prune_masks_give_a_clear_error(run, tmp_path, capsys):
     assert main(["lower", str(p), "--out", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert "not a readable safetensors file" in err and err.count("\n") == 1 and not (tmp_path / "ck").exists()
+
+
+def test_out_inside_the_model_folder_is_fine_until_it_would_be_replaced(tmp_path):
+    from patchc.outdir import PRUNE_MARKERS, OutputError, check_out
+
+    model = tmp_path / "m"
+    (model / "runs").mkdir(parents=True)
+    check_out(model / "runs" / "a", overwrite=False, markers=PRUNE_MARKERS, protected=[model])   # new, inside: fine
+    check_out(model / "runs" / "a", overwrite=True, markers=PRUNE_MARKERS, protected=[model])    # not there yet: fine
+    (model / "runs" / "a").mkdir()
+    (model / "runs" / "a" / "prune.json").write_text("{}")
+    with pytest.raises(OutputError, match="overlaps"):
+        check_out(model / "runs" / "a", overwrite=True, markers=PRUNE_MARKERS, protected=[model])
+    for out in (model, tmp_path):                                   # the model itself, or a folder holding it
+        with pytest.raises(OutputError, match="overlaps"):
+            check_out(out, overwrite=False, markers=PRUNE_MARKERS, protected=[model])
