@@ -84,7 +84,12 @@ def load_recorded_model(report: dict, device="cpu", dtype: torch.dtype | None = 
     run_dtype = parse_dtype(report.get("dtype", "float32"))
     loaded = load_model(spec, device=device, dtype=run_dtype, seed=report.get("config", {}).get("seed", 0))
     want = report.get("model_fingerprint")
-    if want:
+    if not want:
+        import warnings
+
+        warnings.warn(f"{where} records no model fingerprint (written by an older patchc): {spec!r} is loaded "
+                      "unchecked; prune again to record one", stacklevel=2)
+    else:
         got = model_fingerprint(loaded.model)
         if got != want:
             raise ModelMismatchError(
