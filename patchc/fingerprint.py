@@ -6,7 +6,7 @@ differs (another model of the same shapes would otherwise run silently with the 
 
 The fingerprint is sha256 over the config (minus paths and versions) and every tensor of the state dict
 (name, dtype, shape, bytes; tied tensors once). Models up to FULL_BYTES of weights (a 1B model in bf16) are
-hashed whole (~1 s per GB); larger ones hash each tensor's name/dtype/shape and SAMPLE_BYTES at its start,
+hashed whole (1-2 s per GB on one CPU core); larger ones hash each tensor's name/dtype/shape and SAMPLE_BYTES at its start,
 middle and end ("sha256-sampled:"), so a different checkpoint of one architecture is still told apart.
 """
 from __future__ import annotations
