@@ -484,3 +484,17 @@ def test_out_inside_the_model_folder_is_fine_until_it_would_be_replaced(tmp_path
     for out in (model, tmp_path):                                   # the model itself, or a folder holding it
         with pytest.raises(OutputError, match="overlaps"):
             check_out(out, overwrite=False, markers=PRUNE_MARKERS, protected=[model])
+
+
+def test_ci_runs_exactly_the_readme_setup_in_a_fresh_virtualenv():
+    """.ci/run and the README's first code block stay in agreement; CI installs into a new virtualenv."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```bash\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    readme = [l for l in block.splitlines() if l.strip() and not l.startswith("#")]
+    ci = [l for l in (root / ".ci/run").read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert readme and ci[-len(readme):] == readme
+    assert "rm -rf .ci-venv" in ci and "python3 -m venv .ci-venv" in ci and ". .ci-venv/bin/activate" in ci
+    assert "/.ci-venv/" in (root / ".gitignore").read_text().splitlines()
