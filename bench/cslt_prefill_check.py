@@ -25,7 +25,7 @@ from patchc.codegen import cusparselt as cs
 from patchc.codegen.launch import KernelConfig, graph_time_ms, launch
 from patchc.format import unpack_layer
 
-from kernels import make_layer, rotating_copies  # bench/kernels.py
+from kernel_bench import make_layer, rotating_copies  # bench/kernel_bench.py
 
 
 def check_shape(n: int, k: int, ms: list[int], silu: bool) -> list[dict]:

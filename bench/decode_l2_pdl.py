@@ -6,7 +6,7 @@ One device call answers, at the LLaMA-2-7B shapes (bench/NOTES.md, "Eighth sessi
      compared bit for bit with the same chain launched plainly (a read of x before the previous kernel's writes
      shows);
   2. the sweep: default (warps, slices), pdl off / on, timed two ways in CUDA graphs rotating over weight copies
-     > L2: "chain" (the kernel after itself, as bench/kernels.py times it) and "after write" (each call preceded
+     > L2: "chain" (the kernel after itself, as bench/kernel_bench.py times it) and "after write" (each call preceded
      by an elementwise kernel writing its x, as in a model);
   3. the read floor: the fastest of several streaming-read kernels over the same packed bytes (and a copy of
      them), same rotation, to put the byte floor (bytes / 1 GiB-copy bandwidth) beside what a read of this
@@ -32,7 +32,7 @@ import triton.language as tl
 from patchc.codegen import mma_sp
 from patchc.codegen.launch import graph_time_ms
 
-from kernels import copy_bandwidth, make_layer, rotating_copies  # bench/kernels.py
+from kernel_bench import copy_bandwidth, make_layer, rotating_copies  # bench/kernel_bench.py
 from report import save_results  # bench/report.py
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -197,7 +197,7 @@ def table(env: dict, rows: list[dict]) -> str:
     """The markdown table of a sweep: floor, read floor, cuBLAS, the plain and programmatic launches."""
     lines = [f"# Decode: programmatic launch and the read floor ({env['gpu']}, torch {env['torch']}, triton "
              f"{env['triton']}, copy {env['copy_bandwidth_GBps']} GB/s, {env['date']})", "",
-             "chain: the kernel after itself in a CUDA graph (as bench/kernels.py times); after write: each call "
+             "chain: the kernel after itself in a CUDA graph (as bench/kernel_bench.py times); after write: each call "
              "preceded by an elementwise kernel writing its x (as in a model). read: the fastest streaming read of "
              "the packed bytes.", "",
              "| N x K | M | s | floor us | read us (/floor) | cuBLAS us | plain us | plain/floor | plain/read | "

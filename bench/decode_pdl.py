@@ -9,7 +9,7 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
    mma.sp, each reading the output of the one before) replayed after its input changed, equal bit for bit to the same
    chain launched plainly.
 2. per 7B shape and sparsity, timed in alternation (ROUNDS rounds, medians) in CUDA graphs rotating over weight
-   copies > L2 (bench/kernels.py), every launch after another launch of the same path ("chain"):
+   copies > L2 (bench/kernel_bench.py), every launch after another launch of the same path ("chain"):
    - `default` / `default_plain`: what launch() runs for a user, programmatic (as captured) / plain (PATCHC_PDL=0);
    - `ms{w}x{s}`: the mma.sp kernel with w warps and s slices a CTA, programmatic (the default is 16 x 2 on the
      4096-row layers: one CTA an SM by registers; 8 x 2 leaves room for the next launch's CTAs);
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
-from kernels import SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args, time_alternating
+from kernel_bench import SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args, time_alternating
 from mma_sp_check import err  # bench/mma_sp_check.py
 from report import save_results  # bench/report.py
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
-from kernels import (SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args,  # bench/kernels.py
+from kernel_bench import (SHAPES, copy_bandwidth, make_layer, rotating_copies, sweep_args,  # bench/kernel_bench.py
                      time_alternating)
 from mma_sp_check import err  # bench/mma_sp_check.py
 from report import save_results  # bench/report.py

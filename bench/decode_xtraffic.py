@@ -24,7 +24,7 @@ import torch
 import triton
 
 from decode_l2_pdl import read_floor_us  # bench/decode_l2_pdl.py
-from kernels import SHAPES, copy_bandwidth, make_layer, rotating_copies, time_alternating  # bench/kernels.py
+from kernel_bench import SHAPES, copy_bandwidth, make_layer, rotating_copies, time_alternating  # bench/kernel_bench.py
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import mma_sp

@@ -18,7 +18,7 @@ import torch
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.runtime import HybridLinear, schedule_for
 
-from kernels import make_layer  # bench/kernels.py
+from kernel_bench import make_layer  # bench/kernel_bench.py
 
 
 def host_and_wall_us(fn, n: int = 200) -> tuple[float, float]:

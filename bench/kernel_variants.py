@@ -31,7 +31,7 @@ from patchc.codegen.launch import graph_time_ms
 from patchc.codegen.schedule import build_schedule
 from patchc.format import pack_layer
 
-from kernels import copy_bandwidth  # bench/kernels.py
+from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from patchc.codegen import mma_sp
 from patchc.codegen.launch import default_config, get_config, graph_time_ms, launch
 
-from kernels import make_layer, rotating_copies  # bench/kernels.py
+from kernel_bench import make_layer, rotating_copies  # bench/kernel_bench.py
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int]]:

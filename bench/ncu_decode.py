@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import make_layer  # bench/kernels.py
+from kernel_bench import make_layer  # bench/kernel_bench.py
 from patchc.codegen.launch import get_config, launch
 
 

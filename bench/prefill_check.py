@@ -12,7 +12,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from kernels import make_layer, rotating_copies  # bench/kernels.py
+from kernel_bench import make_layer, rotating_copies  # bench/kernel_bench.py
 from mma_sp_check import err, parse_shapes  # bench/mma_sp_check.py
 
 from patchc.codegen.launch import KernelConfig, graph_time_ms, launch

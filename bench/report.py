@@ -20,7 +20,7 @@ def machine_env(device: str) -> dict:
     except ImportError:
         pass
     if str(device).startswith("cuda"):
-        from kernels import copy_bandwidth  # bench/kernels.py
+        from kernel_bench import copy_bandwidth  # bench/kernel_bench.py
 
         env.update(device=torch.cuda.get_device_name(), copy_bandwidth_GBps=round(copy_bandwidth() / 1e9, 1))
     return env

@@ -8,7 +8,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONUNBUFFERED=1 PATCHC_SMOLLM2=${PATCHC_SMOLLM2:-/root/assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf}
 cd "$(dirname "$0")"
 if [[ $what == all || $what == kernels ]]; then
-  python3 kernels.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 --ms-for "llama3-8b=16" \
+  python3 kernel_bench.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 --ms-for "llama3-8b=16" \
     --compiled-ms 16,2048 ${KERNEL_BUDGET:+--budget-s $KERNEL_BUDGET} 2>&1 | grep -v -i warn | tail -n 110
 fi
 if [[ $what == all || $what == e2e ]]; then

@@ -1,7 +1,7 @@
 """Where a decode launch's time goes, from inside the kernels (GPU): builds of codegen/mma_sp.cu and wgmma.cu with
 PATCHC_TRACE defined record the global timer and the SM clock at fixed points of every CTA's life (the points are
 marked PATCHC_TRACE_AT in the sources), for the last launch of a CUDA graph that cycles over weight copies > L2, as
-the timings of bench/kernels.py do. Per case it prints the per-call time of the graph, and, measured from the first
+the timings of bench/kernel_bench.py do. Per case it prints the per-call time of the graph, and, measured from the first
 CTA's start, the median and the latest CTA at each point; what the CTAs do not cover (per call minus the span from
 the first CTA's start to the last CTA's end) is the launch gap between two kernels of the graph.
 
@@ -30,7 +30,7 @@ import torch
 import triton
 from torch.utils.cpp_extension import load_inline
 
-from kernels import make_layer, rotating_copies  # bench/kernels.py
+from kernel_bench import make_layer, rotating_copies  # bench/kernel_bench.py
 from report import save_results  # bench/report.py
 
 from patchc.codegen import mma_sp, wgmma

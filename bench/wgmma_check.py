@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from kernels import SHAPES, make_layer, rotating_copies, sweep_args, time_alternating  # bench/kernels.py
+from kernel_bench import SHAPES, make_layer, rotating_copies, sweep_args, time_alternating  # bench/kernel_bench.py
 from mma_sp_check import err  # bench/mma_sp_check.py
 
 from patchc.codegen import wgmma

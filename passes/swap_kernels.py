@@ -42,15 +42,35 @@ def _real(node: torch.fx.Node, inputs: dict[str, torch.Tensor]) -> torch.Tensor 
     return None
 
 
+_ACCESS = re.compile(r"\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]|\.?([A-Za-z_]\w*)")
+_MODULE_INTERNALS = {"_modules", "_buffers", "_parameters"}
+
+
+def source_path(name: str) -> str:
+    """The module path in a dynamo source name, whatever the root's spelling:
+      L['self']._modules['model']._modules['layers']._modules['0']...   (transformers <= 5.23)
+      L['args'][0]._modules['model']._modules['layers']._modules['0']... (5.24+: the forward is wrapped)
+      L['self'].model.layers[0].mlp...  G['model']...  (attribute / global forms)
+    -> model.layers.0.mlp... (the final leaf, e.g. the buffer name, included)."""
+    toks = [key or idx or attr for key, idx, attr in _ACCESS.findall(name)]
+    if toks and toks[0] in ("L", "G"):                     # the frame's locals / globals
+        toks = toks[1:]
+        if toks[:1] in (["args"], ["kwargs"]) and len(toks) > 1:
+            toks = toks[2:]                                # args[0] / kwargs['model']: the module itself
+        else:
+            toks = toks[1:]                                # 'self', or the global variable's name
+    return ".".join(t for t in toks if t not in _MODULE_INTERNALS)
+
+
 def _layer_name(node: torch.fx.Node) -> str:
-    """The module path of the layer, from dynamo's source of its bitmap buffer
-    (e.g. L['self']._modules['model']..._modules['q_proj']._buffers['bitmap'] -> model....q_proj)."""
+    """The module path of the layer, from dynamo's source of its bitmap buffer (see source_path)."""
     bitmap = node.args[1]
     src = bitmap.meta.get("grapharg") if isinstance(bitmap, torch.fx.Node) else None
     name = getattr(getattr(src, "source", None), "name", None)
     name = str(name() if callable(name) else name or bitmap)
-    parts = re.findall(r"\['([^']+)'\]", name)
-    return ".".join(p for p in parts if p not in ("self", "bitmap")) or name
+    path = source_path(name)
+    head, _, leaf = path.rpartition(".")
+    return head if leaf == "bitmap" and head else (path or name)
 
 
 def _stackable(infos: list[dict]) -> bool:

@@ -13,5 +13,8 @@ from patchc import runtime as _runtime  # noqa: F401  (registers the patchc:: cu
 from patchc.backend import register as _register_backend
 
 _register_backend()
+from patchc.hf_quantizer import register as _register_hf_quantizer  # noqa: E402
+
+_register_hf_quantizer()  # from_pretrained(packed checkpoint) loads through patchc once patchc is imported
 __version__ = "0.1.0"
 __all__ = ["PruneConfig", "PruneResult", "TrainingDiverged", "load", "load_model", "prune", "__version__"]

@@ -121,7 +121,8 @@ def add_eval(sub) -> None:
     p.add_argument("model", help="model spec (see prune), a `patchc prune` folder (hard masks applied) or a "
                                  "`patchc lower` checkpoint (loaded with patchc.load)")
     p.add_argument("--ppl", default=None, help="text file, evaluated as-is in non-overlapping windows")
-    p.add_argument("--seq-len", type=int, default=2048, help="window length (default 2048)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default 2048, or the model's positions if fewer)")
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--zeroshot", default=None, help="folder of TASK.jsonl files (../shared/assets/data/zeroshot): "
@@ -146,11 +147,15 @@ def _eval_model(spec: str, device: str, dtype):
         from patchc.lower import load
 
         return load(d, device=device), AutoTokenizer.from_pretrained(d)
-    masks = read_prune_dir(d) if (d / "prune.json").is_file() else None
-    seed = masks.report["config"].get("seed", 0) if masks else 0
-    loaded = load_model(masks.report["model"] if masks else spec, device=device, dtype=dtype, seed=seed)
-    if masks is not None:
+    if (d / "prune.json").is_file():
+        from patchc.fingerprint import load_recorded_model
+
+        masks = read_prune_dir(d)
+        # the recorded absolute source, fingerprint checked: never a same-shaped model found relative to the cwd
+        loaded = load_recorded_model(masks.report, device=device, dtype=dtype, where=str(d / "prune.json"))
         apply_hard_masks_(loaded.model, masks)
+        return loaded.model, loaded.tokenizer
+    loaded = load_model(spec, device=device, dtype=dtype)
     return loaded.model, loaded.tokenizer
 
 
@@ -158,9 +163,14 @@ def run_eval(a) -> int:
     from patchc.evaluate import hf_logits_fn, perplexity_of_file
     from patchc.io import write_json
 
+    from patchc.preflight import check_eval
+
     if not a.ppl and not a.zeroshot:
         raise SystemExit("patchc eval: nothing to evaluate: pass --ppl FILE and/or --zeroshot DIR")
     device = _device(a.device)
+    positions = check_eval(a.model, device=device, ppl=a.ppl, zeroshot=a.zeroshot, seq_len=a.seq_len, out_json=a.json)
+    if a.seq_len is None:
+        a.seq_len = min(2048, positions or 2048)
     model, tok = _eval_model(a.model, device, _dtype_for(device, a.dtype))
     result = {"model": a.model}
     if a.ppl:
@@ -249,7 +259,10 @@ def add_bench(sub) -> None:
 def run_bench(a) -> int:
     from patchc.speed import BenchConfig, bench
 
+    from patchc.preflight import check_bench
+
     device = _device(a.device)
+    check_bench(a.dir, device=device, out_json=a.json)
     cfg = BenchConfig(batch=a.batch, prompt=a.prompt, new=a.new, compile=False if a.no_compile else None)
     r = bench(a.dir, cfg, device=device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"{'':6} {'tokens/s':>10} {'decode ms/token':>16} {'prefill ms':>11} {'weights GB':>11} {'first call s':>13}")
@@ -283,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
-        print(f"patchc {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message
+        print(f"patchc {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

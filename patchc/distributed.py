@@ -77,6 +77,22 @@ def broadcast_(tensors: list[torch.Tensor], info: DistInfo) -> None:
         dist.broadcast(t, src=0)
 
 
+def broadcast_str(text: str, info: DistInfo) -> str:
+    """Rank 0's string on every rank (as bytes in a tensor: nothing is pickled)."""
+    if not info.active:
+        return text
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    n = torch.tensor([data.numel()], dtype=torch.int64)
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    n = n.to(dev)
+    dist.broadcast(n, src=0)
+    buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=dev)
+    if info.main:
+        buf.copy_(data.to(dev))
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode()
+
+
 def mean_(value: float, info: DistInfo, device) -> float:
     """The mean of a scalar over ranks (for logs)."""
     if not info.active:

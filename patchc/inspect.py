@@ -26,6 +26,14 @@ def table(manifest: dict) -> str:
     if plain:
         lines.append(f"{plain} of {len(manifest['layers'])} layers have no 2:4 tile: patchc.load runs them as plain dense "
                      "linears (plain_dense=False keeps them on the hybrid kernels)")
+    cov = manifest["sparsity"].get("coverage")
+    if cov:
+        lines.append(f"coverage: {cov['coverage']:.1%} of the model's matmul parameters are in hybrid layers "
+                     f"({cov['masked_params']:,} of {cov['matmul_params']:,}; the sparsity above is over them)")
+        if cov.get("unmasked_expert_params"):
+            lines.append(f"warning: {cov['unmasked_expert_params']:,} MoE expert parameters are not pruned")
+        elif cov["coverage"] < 0.5:
+            lines.append("warning: most matmul parameters are not pruned")
     head = (f"{manifest['model']['spec']} ({manifest['model']['architecture']}), tile {manifest['tile']}, "
             f"{manifest['dtype']}, format {manifest['format']} v{manifest['version']}")
     return head + "\n" + "\n".join(lines)

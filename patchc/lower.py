@@ -12,19 +12,24 @@ never leaves a half-written folder that looks valid. Nothing in a manifest is ex
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from patchc.format import FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer, sha256
+from patchc.format import (FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer,
+                           sha256, validate_packed)
+from patchc.coverage import coverage_report
+from patchc.fingerprint import load_recorded_model
+from patchc.hf_quantizer import config_entry as hf_config_entry
 from patchc.io import read_safetensors, write_json, write_safetensors
-from patchc.models import dtype_name, load_model, parse_dtype
+from patchc.models import dtype_name, parse_dtype
 from patchc.oneshot import weight_2d
+from patchc.outdir import CHECKPOINT_MARKERS, check_out, clean_stale, make_temp_dir, publish
 from patchc.prune_dir import apply_hard_masks_, read_prune_dir
 from patchc.runtime import HybridLinear
 
@@ -39,23 +44,17 @@ class CheckpointError(ValueError):
 # Writing
 # ---------------------------------------------------------------------------------------------
 @contextmanager
-def atomic_dir(out: Path, overwrite: bool):
-    """Yield a temporary folder beside `out`; rename it to `out` when the block succeeds."""
+def atomic_dir(out: Path, overwrite: bool, markers: tuple[str, ...] = CHECKPOINT_MARKERS, protected=()):
+    """Yield a temporary folder beside `out` (`.NAME.tmp-PID-*`); when the block succeeds, rename it to `out`
+    without replacing anything that appeared meanwhile, or, with overwrite, replacing only an earlier patchc
+    checkpoint (see patchc.outdir). Temporary folders of killed runs beside `out` are removed first."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} exists: pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_out(out, overwrite=overwrite, markers=markers, protected=protected, what="--out")
+    clean_stale(out)
+    tmp = make_temp_dir(out)
     try:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, out, overwrite, markers)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -81,18 +80,23 @@ def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "
     """Pack the prune run in `prune_dir` into `out_dir`; returns the manifest (packed) or summary (dense)."""
     if fmt not in ("packed", "dense"):
         raise ValueError(f"format {fmt!r} unknown; choose packed or dense")
-    masks = read_prune_dir(prune_dir)
+    from patchc.preflight import check_lower, recorded_source
+
+    masks = check_lower(prune_dir, out_dir, overwrite=overwrite)  # before the model is loaded
     rep = masks.report
     dtype = dtype or parse_dtype(rep.get("dtype", "float32"))
-    loaded = load_model(rep["model"], device="cpu", dtype=dtype, seed=rep["config"].get("seed", 0))
+    # the recorded absolute source, its fingerprint checked (never a path relative to the current folder)
+    loaded = load_recorded_model(rep, device="cpu", dtype=dtype, where=str(Path(prune_dir) / "prune.json"))
     model, out = loaded.model, Path(out_dir)
-    if Path(out).resolve() == Path(prune_dir).resolve():
-        raise ValueError("--out must differ from the prune folder")
     apply_hard_masks_(model, masks)  # validates every layer against the model
-    provenance = {"spec": rep["model"], "source": rep.get("model_source"), "architecture": type(model).__name__,
+    provenance = {"spec": rep["model"], "source": rep.get("model_resolved") or rep.get("model_source"),
+                  "fingerprint": rep.get("model_fingerprint"), "architecture": type(model).__name__,
                   "prune_dir": str(Path(prune_dir).resolve())}
-    sparsity = {"target": rep["sparsity"]["target"], "achieved": rep["sparsity"]["achieved"]}
-    with atomic_dir(out, overwrite) as tmp:
+    sparsity = {"target": rep["sparsity"]["target"], "achieved": rep["sparsity"]["achieved"],
+                "coverage": coverage_report(model, [l["name"] for l in rep["layers"]], warn=False)}
+    kind, source = recorded_source(rep)
+    protected = [prune_dir, source if kind in ("dir", "gguf") else None]
+    with atomic_dir(out, overwrite, protected=protected) as tmp:
         model.config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         if fmt == "dense":
@@ -101,6 +105,9 @@ def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "
             write_json(tmp / "patchc.json", summary)
             return summary
         manifest = _write_packed(model, masks, tmp, dtype, provenance, sparsity)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"] = hf_config_entry()  # from_pretrained: patchc's loader, or a refusal
+        write_json(tmp / "config.json", cfg)
     return manifest
 
 
@@ -120,6 +127,8 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
                        "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())})
         hybrid_weights.add(name)
     rest, aliases = _dedupe({k: v for k, v in model.state_dict().items() if k not in hybrid_weights})
+    for name in sorted(hybrid_weights):  # empty placeholders: plain transformers refuses them (hf_quantizer.py)
+        rest[name] = torch.empty(0, dtype=dtype)
     write_safetensors(tmp / PACKED_FILE, packed_tensors)
     write_safetensors(tmp / REST_FILE, rest)
     tensors = {f"{PACKED_FILE}::{k}": _describe(v) for k, v in packed_tensors.items()}
@@ -135,6 +144,7 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
         # group's packed tiles in one allocation so the patch backend can run the group as one launch
         "groups": _hybrid_groups(masks.report.get("groups", []), {l["module"] for l in layers}),
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # edits to any field are detected on read
     write_json(tmp / MANIFEST, manifest)  # last: a folder without it is never a checkpoint
     return manifest
 
@@ -183,25 +193,42 @@ def _describe(t: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading
+# Reading: one verification path (verify() runs every check load() does, on a meta-device model)
 # ---------------------------------------------------------------------------------------------
+CHECKPOINT_FILES = (MANIFEST, PACKED_FILE, REST_FILE, "config.json")
+
+
+def manifest_digest(m: dict) -> str:
+    """sha256 of the canonical JSON of every manifest field but manifest_sha256 itself."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     d = Path(path)
     mf = d / MANIFEST
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a folder: pass the output folder of `patchc lower`")
+    for f in CHECKPOINT_FILES:
+        if (d / f).is_symlink():
+            raise CheckpointError(f"{d / f} is a symbolic link: a checkpoint's files must be its own (copy them in)")
     if not mf.is_file():
         raise CheckpointError(f"{mf} is missing: {d} is not a packed patchc checkpoint "
                               "(was `patchc lower` interrupted, or is it a --format dense checkpoint?)")
     try:
         m = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf} is not valid JSON ({e.msg})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mf} is not valid JSON ({e})") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{mf}: format {m.get('format') if isinstance(m, dict) else None!r} is not {FORMAT!r}")
     if m.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{mf}: format version {m.get('version')!r} is not supported by this patchc "
                               f"(it reads version {FORMAT_VERSION}); upgrade patchc or lower again")
+    if not isinstance(m.get("manifest_sha256"), str):
+        raise CheckpointError(f"{mf} has no manifest_sha256 (written by an older patchc): lower the model again")
+    if manifest_digest(m) != m["manifest_sha256"]:
+        raise CheckpointError(f"{mf} was edited after `patchc lower` wrote it (manifest_sha256 does not match its "
+                              "content): lower the model again")
     for key, kind in (("tile", int), ("dtype", str), ("layers", list), ("tensors", dict), ("aliases", dict)):
         if not isinstance(m.get(key), kind):
             raise CheckpointError(f"{mf}: field {key!r} is missing or not a {kind.__name__}")
@@ -211,10 +238,18 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_safetensors(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: a corrupt or foreign file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}): truncated or replaced? lower the model again") from None
+
+
 def _load_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for f in (PACKED_FILE, REST_FILE):
-        tensors = read_safetensors(d / f)
+        tensors = _read_file(d / f)
         listed = {k.split("::", 1)[1] for k in manifest["tensors"] if k.startswith(f + "::")}
         if set(tensors) != listed:
             extra, missing = sorted(set(tensors) - listed)[:3], sorted(listed - set(tensors))[:3]
@@ -231,17 +266,15 @@ def _load_tensors(d: Path, manifest: dict, verify: bool) -> dict[str, dict[str, 
     return out
 
 
-def verify(path: str | os.PathLike) -> dict:
-    """Check a packed checkpoint's manifest, files, shapes and every tensor's checksum (no model built)."""
-    manifest = read_manifest(path)
-    _load_tensors(Path(path), manifest, verify=True)
-    return manifest
-
-
-def _build_empty(d: Path, dtype: torch.dtype):
+def _build_empty(d: Path, dtype: torch.dtype, meta: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(d)  # plain JSON; no remote code is ever trusted
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the patchc marker (see _mark_config); patchc loads the weights itself
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:  # pragma: no cover - older transformers
@@ -250,16 +283,15 @@ def _build_empty(d: Path, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True, plain_dense: bool = True):
-    """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules.
-    plain_dense: layers with no 2:4 tile hold a row-major weight and run as F.linear (the vendor GEMM; see
-    HybridLinear); False keeps them packed, on the hybrid kernels."""
-    d = Path(path)
-    manifest = read_manifest(d)
-    dtype = parse_dtype(manifest["dtype"])
-    tensors = _load_tensors(d, manifest, verify)
-    model = _build_empty(d, dtype)
+def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True) -> list[tuple[str, torch.nn.Module, PackedLayer]]:
+    """Every check between the manifest, the tensors and the model built from config.json; returns
+    (module name, module to replace, packed layer) per hybrid layer. Nothing is changed."""
+    try:
+        dtype = parse_dtype(manifest["dtype"])
+    except ValueError as e:
+        raise CheckpointError(f"manifest dtype: {e}") from None
     packed = tensors[PACKED_FILE]
+    plan = []
     for layer in manifest["layers"]:
         mod_name, (out_f, in_f) = layer["module"], layer["shape"]
         try:
@@ -274,22 +306,73 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bo
                                   f"{list(want)}: manifest and config.json do not match")
         try:
             p = PackedLayer(*(packed[f"{mod_name}.{k}"] for k in PACKED_FIELDS), out_f, in_f, manifest["tile"])
-            hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name, plain_dense=plain_dense)
+            validate_packed(p, mod_name)
         except (KeyError, FormatError) as e:
             raise CheckpointError(f"{mod_name}: packed tensors missing or inconsistent ({e})") from e
-        parent, _, child = mod_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, hl)
-    rest = dict(tensors[REST_FILE])
+        for k in ("dense", "values"):
+            if getattr(p, k).dtype != dtype:
+                raise CheckpointError(f"{mod_name}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
+        plan.append((mod_name, old, p))
+    rest = tensors[REST_FILE]
     for alias, target in manifest["aliases"].items():
         if target not in rest:
             raise CheckpointError(f"alias {alias} -> {target}: {target} is not in {REST_FILE}")
-        rest[alias] = rest[target]
-    result = model.load_state_dict(rest, strict=False)
+        if alias in rest:
+            raise CheckpointError(f"alias {alias} -> {target}: {alias} is stored in {REST_FILE} too (an alias would "
+                                  "replace its own weights)")
+    model_state = model.state_dict()
     hybrid_keys = {f"{l['module']}.{k}" for l in manifest["layers"] for k in (*PACKED_FIELDS, "weight")}
-    missing = [k for k in result.missing_keys if k not in hybrid_keys]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{REST_FILE} does not match the model: missing {missing[:4]}, "
-                              f"unexpected {result.unexpected_keys[:4]}")
+    for k in rest:
+        if k in hybrid_keys and rest[k].numel():
+            raise CheckpointError(f"{REST_FILE}::{k} must be an empty placeholder (the layer is in {PACKED_FILE})")
+    given = {k for k in rest if k not in hybrid_keys} | set(manifest["aliases"])
+    missing = [k for k in model_state if k not in given and k not in hybrid_keys]
+    unexpected = [k for k in given if k not in model_state]
+    if missing or unexpected:
+        raise CheckpointError(f"{REST_FILE} does not match the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for k in given:
+        t = rest[manifest["aliases"].get(k, k)]
+        if tuple(t.shape) != tuple(model_state[k].shape):
+            raise CheckpointError(f"{k}: {list(t.shape)} in the checkpoint, {list(model_state[k].shape)} in the model")
+    return plan
+
+
+def verify(path: str | os.PathLike) -> dict:
+    """Everything load() checks (manifest and its checksum, files, every tensor's checksum, the model built from
+    config.json against the manifest), on a meta-device model: no weights are materialised."""
+    d = Path(path)
+    manifest = read_manifest(d)
+    tensors = _load_tensors(d, manifest, verify=True)
+    _check(manifest, tensors, _build_empty(d, parse_dtype(manifest["dtype"]), meta=True))
+    return manifest
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True, plain_dense: bool = True):
+    """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules.
+    plain_dense: layers with no 2:4 tile hold a row-major weight and run as F.linear (the vendor GEMM; see
+    HybridLinear); False keeps them packed, on the hybrid kernels."""
+    d = Path(path)
+    manifest = read_manifest(d)
+    try:
+        dtype = parse_dtype(manifest["dtype"])
+    except ValueError as e:
+        raise CheckpointError(f"manifest dtype: {e}") from None
+    tensors = _load_tensors(d, manifest, verify)
+    model = _build_empty(d, dtype)
+    return _install(model, manifest, tensors, device, plain_dense)
+
+
+def _install(model, manifest: dict, tensors: dict, device, plain_dense: bool = True):
+    """Checked (_check), then: hybrid layers become HybridLinears, the rest of the weights are loaded."""
+    for mod_name, old, p in _check(manifest, tensors, model, plain_dense):
+        hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name, plain_dense=plain_dense)
+        parent, _, child = mod_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, hl)
+    hybrid_keys = {f"{l['module']}.weight" for l in manifest["layers"]}
+    rest = {k: v for k, v in tensors[REST_FILE].items() if k not in hybrid_keys}
+    for alias, target in manifest["aliases"].items():
+        rest[alias] = rest[target]
+    model.load_state_dict(rest, strict=False)
     for alias, target in manifest["aliases"].items():  # share tied weights (one copy in memory)
         parent, _, leaf = alias.rpartition(".")
         owner = model.get_submodule(parent) if parent else model

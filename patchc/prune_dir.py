@@ -36,11 +36,17 @@ def read_prune_dir(path: str | Path) -> PrunedMasks:
         raise PruneDirError(f"{d / 'prune.json'} is not valid JSON ({e.msg})") from e
     if report.get("version") != 1:
         raise PruneDirError(f"{d / 'prune.json'}: unknown version {report.get('version')!r} (this patchc reads 1)")
-    meta = read_safetensors_metadata(d / "masks.safetensors")
-    if meta.get("format") != "patchc-masks-1":
-        raise PruneDirError(f"{d / 'masks.safetensors'}: unknown format {meta.get('format')!r}")
+    try:
+        meta = read_safetensors_metadata(d / "masks.safetensors")
+        if meta.get("format") != "patchc-masks-1":
+            raise PruneDirError(f"{d / 'masks.safetensors'}: unknown format {meta.get('format')!r}")
+        tensors = read_safetensors(d / "masks.safetensors")
+    except PruneDirError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: truncated or not safetensors
+        raise PruneDirError(f"{d / 'masks.safetensors'} is not a readable safetensors file ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]})") from None
     tile = int(report["tile"])
-    tensors = read_safetensors(d / "masks.safetensors")
     bitmaps, patterns = {}, {}
     for layer in report["layers"]:
         name, (out_f, in_f) = layer["name"], layer["shape"]

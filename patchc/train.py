@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,14 +23,18 @@ from tqdm.auto import tqdm
 from patchc import checkpoint as ckpt
 from patchc import distributed as pdist
 from patchc import mask as hm
+from patchc.coverage import coverage_report
 from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_data_paths, rank_slice
 from patchc.evaluate import eval_file_tokens, perplexity
+from patchc.fingerprint import source_record
 from patchc.io import write_json, write_safetensors
 from patchc.models import dtype_name, load_model
+from patchc.outdir import finish_prune_output, stage_prune_output
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
 from patchc.optim import LeanAdamW
 from patchc.passes.insert_masks import mask_nodes
+from patchc.preflight import check_prune
 
 PRUNE_VERSION = 1
 MODES = ("tile", "joint")
@@ -306,7 +309,8 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     process and grad_accum 1): each logit tensor is updated as soon as its gradient is complete and the
     gradient freed, so gradients never all exist at once (same result)."""
     cfg = config or PruneConfig()
-    cfg.validate()
+    check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite, eval_ppl=eval_ppl,
+                eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
     device = _resolve_device(device)
@@ -329,26 +333,21 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
         step_in_backward = not info.active and cfg.grad_accum == 1
     log = _Log(progress and info.main)
     check_data_paths(data)  # missing, binary or undecodable data fails now, before anything is loaded or deleted
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise FileExistsError(f"output folder {out} exists and is not empty: pass --resume to continue "
-                                  "its run or --overwrite to replace it")
-        pdist.barrier(info)
-        if info.main:
-            shutil.rmtree(out)
-    if resume and not ckpt.exists(out):
-        raise FileNotFoundError(f"--resume: {out / ckpt.CKPT} does not exist (no checkpoint to continue)")
-    if info.main:
-        out.mkdir(parents=True, exist_ok=True)
-    pdist.barrier(info)
+    final_out = Path(out_dir)
+    if resume and not ckpt.exists(final_out):
+        raise FileNotFoundError(f"--resume: {final_out / ckpt.CKPT} does not exist (no checkpoint to continue)")
+    # replacing a run: rank 0 makes a folder beside it, swapped in when the new result is complete
+    out = stage_prune_output(final_out, resume=resume, overwrite=overwrite) if info.main else None
+    out = Path(pdist.broadcast_str(str(out) if out else "", info))
     t_start = time.perf_counter()
     if info.active:
         log(f"distributed: {info.world} processes ({'nccl' if cuda else 'gloo'}), global batch "
             f"{info.world} x {cfg.batch_size} x {cfg.grad_accum}")
 
     loaded = load_model(model, device=device, dtype=dtype, seed=cfg.seed)
-    hf, tokenizer, source, architecture = loaded.model, loaded.tokenizer, loaded.source, type(loaded.model).__name__
+    hf, tokenizer, architecture = loaded.model, loaded.tokenizer, type(loaded.model).__name__
+    source = source_record(loaded)  # resolved source + fingerprint: lower/eval check they load the same model
+    model_source = loaded.source
     global_batch = info.world * cfg.batch_size
     if info.main:  # rank 0 fills the token cache; the others then read it
         corpus = TokenCorpus.build(tokenizer, data, progress=progress)
@@ -372,6 +371,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     mg = mask_graph(hf, cfg, calib, device, init=init, recompute_masks=recompute_masks,
                     compile=compile, log=log, name=model, info=info)
     gm, nodes, plan, tile, state = mg.gm, mg.nodes, mg.plan, mg.tile, mg.state
+    coverage = coverage_report(hf, [s.name for s in plan.masked])  # share of matmul params masked (MoE!)
     if info.active:
         pdist.shard_(gm, nodes, info)
         hf = loaded = None  # the graph holds the weights; FSDP2 frees each rank's unsharded copies
@@ -426,7 +426,8 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     result = {
         "version": PRUNE_VERSION,
         "model": model,
-        "model_source": source,
+        "model_source": model_source,
+        **source,
         "architecture": architecture,
         "dtype": dtype_name(dtype),
         "tile": tile,
@@ -435,17 +436,21 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
         "processes": info.world,
         "training_state": state_bytes,
         "sparsity": {k: v for k, v in report.items() if k not in ("layers", "skipped")},
+        "coverage": coverage,
         "ppl": {"dense": extra.get("ppl_dense"), "init": extra.get("ppl_init"), "final": ppl_final},
         "groups": [asdict(g) for g in plan.groups],
         "layers": report["layers"],
         "skipped": report["skipped"],
         "seconds": round(time.perf_counter() - t_start, 2),
     }
+    if not keep_checkpoint and ckpt.exists(out):
+        ckpt.remove(out, info)
     if info.main:
         write_safetensors(out / "masks.safetensors", tensors, {"format": "patchc-masks-1", "tile": str(tile)})
         write_json(out / "prune.json", result)
-    if not keep_checkpoint and ckpt.exists(out):
-        ckpt.remove(out, info)
+        out = finish_prune_output(out, Path(out_dir))  # a replacement goes into place only now, complete
+    else:
+        out = Path(out_dir)
     pdist.barrier(info)
     log(f"sparsity {report['achieved']:.4f} (target {cfg.sparsity}) -> {out / 'prune.json'}")
     return PruneResult(out_dir=out, report=result, model=hf, graph=gm)

@@ -108,9 +108,14 @@ def test_existing_output_needs_overwrite(small_text, tmp_path):
     cfg = PruneConfig(sparsity=0.3, **FAST)
     with pytest.raises(FileExistsError, match="--overwrite"):
         prune("tiny:llama", [str(small_text)], out, cfg, progress=False)
+    with pytest.raises(ValueError, match="not a patchc output"):  # --overwrite replaces only an earlier run
+        prune("tiny:llama", [str(small_text)], out, cfg, progress=False, overwrite=True)
     assert (out / "keep.txt").exists()
-    prune("tiny:llama", [str(small_text)], out, cfg, progress=False, overwrite=True)
-    assert (out / "prune.json").exists() and not (out / "keep.txt").exists()
+    run = tmp_path / "run"
+    prune("tiny:llama", [str(small_text)], run, cfg, progress=False)
+    (run / "old.txt").write_text("x")
+    prune("tiny:llama", [str(small_text)], run, cfg, progress=False, overwrite=True)
+    assert (run / "prune.json").exists() and not (run / "old.txt").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path, monkeypatch):

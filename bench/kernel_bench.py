@@ -14,7 +14,7 @@ replays, rotating over weight copies > L2 so no run is served from cache):
   floor     (packed weight bytes + x + y bytes) / measured copy bandwidth
 The decode kernel is timed as plain launches (PATCHC_PDL=0) unless --pdl.
 The dense baselines depend on (shape, M) only and are timed once per pair.
-    python bench/kernels.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
+    python bench/kernel_bench.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
 """
 from __future__ import annotations
 

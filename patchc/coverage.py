@@ -1,0 +1,47 @@
+"""How much of a model's matmul weight a prune run masks.
+
+coverage = masked linear parameters / all matmul parameters, where matmul parameters are every weight of
+two or more dimensions except input embeddings (each tensor once): linears masked or kept dense, lm_head
+(also when tied to the embedding), and fused 3-D MoE expert weights ([experts, out, in], as Mixtral /
+Qwen2-MoE / Qwen3-MoE hold them in transformers 5). patchc masks 2-D linears only, so an MoE model's
+achieved sparsity speaks for its attention alone; a low coverage is reported and warned about.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+WARN_BELOW = 0.5
+
+
+def matmul_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_w = getattr(out_emb, "weight", None)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    seen, out = set(), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.dim() < 2 or id(p) in seen:
+            continue
+        if id(p) in embeddings and p is not out_w:
+            continue
+        seen.add(id(p))
+        out[name] = p
+    return out
+
+
+def coverage_report(model: torch.nn.Module, masked: list[str], warn: bool = True) -> dict:
+    params = matmul_params(model)
+    masked = set(masked)
+    masked_n = sum(p.numel() for n, p in params.items() if n in masked)
+    total = sum(p.numel() for p in params.values())
+    experts = {n: list(p.shape) for n, p in params.items() if p.dim() >= 3}
+    cov = masked_n / total if total else 0.0
+    rep = {"masked_params": masked_n, "matmul_params": total, "coverage": round(cov, 6),
+           "unmasked_expert_params": sum(p.numel() for n, p in params.items() if n in experts and n not in masked),
+           "expert_weights": experts}
+    if warn and total and cov < WARN_BELOW:
+        what = (f"; {len(experts)} fused MoE expert weights ({rep['unmasked_expert_params']:,} parameters) are not "
+                "masked: the reported sparsity covers the rest only" if experts else "")
+        warnings.warn(f"patchc masks only {cov:.1%} of this model's matmul parameters{what}", stacklevel=2)
+    return rep
