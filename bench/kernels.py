@@ -29,13 +29,14 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from patchc import mask as hm
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.codegen.schedule import build_schedule
 from patchc.format import from_tiles, pack_layer
 
-from report import write_report  # bench/report.py
+from report import machine_env, write_report  # bench/report.py
 
 SHAPES = {  # (N, K) = (out, in)
     "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
@@ -45,7 +46,7 @@ SHAPES = {  # (N, K) = (out, in)
 
 
 def sweep_args(ap, ms: str, out: str) -> None:
-    """The arguments of the kernel sweeps (wgmma_check.py, decode_wgmma_check.py): which M, sparsities and shapes,
+    """The arguments of the kernel sweeps (prefill.py, decode.py): which M, sparsities and shapes,
     where results go ($OUT on the device machine), whether to skip the float64 checks."""
     ap.add_argument("--ms", default=ms)
     ap.add_argument("--sparsities", default="0,0.25,0.35,0.45,0.5")
@@ -211,9 +212,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     bw = copy_bandwidth()
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "tile": a.tile,
-           "tuned": a.tune, "date": time.strftime("%Y-%m-%d")}
+    env = machine_env("cpu", repeats=ROUNDS, gpu=torch.cuda.get_device_name(), device=torch.cuda.get_device_name(),
+                      copy_bandwidth_GBps=round(bw / 1e9, 1), tile=a.tile, tuned=a.tune)
     print(json.dumps(env))
     ms_for = dict(kv.split("=") for kv in a.ms_for.split(";") if kv)
     compiled_ms = {int(v) for v in a.compiled_ms.split(",") if v}
@@ -304,6 +304,47 @@ def plot(path, rows, env) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def err(y, ref):
+    """Relative error of y against a float64 reference (Frobenius norms)."""
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@triton.jit
+def _read_kernel(src, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Streams int32 words: each program sums ITERS blocks and writes one word (the read floor)."""
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    base = pid * BLOCK * ITERS
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(src + offs, mask=offs < n, other=0)
+    tl.store(out + pid, tl.sum(acc, axis=0))
+
+
+def read_floor_us(nbytes: int) -> dict:
+    """Fastest streaming read (and a device copy) of nbytes, rotating over buffers > L2, in CUDA graphs."""
+    words = nbytes // 4
+    bufs = [b for (b,) in rotating_copies((torch.randint(-100, 100, (words,), device="cuda", dtype=torch.int32),),
+                                          nbytes)]
+    best, best_cfg = float("inf"), None
+    for block in (2048, 4096):
+        for iters in (2, 4, 8):
+            for warps in (8,):
+                grid = (triton.cdiv(words, block * iters),)
+                out = torch.empty(grid[0], device="cuda", dtype=torch.int32)
+                fns = [lambda b=b, o=out, bl=block, it=iters, w=warps: _read_kernel[grid](b, o, words, BLOCK=bl,
+                                                                                      ITERS=it, num_warps=w)
+                       for b in bufs]
+                us = graph_time_ms(fns) * 1e3
+                if us < best:
+                    best, best_cfg = us, (block, iters, warps)
+    dst = torch.empty_like(bufs[0])
+    copy_us = graph_time_ms([lambda b=b: dst.copy_(b) for b in bufs]) * 1e3
+    del bufs
+    torch.cuda.empty_cache()
+    return {"read_us": round(best, 2), "read_cfg": best_cfg, "copy_us": round(copy_us, 2)}
 
 
 if __name__ == "__main__":
