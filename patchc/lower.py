@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from patchc.format import FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer, sha256
 from patchc.io import read_safetensors, write_json, write_safetensors
-from patchc.models import dtype_name, load_model, parse_dtype
+from patchc.models import dtype_name, load_model, parse_dtype, resolve_device
 from patchc.oneshot import weight_2d
 from patchc.prune_dir import apply_hard_masks_, read_prune_dir
 from patchc.runtime import HybridLinear
@@ -106,7 +107,7 @@ def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "
 
 def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: dict) -> dict:
     packed_tensors, layers, hybrid_weights = {}, [], set()
-    for layer in masks.report["layers"]:
+    for layer in tqdm(masks.report["layers"], desc="patchc lower: packing", unit="layer", disable=None):  # a bar on a TTY
         name, tr = layer["name"], bool(layer.get("transposed", False))
         module = name.rsplit(".", 1)[0]
         w = weight_2d(model, name, tr).detach().contiguous()
@@ -250,10 +251,11 @@ def _build_empty(d: Path, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True, plain_dense: bool = True):
+def load(path: str | os.PathLike, device: str | torch.device = "auto", verify: bool = True, plain_dense: bool = True):
     """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules.
     plain_dense: layers with no 2:4 tile hold a row-major weight and run as F.linear (the vendor GEMM; see
-    HybridLinear); False keeps them packed, on the hybrid kernels."""
+    HybridLinear); False keeps them packed, on the hybrid kernels. device "auto": cuda if available, else cpu."""
+    device = resolve_device(device)
     d = Path(path)
     manifest = read_manifest(d)
     dtype = parse_dtype(manifest["dtype"])

@@ -25,7 +25,7 @@ from patchc import mask as hm
 from patchc.data import batch_indices, chunk, tokenize_files
 from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.io import read_safetensors, read_safetensors_metadata, write_json, write_safetensors
-from patchc.models import dtype_name, load_model
+from patchc.models import dtype_name, load_model, resolve_device, resolve_dtype
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
 from patchc.passes.capture import PREFIX
@@ -285,7 +285,7 @@ class _Log:
 
 
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
-          device: str = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False, overwrite: bool = False,
+          device: str = "auto", dtype: torch.dtype | str | None = "auto", resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
           save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False,
           progress: bool = True) -> PruneResult:
@@ -300,6 +300,8 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
     log = _Log(progress)
+    device = resolve_device(device)           # "auto": cuda if available, else cpu
+    dtype = resolve_dtype(dtype, device)      # "auto": bf16 on cuda, fp32 on cpu
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
