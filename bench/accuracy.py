@@ -36,9 +36,10 @@ from patchc.io import write_json  # noqa: E402
 from patchc.lower import lower  # noqa: E402
 from patchc.models import dtype_name, load_model, parse_dtype  # noqa: E402
 from patchc.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+from patchc.config import settings  # noqa: E402
 from report import machine_env  # noqa: E402  (bench/report.py)
 
-ASSETS = Path(os.environ.get("PATCHC_ASSETS", ROOT.parent / "shared" / "assets"))
+ASSETS = (settings().shared or ROOT.parent / "shared") / "assets"
 METHOD_ORDER = ["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4", "learned 2:4", "heuristic hybrid",
                 "PATCH-Tile", "PATCH-Joint"]
 

@@ -9,7 +9,7 @@ graph capture: float64 and bit-for-bit checks, then times at LLaMA-2-7B shapes.
    mma.sp, each reading the output of the one before) replayed after its input changed, equal bit for bit to the same
    chain launched plainly.
 2. per 7B shape and sparsity, timed in alternation (ROUNDS rounds, medians) in CUDA graphs rotating over weight
-   copies > L2 (bench/kernels.py), every launch after another launch of the same path ("chain"):
+   copies > L2 (bench/kernel_sweep.py), every launch after another launch of the same path ("chain"):
    - `default` / `default_plain`: what launch() runs for a user, programmatic (as captured) / plain (PATCHC_PDL=0);
    - `ms{w}x{s}`: the mma.sp kernel with w warps and s slices a CTA, programmatic (the default is 16 x 2 on the
      4096-row layers: one CTA an SM by registers; 8 x 2 leaves room for the next launch's CTAs);
@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import SHAPES, copy_bandwidth, err, make_layer, read_floor_us, rotating_copies, sweep_args, time_alternating
+from kernel_sweep import SHAPES, copy_bandwidth, err, make_layer, read_floor_us, rotating_copies, sweep_args, time_alternating
 
 from report import machine_env, save_results, stats  # bench/report.py
 
+from patchc import config
 from patchc.codegen import mma_sp, wgmma
 from patchc.codegen.device import pdl_enabled
 from patchc.codegen.launch import H100_MAX_CLUSTERS, get_config, launch
@@ -58,15 +59,8 @@ HALF_SPLITS = (1, 2)   # --half-splits: rows=64 CTAs (half a row-tile each)
 def plain(f):
     """f run with programmatic dependent launch off (PATCHC_PDL=0 while it launches, e.g. while it is captured)."""
     def g():
-        old = os.environ.get("PATCHC_PDL")
-        os.environ["PATCHC_PDL"] = "0"
-        try:
+        with config.override(pdl=False):
             return f()
-        finally:
-            if old is None:
-                os.environ.pop("PATCHC_PDL")
-            else:
-                os.environ["PATCHC_PDL"] = old
     return g
 
 

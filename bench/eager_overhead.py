@@ -19,7 +19,7 @@ import torch
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.runtime import HybridLinear, schedule_for
 
-from kernels import make_layer  # bench/kernels.py
+from kernel_sweep import make_layer  # bench/kernel_sweep.py
 from report import machine_env  # bench/report.py
 
 

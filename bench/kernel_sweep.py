@@ -14,7 +14,7 @@ replays, rotating over weight copies > L2 so no run is served from cache):
   floor     (packed weight bytes + x + y bytes) / measured copy bandwidth
 The decode kernel is timed as plain launches (PATCHC_PDL=0) unless --pdl.
 The dense baselines depend on (shape, M) only and are timed once per pair.
-    python bench/kernels.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
+    python bench/kernel_sweep.py --out bench/results/kernels [--shapes llama2-7b,llama3-8b] [--ms 1,16,128,2048]
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from patchc import config
 from patchc import mask as hm
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.codegen.schedule import build_schedule
@@ -202,11 +203,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None)
     ap.add_argument("--pdl", action="store_true",
                     help="time the decode kernel as programmatic dependent launches (each call then overlaps the "
-                         "previous one of the same graph: the chain bench/decode_l2_pdl.py measures; off by default, "
+                         "previous one of the same graph: the chain bench/decode.py measures; off by default, "
                          "since in a model most linears follow kernels that are not)")
     a = ap.parse_args()
     if not a.pdl:
-        os.environ["PATCHC_PDL"] = "0"
+        config.override(pdl=False).__enter__()   # for the whole run
     from pathlib import Path
 
     out = Path(a.out)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from report import machine_env, save_results  # bench/report.py
-from kernels import SHAPES, err, make_layer, rotating_copies, sweep_args, time_alternating  # bench/kernels.py
+from kernel_sweep import SHAPES, err, make_layer, rotating_copies, sweep_args, time_alternating  # bench/kernel_sweep.py
 
 from patchc.codegen import wgmma
 from patchc.codegen import cusparselt

@@ -55,7 +55,7 @@ def machine_env(device: str, repeats: int | None = None, **extra) -> dict:
     if repeats is not None:
         env["repeats"] = repeats
     if str(device).startswith("cuda"):
-        from kernels import copy_bandwidth  # bench/kernels.py
+        from kernel_sweep import copy_bandwidth  # bench/kernel_sweep.py
 
         env.update(device=torch.cuda.get_device_name(), copy_bandwidth_GBps=round(copy_bandwidth() / 1e9, 1))
     env["gpu"] = env["device"]

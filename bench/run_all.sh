@@ -9,7 +9,7 @@ what=${2:-all}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")"
 want() { [[ $what == all || $what == "$1" ]]; }
-want kernels && python3 kernels.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 \
+want kernels && python3 kernel_sweep.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 \
   --ms-for "llama3-8b=16" --compiled-ms 16,2048
 want decode && python3 decode.py --out "$out/decode"
 want prefill && python3 prefill.py --out "$out/prefill" --ms 2048

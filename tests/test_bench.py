@@ -64,7 +64,7 @@ def test_train_speed_quick(tmp_path):
 
 
 def test_read_floor_kernel_reads_every_word():
-    """bench/kernels.py's read floor (bench/decode.py's `read_us`) is a time to read a layer's packed bytes: its kernel must load every
+    """bench/kernel_sweep.py's read floor (bench/decode.py's `read_us`) is a time to read a layer's packed bytes: its kernel must load every
     word exactly once (the per-program sums add up to the buffer's sum, for buffers that do not fill the last
     program), or the floor would be too low."""
     import pytest
@@ -73,7 +73,7 @@ def test_read_floor_kernel_reads_every_word():
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     sys.path.insert(0, str(ROOT / "bench"))
     import triton
-    from kernels import _read_kernel
+    from kernel_sweep import _read_kernel
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
