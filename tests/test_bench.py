@@ -83,3 +83,10 @@ def test_read_floor_kernel_reads_every_word():
         out = torch.empty(grid[0], dtype=torch.int32, device=dev)
         _read_kernel[grid](src, out, words, BLOCK=block, ITERS=iters)
         assert out.sum().item() == src.sum().item(), (words, block, iters)
+
+
+def test_readme_measured_table_is_generated_from_the_results():
+    """The README's Measured table is bench/readme_table.py's output on the committed results."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench/readme_table.py"), "--check", str(ROOT / "README.md")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout

@@ -113,14 +113,31 @@ def test_existing_output_needs_overwrite(small_text, tmp_path):
     assert (out / "prune.json").exists() and not (out / "keep.txt").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path):
-    cfg = PruneConfig(sparsity=0.3, lr=float("inf"), **{**FAST, "steps": 6})
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path, monkeypatch):
+    """A NaN loss at step 3 (after three saved steps) stops the run naming the last good checkpoint, which is on disk
+    and finite; no prune.json is written."""
+    import patchc.train as T
+
+    real = T.step_loss
+
+    def nan_at_step_3(*a):
+        out = real(*a)
+        return (out[0] * float("nan"), *out[1:]) if a[-1] == 3 else out
+
+    monkeypatch.setattr(T, "step_loss", nan_at_step_3)
+    cfg = PruneConfig(sparsity=0.3, **{**FAST, "steps": 6})
+    with pytest.raises(TrainingDiverged, match=r"at step 3; stopped. The last good checkpoint \(step 3\)"):
         prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, save_every=1)
     ckpt = tmp_path / "o/checkpoint.safetensors"
+    assert ckpt.exists() and not (tmp_path / "o/prune.json").exists()
+    assert all(torch.isfinite(t.float()).all() for t in read_safetensors(ckpt).values())
+
+
+def test_non_finite_logits_stop_the_run(small_text, tmp_path):
+    cfg = PruneConfig(sparsity=0.3, lr=float("inf"), **{**FAST, "steps": 6})
+    with pytest.raises(TrainingDiverged, match="mask logits became non-finite at step 0"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, save_every=1)
     assert not (tmp_path / "o/prune.json").exists()
-    if ckpt.exists():  # whatever was saved is finite
-        assert all(torch.isfinite(t.float()).all() for t in read_safetensors(ckpt).values())
 
 
 def test_resume_after_kill_reproduces_an_uninterrupted_run(small_text, tmp_path):
