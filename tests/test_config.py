@@ -58,3 +58,21 @@ def test_every_switch_read_anywhere_is_a_documented_field():
         assert not re.search(r"environ[^\n]*PATCHC_|getenv\([\"']PATCHC_", text), f"{p} reads a PATCHC_ switch itself"
         for name in re.findall(r"PATCHC_[A-Z0-9_]+", text):
             assert name in fields or name.startswith(("PATCHC_WGMMA_CASE", "PATCHC_WGMMA_BLOCK_NS")), (p, name)
+
+
+def test_codegen_imports_nothing_above_it():
+    """The kernel layer (codegen/) imports torch, triton, its own modules and patchc.config (stdlib only) - no
+    models, no transformers, nothing of the pipeline above it."""
+    import ast
+
+    for p in sorted((ROOT / "codegen").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for name in names:
+                assert not name.startswith("transformers"), (p.name, name)
+                assert not name.startswith("patchc") or name == "patchc.config", (p.name, name)
+    cfg = ast.parse((ROOT / "patchc/config.py").read_text())
+    imported = {a.name for n in ast.walk(cfg) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(cfg) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"__future__", "contextlib", "dataclasses", "os", "threading", "pathlib"}, imported
