@@ -36,8 +36,10 @@ from patchc.io import write_json  # noqa: E402
 from patchc.lower import lower  # noqa: E402
 from patchc.models import dtype_name, load_model, parse_dtype  # noqa: E402
 from patchc.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
+from patchc.config import settings  # noqa: E402
+from report import machine_env  # noqa: E402  (bench/report.py)
 
-ASSETS = Path(os.environ.get("PATCHC_ASSETS", ROOT.parent / "shared" / "assets"))
+ASSETS = (settings().shared or ROOT.parent / "shared") / "assets"
 METHOD_ORDER = ["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4", "learned 2:4", "heuristic hybrid",
                 "PATCH-Tile", "PATCH-Joint"]
 
@@ -249,9 +251,9 @@ def main() -> None:
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     dtype = parse_dtype("bfloat16" if a.device.startswith("cuda") else "float32") if a.dtype == "auto" else parse_dtype(a.dtype)
-    meta = {"model": a.model, "device": a.device, "dtype": dtype_name(dtype),
+    meta = {"model": a.model, "dtype": dtype_name(dtype), **machine_env("cpu", repeats=1),
+            "device": a.device,
             "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "token_budget": f"{a.steps} steps x {a.batch_size} x {a.seq_len} = {a.steps * a.batch_size * a.seq_len:,} tokens",
             "protocol": (f"Learned rows: {a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens of {Path(a.data).name} "
                          f"(= {a.steps * a.batch_size * a.seq_len:,} tokens each), distillation on, one-shot prior Wanda "

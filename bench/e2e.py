@@ -6,7 +6,7 @@ Per-layer sparsities are non-uniform around the target: every layer gets a rando
 u ~ U(-1, 1), tile scores are 0.5 u + U(0, 1), and one exact global top-k (patchc.mask.select_dense_tiles)
 keeps the dense tiles, so the global sparsity is exact and layers range widely around it.
 
-    python bench/e2e.py --out bench/results/e2e            # 7B shape on the GPU
+    python bench/e2e.py --out bench/results/e2e            # 7B shape on the GPU, rows alternated --repeats times
     python bench/e2e.py --quick --device cpu --out /tmp/e  # tiny shape, for tests
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from patchc.lower import stack_groups_
 from patchc.runtime import HybridLinear
 from patchc.speed import time_generate
 
-from report import machine_env, write_report  # bench/report.py
+from report import machine_env, stats, write_report  # bench/report.py
 
 SEVEN_B = dict(layers=32, hidden=4096, ffn=11008, heads=32, vocab=32000)
 QUICK = dict(layers=2, hidden=256, ffn=512, heads=4, vocab=384)
@@ -141,7 +141,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds (rows resume)")
     ap.add_argument("--in-process", action="store_true", help="on CUDA, run every row in this process (default: "
                     "one child process a row, so that peak memory is the row's own)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rows alternate this many times (dense, patch-0, ..., dense, ...); medians and ranges over them")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # a child process runs this one row
+    ap.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)  # ... as this repeat
     a = ap.parse_args()
     shape = QUICK if a.quick else SEVEN_B
     if a.quick:
@@ -154,36 +157,53 @@ def main() -> None:
     (out / "rows").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     labels = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
-    for label in labels if a.row is None else [a.row]:
-        dest = out / "rows" / f"{label}.json"
+    runs = [(rep, label) for rep in range(a.repeats) for label in labels] if a.row is None else [(a.rep, a.row)]
+    for rep, label in runs:
+        dest = out / "rows" / f"{label}.{rep}.json"
         if dest.is_file():  # rows are written one by one: a run cut short continues here
             continue
         if a.budget_s is not None and time.perf_counter() - t_start > a.budget_s:
-            print(f"budget spent, stopping before {label}", flush=True)
+            print(f"budget spent, stopping before {label} (repeat {rep})", flush=True)
             break
         if a.row is None and a.device.startswith("cuda") and not a.in_process:
             # one process a row: what one model costs, with nothing left over from the row before (compiled
             # graphs and CUDA-graph pools of an earlier model outlive torch._dynamo.reset() in one process)
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", label], check=True)
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--row", label, "--rep", str(rep)], check=True)
             continue
-        r = run_row(label, a, shape, ids, dtype, mode)
+        r = {**run_row(label, a, shape, ids, dtype, mode), "repeat": rep}
         dest.write_text(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)
     if a.row is not None:
         return
-    rows = [json.loads((out / "rows" / f"{x}.json").read_text()) for x in labels if (out / "rows" / f"{x}.json").is_file()]
-    if not any(r["row"] in ("dense-inductor", "patch-0") for r in rows):
-        return
-    base = min(r["total_ms"] for r in rows if r["row"] in ("dense-inductor", "patch-0"))
+    runs_by_label = {x: [json.loads(f.read_text()) for f in sorted((out / "rows").glob(f"{x}.*.json"))] for x in labels}
+    rows = [summarize(x, rs) for x, rs in runs_by_label.items() if rs]
+    dense = next((r for r in rows if r["row"] == "dense-inductor"), None)
     for r in rows:
-        r["speedup_vs_best_dense"] = round(base / r["total_ms"], 3)
-    env = {**machine_env(a.device), "shape": shape, "batch": a.batch, "prompt": a.prompt, "new": a.new, "tile": a.tile,
-           "mode": mode, "compile": a.compile}
-    cols = [("row", "row"), ("tokens/s", "new_tokens_per_s"), ("total ms", "total_ms"), ("prefill ms", "prefill_ms"),
-            ("decode ms/token", "decode_ms_per_token"), ("first call s", "first_call_s"),
-            ("speedup vs best dense", "speedup_vs_best_dense"), ("weights GB", "weights_GB"), ("peak GB", "peak_mem_GB")]
-    print(write_report(Path(a.out), "e2e", f"End to end ({env['device']}, torch {env['torch']}, batch {a.batch}, "
-                       f"{a.prompt}+{a.new} tokens)", cols, rows, env))
+        if dense:
+            r["speedup_vs_dense"] = round(r["tokens_per_s"]["median"] / dense["tokens_per_s"]["median"], 3)
+    env = {**machine_env(a.device, repeats=a.repeats), "shape": shape, "batch": a.batch, "prompt": a.prompt,
+           "new": a.new, "tile": a.tile, "mode": mode, "compile": a.compile}
+    rng = lambda k: lambda r: f"{r[k]['median']} ({r[k]['min']}-{r[k]['max']})"  # noqa: E731
+    cols = [("row", "row"), ("repeats", "repeats"), ("tokens/s", rng("tokens_per_s")),
+            ("decode ms/token", rng("decode_ms_per_token")), ("prefill ms", rng("prefill_ms")),
+            ("first call s", rng("first_call_s")), ("speedup vs dense (medians)", "speedup_vs_dense"),
+            ("weights GB", "weights_GB"), ("peak GB", "peak_mem_GB")]
+    print(write_report(out, "e2e", f"End to end ({env['device']}, torch {env['torch']}, batch {a.batch}, "
+                       f"{a.prompt}+{a.new} tokens)", cols, rows, env,
+                       note="median (min-max) over the repeats; rows alternate, one process a row on CUDA"))
+
+
+def summarize(label: str, runs: list[dict]) -> dict:
+    """One row: median / min / max of each timing over its repeats, memory of the last repeat."""
+    out = {"row": label, "repeats": len(runs), "runs": runs,
+           "per_layer_sparsity": runs[-1].get("per_layer_sparsity", {})}
+    for key, src in (("tokens_per_s", "new_tokens_per_s"), ("decode_ms_per_token", "decode_ms_per_token"),
+                     ("prefill_ms", "prefill_ms"), ("total_ms", "total_ms"), ("first_call_s", "first_call_s")):
+        out[key] = stats([r[src] for r in runs], 3)
+    for key in ("weights_GB", "peak_mem_GB"):
+        out[key] = runs[-1].get(key, "")
+    return out
+
 
 if __name__ == "__main__":
     main()

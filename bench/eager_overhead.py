@@ -11,6 +11,7 @@ nn.Linear on a dense weight of the same shape for comparison.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from patchc.codegen.launch import get_config, graph_time_ms, launch
 from patchc.runtime import HybridLinear, schedule_for
 
-from kernel_bench import make_layer  # bench/kernel_bench.py
+from kernel_sweep import make_layer  # bench/kernel_sweep.py
+from report import machine_env  # bench/report.py
 
 
 def host_and_wall_us(fn, n: int = 200) -> tuple[float, float]:
@@ -40,6 +42,7 @@ def main():
     ap.add_argument("--ms", default="1,16,2048")
     ap.add_argument("--sparsity", type=float, default=0.45)
     a = ap.parse_args()
+    print(json.dumps(machine_env("cuda")), flush=True)
     print("N x K M | what | host us | eager us | gpu us", flush=True)
     for nk in a.shapes.split(","):
         n, k = map(int, nk.split("x"))

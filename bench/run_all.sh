@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of issue 5 in one device call (after `source .gpuassets/b/setup.sh` for SmolLM2):
-#   bash bench/run_all.sh OUTDIR [kernels|e2e|train|all]
-# Each script writes JSON + markdown (+ PNG) under OUTDIR/<name>/ and prints its table last.
+# The maintained GPU benchmarks, each writing its results folder (bench/README.md lists them):
+#   bash bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|all]
+# OUTDIR=bench/results refreshes the committed results. Needs a CUDA machine with patchc installed (`pip install -e
+# ".[gpu]"`) and, for accuracy, the SmolLM2 GGUF (PATCHC_SMOLLM2 or ../shared/assets).
 set -uo pipefail
-out=${1:?usage: bench/run_all.sh OUTDIR [kernels|e2e|train|all]}; what=${2:-all}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-export PYTHONUNBUFFERED=1 PATCHC_SMOLLM2=${PATCHC_SMOLLM2:-/root/assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf}
+out=$(realpath -m "${1:?usage: bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|all]}")
+what=${2:-all}
+export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")"
-if [[ $what == all || $what == kernels ]]; then
-  python3 kernel_bench.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 --ms-for "llama3-8b=16" \
-    --compiled-ms 16,2048 ${KERNEL_BUDGET:+--budget-s $KERNEL_BUDGET} 2>&1 | grep -v -i warn | tail -n 110
-fi
-if [[ $what == all || $what == e2e ]]; then
-  python3 e2e.py --out "$out/e2e" ${E2E_BUDGET:+--budget-s $E2E_BUDGET} 2>&1 | grep -v -i warn | tail -n 20
-fi
-if [[ $what == all || $what == train ]]; then
-  python3 train_speed.py --out "$out/train_speed" --models ${TRAIN_MODELS:-smollm2-shape,llama3.2-1b} ${FIT:+--fit $FIT} 2>&1 | grep -v -i warn | tail -n 25
-fi
+want() { [[ $what == all || $what == "$1" ]]; }
+want kernels && python3 kernel_sweep.py --out "$out/kernels" --shapes llama2-7b,llama3-8b --ms 1,16,128,2048 \
+  --ms-for "llama3-8b=16" --compiled-ms 16,2048
+want decode && python3 decode.py --out "$out/decode"
+want prefill && python3 prefill.py --out "$out/prefill" --ms 2048
+want e2e && python3 e2e.py --out "$out/e2e" --sparsities 0,0.25,0.35,0.45 --repeats 3
+want compile && { rm -rf "$out/compile_time"; python3 e2e.py --out "$out/compile_time/cold" --sparsities 0.35 --repeats 1 \
+  && python3 e2e.py --out "$out/compile_time/warm" --sparsities 0.35 --repeats 1; }
+want train && python3 train_speed.py --out "$out/train_speed" --models smollm2-shape,llama3.2-1b
+want accuracy && python3 accuracy.py --out "$out/accuracy" --device cuda
+exit 0

@@ -7,9 +7,9 @@ hold everything its compressed weight needs: the kept values, and 4-bit codes th
 call here is three launches, with no dense intermediate and no second copy of the weight kept in memory:
 
     1. to_cusparselt_kernel: packed values + codes -> cuSPARSELt's compressed layout, one pass over the
-       packed bytes (its layout was probed on an H100: bench/cslt_layout_probe.py, bench/NOTES.md);
+       packed bytes (its layout was probed on an H100: ab853d4:bench/cslt_layout_probe.py, bench/NOTES.md);
     2. torch._cslt_sparse_mm(W_c, x^T) -> y^T [N, M], cuSPARSELt's fast output layout (asking it for y [M, N]
-       directly ran 0.78-0.98x cuBLAS at M=2048: bench/results/cslt_probe);
+       directly ran 0.78-0.98x cuBLAS at M=2048: ab853d4:bench/results/cslt_probe);
     3. transpose_epilogue_kernel: y^T [N, M] -> y [M, N] row-major, + bias, and SiLU(gate) * up when gate and up
        are stacked, in one pass.
 
@@ -21,13 +21,14 @@ an eager call configured for it runs decompress + cuBLAS instead (PATCHC_CSLT_EA
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from patchc.config import settings
 
 from .device import capability
 from .schedule import Schedule
@@ -41,7 +42,7 @@ PAD_M = 16  # M is padded to a multiple of this for cuSPARSELt's dense operand (
 def nibble_position(r: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     """Index, among the metadata's nibbles (low nibble of each byte first), of row r's group q (columns
     4q..4q+3) of a [N, K] weight: 64-row x 32-column blocks, row blocks outermost, and inside a block the order
-    of mma.sp's metadata fragments (fitted to bench/cslt_layout_probe.py's maps on an H100, exact at 6 shapes up
+    of mma.sp's metadata fragments (fitted to ab853d4:bench/cslt_layout_probe.py's maps on an H100, exact at 6 shapes up
     to 2048 rows and columns)."""
     low = (r >> 3 & 1) | (q >> 2 & 1) << 1 | (q & 1) << 2 | (q >> 1 & 1) << 3
     return ((r >> 6) * (k // 32) + (q >> 3)) * 512 + (low | (r & 7) << 4 | (r >> 4 & 3) << 7)
@@ -109,7 +110,7 @@ def to_cusparselt_kernel(
         tl.store(dst, (lo | (hi << 4)).to(tl.uint8))
 
 
-CONVERT_LAUNCH = (1, 4, 1)  # (tile columns a program, warps, pipeline stages); see bench/cslt_prefill_check.py
+CONVERT_LAUNCH = (1, 4, 1)  # (tile columns a program, warps, pipeline stages); see ab853d4:bench/cslt_prefill_check.py
 
 
 def to_cusparselt(values: torch.Tensor, meta: torch.Tensor, n: int, k: int, tile: int,
@@ -187,14 +188,14 @@ def transpose_epilogue(yt: torch.Tensor, m: int, n_out: int, bias: torch.Tensor 
 # The engine
 # ---------------------------------------------------------------------------------------------
 def enabled() -> bool:
-    return os.environ.get("PATCHC_CSLT", "1").lower() not in ("0", "false", "no")
+    return settings().cslt
 
 
 def eager_enabled() -> bool:
     """Whether eager (uncaptured) calls run cuSPARSELt too. Off by default: torch._cslt_sparse_mm sets up its
     plan on the host at every call (400-530 us eagerly, bench/NOTES.md), which made an eager 7B prefill 3.1x
-    slower (bench/results/e2e_cslt); inside CUDA graphs that cost is paid once at capture."""
-    return os.environ.get("PATCHC_CSLT_EAGER", "0").lower() in ("1", "true", "yes")
+    slower (ab853d4:bench/results/e2e_cslt); inside CUDA graphs that cost is paid once at capture."""
+    return settings().cslt_eager
 
 
 def use_now(x: torch.Tensor) -> bool:
@@ -232,14 +233,14 @@ def _algorithm_key(wc_shape: tuple, m_padded: int, dtype, device) -> tuple:
 def algorithm(wc: torch.Tensor, xt: torch.Tensor) -> int:
     """cuSPARSELt's fastest algorithm for this weight shape, dtype and M bucket: searched once (outside CUDA graph
     capture; while capturing, an unsearched bucket uses the default, 0) and remembered. On the H100 the search
-    took 7B-shape layers at M=2048 from 84-246 us to 74-197 us (bench/results/cslt_prefill).
+    took 7B-shape layers at M=2048 from 84-246 us to 74-197 us (ab853d4:bench/results/cslt_prefill).
     PATCHC_CSLT_SEARCH=0 keeps the default algorithm."""
     key = _algorithm_key(wc.shape, xt.shape[1], wc.dtype, wc.device)
     alg = _algorithms.get(key)
     if alg is None:
         if not xt.is_cuda or torch.cuda.is_current_stream_capturing():
             return 0
-        if os.environ.get("PATCHC_CSLT_SEARCH", "1").lower() in ("0", "false", "no"):
+        if not settings().cslt_search:
             alg = 0
         else:
             alg = _search(wc, xt)

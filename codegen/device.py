@@ -6,9 +6,10 @@ decode step asks them for every layer, so they are cached here by device.
 """
 from __future__ import annotations
 
-import os
 
 import torch
+
+from patchc.config import settings
 
 _capability: dict[torch.device, tuple[int, int]] = {}
 _sm_count: dict[torch.device, int] = {}
@@ -41,6 +42,6 @@ def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether the CUDA kernels (mma_sp.cu, wgmma.cu) are launched as programmatic dependents: on sm_90+, only while
     a CUDA graph is captured (as torch.compile's reduce-overhead mode runs a model). Such a launch may start its CTAs
     while the previous kernel drains: they read the schedule and issue the first weight copies, and wait for that
-    kernel before reading x (H100, bench/results/decode_l2_pdl and decode_pdl). PATCHC_PDL=0: never."""
-    return (os.environ.get("PATCHC_PDL", "1") != "0" and capability(x.device) >= (9, 0)
+    kernel before reading x (H100, bench/results/decode: `default` vs `default_plain`). PATCHC_PDL=0: never."""
+    return (settings().pdl and capability(x.device) >= (9, 0)
             and torch.cuda.is_current_stream_capturing())

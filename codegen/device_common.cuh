@@ -48,50 +48,5 @@ __device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint3
 __device__ __forceinline__ void fence_proxy_async() {}
 #endif
 
-// Instrumentation for bench/trace_decode.py, compiled only into a build that defines PATCHC_TRACE: the global timer
-// (ns) and the SM clock at up to TRACE_POINTS points of each CTA's life (the last launch's), read back by the
-// <kernel>_trace_read() that PATCHC_TRACE_HOST defines. A point taken after a value v waits for v (a load's
-// arrival, an MMA's result).
-#ifdef PATCHC_TRACE
-constexpr int TRACE_CTAS = 2048, TRACE_POINTS = 12;
-__device__ unsigned long long trace_buf[TRACE_CTAS][2 * TRACE_POINTS];   // [global timer x 12, SM clock x 12]
-__device__ __forceinline__ void trace_at(int i, uint32_t v) {
-  unsigned long long t, c;
-  asm volatile("mov.u64 %0, %%globaltimer;\n\tmov.u64 %1, %%clock64;" : "=l"(t), "=l"(c) : "r"(v) : "memory");
-  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  if (cta < TRACE_CTAS) trace_buf[cta][i] = t, trace_buf[cta][TRACE_POINTS + i] = c;
-  if (i == 0 && cta < TRACE_CTAS) {          // the last timer slot (no kernel has 12 points) holds the CTA's SM
-    uint32_t sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    trace_buf[cta][TRACE_POINTS - 1] = sm;
-  }
-}
-#define PATCHC_TRACE_AT(i, cond, v) \
-  do {                              \
-    if (cond) patchc_device::trace_at(i, v); \
-  } while (0)
-#else
-#define PATCHC_TRACE_AT(i, cond, v) \
-  do {                              \
-  } while (0)
-#endif
-
 }  // namespace patchc_device
 
-// The host side of the trace (after torch's headers): PREFIX_trace_read() -> int64 [TRACE_CTAS, 2 * TRACE_POINTS] (the
-// global timer at each point, then the SM clock at each point; 0 where not reached), PREFIX_trace_clear().
-#ifdef PATCHC_TRACE
-#define PATCHC_TRACE_HOST(PREFIX)                                                                        \
-  torch::Tensor PREFIX##_trace_read() {                                                                  \
-    auto t = torch::empty({patchc_device::TRACE_CTAS, 2 * patchc_device::TRACE_POINTS}, torch::kInt64);  \
-    C10_CUDA_CHECK(cudaMemcpyFromSymbol(t.data_ptr(), patchc_device::trace_buf, sizeof(patchc_device::trace_buf))); \
-    return t;                                                                                            \
-  }                                                                                                      \
-  void PREFIX##_trace_clear() {                                                                          \
-    void* p = nullptr;                                                                                   \
-    C10_CUDA_CHECK(cudaGetSymbolAddress(&p, patchc_device::trace_buf));                                  \
-    C10_CUDA_CHECK(cudaMemset(p, 0, sizeof(patchc_device::trace_buf)));                                  \
-  }
-#else
-#define PATCHC_TRACE_HOST(PREFIX)
-#endif

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
-from patchc.models import dtype_name
+from patchc.config import settings
 
 from . import cusparselt, mma_sp, wgmma
 from .device import capability, sm_count
@@ -39,21 +39,21 @@ FUSED_MAX_M = 256
 TMA_MAX_M = 1024        # the tuner tries the TMA kernel up to here; it is the default up to TMA_DEFAULT_MAX_M
 TMA_DEFAULT_MAX_M = 256
 CSLT_MIN_M = 256        # all-2:4 layers from here on run on cuSPARSELt by default (codegen/cusparselt.py): on the
-                        # H100 it beat decompress + cuBLAS at M=256-4096 on every 7B shape (results/cslt_prefill)
+                        # H100 it beat decompress + cuBLAS at M=256-4096 on every 7B shape (ab853d4:bench/results/cslt_prefill)
 WGMMA_MIN_M = 256       # from here on the wgmma kernel is the default where it runs: on the H100 at M=256-4096 it
-                        # beat decompress + cuBLAS and the TMA kernel on every 7B shape at 0-45% (results/wgmma) ...
+                        # beat decompress + cuBLAS and the TMA kernel on every 7B shape at 0-45% (ab853d4:bench/results/wgmma) ...
 CSLT_OVER_WGMMA_M = 4096  # ... and cuSPARSELt on all-2:4 layers below here (M=512-1024: 1.02-1.20x the speed,
                         # M=2048: 0.98-1.07x; M=4096: 0.93-0.98x, so all-2:4 layers go to cuSPARSELt from here)
 CHUNK_N = 4096          # decompress + GEMM: rows decompressed at a time for taller layers at M >= 1024
 WGMMA_DECODE_MAX_M = 16  # up to here the wgmma kernel's 16-token CTAs are the decode default where it runs ...
 WGMMA_DECODE_MIN_PAIRS = 16  # ... on layers of at least this many CTA row pairs (4096 rows). H100, M=16: 11008x4096
-                        # 0.87-0.93x the mma.sp kernel's time, the stacked 2 x 11008 of SiLU * up 0.79x (results/
-                        # decode_wgmma); 4096-row layers on half-row-tile CTAs at split 2 (results/decode_half):
+                        # 0.87-0.93x the mma.sp kernel's time, the stacked 2 x 11008 of SiLU * up 0.79x (ab853d4:
+                        # bench/results/decode_wgmma); 4096-row layers on half-row-tile CTAs at split 2 (ab853d4:bench/results/decode_half):
                         # 4096x4096 0.80-0.85x its time after another hybrid linear (programmatic) and 0.95-1.0x after
                         # an elementwise kernel writing x (how o_proj runs, after attention), 4096x11008 0.79-0.84x /
                         # 0.88-0.93x. SiLU * up (no half-row-tile CTAs) keeps the two-row-tile rule below
 WGMMA_PAIRS_MIN_PAIRS = 32   # two row-tiles a CTA only (SiLU * up fused, or PATCHC_WGMMA_HALF=0): layers of this many
-WGMMA_PAIRS_LONG_K = 64      # pairs, or of 16 pairs with this many K-tiles (results/decode_wgmma, decode_epilogue)
+WGMMA_PAIRS_LONG_K = 64      # pairs, or of 16 pairs with this many K-tiles (ab853d4:bench/results/decode_wgmma, decode_epilogue)
 H100_MAX_CLUSTERS = (132, 66, 39, 30, 22, 17, 15, 15)  # clusters of 1..8 decode CTAs at once (measured, H100 SXM)
 
 
@@ -152,7 +152,7 @@ def graph_time_ms(fns: list, reps: int = 10) -> float:
 
 def staged_by_default(m: int, sched: Schedule) -> bool:
     """Whether the untuned mma_sp launch stages the weights through shared memory: at M <= 8 on layers with at
-    least half their tiles dense (H100, bench/results/mma_sp/sweep_staged*.log, default launches: M=1 at 0%
+    least half their tiles dense (H100, ab853d4:bench/results/mma_sp/sweep_staged*.log, default launches: M=1 at 0%
     0.90-0.97x the time of direct loads on the 7B shapes, at 50% 1.02-1.17x; M=16 with 2:4 tiles, best
     launches, 1.03-1.17x)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
@@ -178,7 +178,7 @@ def wgmma_decode_pairs(sched: Schedule, silu_mul: bool = False) -> int:
 def half_rows_enabled() -> bool:
     """Whether decode may use the wgmma kernel's half-row-tile CTAs (PATCHC_WGMMA_HALF=0: two row-tiles a CTA
     only, and 4096-row layers with K < 64 tiles on the mma.sp kernel, as before them)."""
-    return os.environ.get("PATCHC_WGMMA_HALF", "1").lower() not in ("0", "false", "no")
+    return settings().wgmma_half
 
 
 def wgmma_decodes(sched: Schedule, silu_mul: bool = False) -> bool:
@@ -197,9 +197,9 @@ def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
     silu_mul) half a row-tile a CTA, the largest split (at most the K-tiles) whose clusters all run at once
     (max_clusters[s - 1]: clusters of s CTAs the GPU holds; one CTA an SM, a cluster within one GPC), else 1; the
     half-row-tile CTAs where they make more CTAs. A decode CTA streamed at most ~60-100 GB/s on the H100, so more CTAs
-    read faster, but a second wave of clusters costs more than it gains (results/decode_wgmma: 16 pairs at split 8,
+    read faster, but a second wave of clusters costs more than it gains (ab853d4:bench/results/decode_wgmma: 16 pairs at split 8,
     15 clusters at once, took 1.2-1.5x the time of split 6); 4096-row layers: 128 CTAs of half a row-tile (split 2)
-    took 0.81-0.94x the time of 96 of two row-tiles (split 6; results/decode_half)."""
+    took 0.81-0.94x the time of 96 of two row-tiles (split 6; ab853d4:bench/results/decode_half)."""
     top = max(1, min(wgmma.MAX_SPLIT, sched.k // sched.tile, len(max_clusters)))
 
     def best_split(units: int) -> int:   # clusters of `units` CTAs a split: the largest split that fits, 0 if none
@@ -214,57 +214,32 @@ def wgmma_decode_default(sched: Schedule, silu_mul: bool = False,
 
 
 def wgmma_default(m: int, sched: Schedule, num_sms: int = 132) -> KernelConfig:
-    """128-token CTAs when they fill at least 0.6 of the SMs, else 64-token ones (H100, results/wgmma: 64 won on
+    """128-token CTAs when they fill at least 0.6 of the SMs, else 64-token ones (H100, ab853d4:bench/results/wgmma: 64 won on
     4096-row layers at M=256-512, 1.17-1.50x; 128 won at M >= 1024 and on 11008-row layers from M=256, where
     86 CTAs of 128 tokens ran 1.27-1.48x faster than 172 of 64)."""
     ctas = triton.cdiv(m, 128) * triton.cdiv(sched.n // sched.tile, 2)
     return WGMMA if ctas >= 0.6 * num_sms else WGMMA_64
 
 
-def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False,
-                    cslt: bool = False, wg: bool = False) -> KernelConfig:
-    """M > DECODE_MAX_M, fitted to bench/results/prefill (H100, 7B shapes, 0/25/50%): the TMA kernel with 64-row
-    blocks and split-K for ~4 programs an SM up to M=128 (0.46-0.69x cuBLAS against 0.36-0.45x for
-    decompress + cuBLAS), and with 128-row blocks up to TMA_DEFAULT_MAX_M on layers taller than CHUNK_N
-    (11008x4096 at M=256: 0.46-0.52x against 0.39-0.40x; on 4096-row layers decompress + cuBLAS won there,
-    0.46-0.49x against 0.35-0.47x); else decompress + cuBLAS, CHUNK_N rows at a time on taller layers from
-    M=1024 (11008x4096 at M=2048: 0.81-0.86x against 0.76-0.79x; the transient weight is 32 MB, not 90).
-    With cslt=True (an all-2:4 layer cuSPARSELt can run), from CSLT_MIN_M on: cuSPARSELt. Ahead of all of these,
-    with wg=True (the wgmma kernel can run this call) from WGMMA_MIN_M on: the wgmma kernel (wgmma_default), except
-    for all-2:4 layers from CSLT_OVER_WGMMA_M on (H100, results/wgmma: M=2048 1.00-1.26x cuBLAS dense at 25-45%
-    where decompress + cuBLAS ran 0.82-0.94x; M=256-4096 1.08-1.97x faster than the previous path at 25-45%)."""
-    if wg and m >= WGMMA_MIN_M and not (cslt and m >= CSLT_OVER_WGMMA_M):
-        return wgmma_default(m, sched, num_sms)
-    if cslt and m >= CSLT_MIN_M:
-        return KernelConfig(0, 0, 0, 4, 1, engine="cslt")
-    if tma and sched.tile % 64 == 0 and (m <= 128 or (m <= TMA_DEFAULT_MAX_M and sched.n > CHUNK_N)):
-        bm = 64 if m <= 128 else 128
-        programs = triton.cdiv(m, bm) * (sched.n // 64)
-        split = max(1, min(4, sched.k // sched.tile, _pow2_floor(max(1, 4 * num_sms // programs))))
-        return KernelConfig(bm, 64, split, 4, 4, engine="tma", block_k=64)
-    return KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N if m >= 1024 and sched.n > CHUNK_N else 0)
+def _tma_config(c: "Call") -> KernelConfig:
+    """The TMA kernel: 64-row blocks up to M=128, else 128; split-K for ~4 programs an SM (at most 4)."""
+    bm = 64 if c.m <= 128 else 128
+    programs = triton.cdiv(c.m, bm) * (c.sched.n // 64)
+    split = max(1, min(4, c.sched.k // c.sched.tile, _pow2_floor(max(1, 4 * c.num_sms // programs))))
+    return KernelConfig(bm, 64, split, 4, 4, engine="tma", block_k=64)
 
 
-def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
-                   staged: bool = False, silu_mul: bool = False, tma: bool = False,
-                   cslt: bool = False, wg: bool = False, max_clusters: tuple[int, ...] | None = None) -> KernelConfig:
-    """The untuned choice. With mma=True (mma_sp can run this call): the sparse-tensor-core kernel, staged where
-    staged=True (sm_90+) and staged_by_default says so.
-    Else, fitted to what the tuner picked on an H100 (bench/results/kernels): decode uses BLOCK_N 64 for
-    mostly-dense layers and the full tile for mostly-2:4 ones, and enough split-K for ~4 programs per SM
-    (at most 8); prefill: prefill_default. Ahead of these, with wg=True (the wgmma kernel can run this call), M up
-    to WGMMA_DECODE_MAX_M on the layers wgmma_decodes picks: the wgmma kernel's decode CTAs
-    (wgmma_decode_default; max_clusters: the GPU's, default the H100's)."""
-    t = sched.tile
-    fused = silu_mul and wgmma_fuses_silu(sched)
-    if wg and m <= WGMMA_DECODE_MAX_M and wgmma_decodes(sched, fused):
-        return wgmma_decode_default(sched, fused, max_clusters or H100_MAX_CLUSTERS)
-    if mma and m <= mma_sp.default_max_m(n_out):
-        stg = staged and staged_by_default(m, sched)
-        warps, slices = mma_sp.default_launch(m, n_out, num_sms, t, stg, silu_mul)
-        return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
-    if m > DECODE_MAX_M:
-        return prefill_default(m, sched, n_out, num_sms, tma, cslt, wg)
+def _mma_sp_config(c: "Call") -> KernelConfig:
+    """The mma.sp kernel at its fitted (warps, slices), staged where staged_by_default says so (sm_90+)."""
+    stg = c.staged and staged_by_default(c.m, c.sched)
+    warps, slices = mma_sp.default_launch(c.m, c.n_out, c.num_sms, c.sched.tile, stg, c.silu_mul)
+    return KernelConfig(0, 16 * slices, 0, warps, 1, engine="mma_sp", staged=stg)
+
+
+def _triton_decode_config(c: "Call") -> KernelConfig:
+    """The Triton split-K decode kernel: BLOCK_N 64 for mostly-dense layers and the full tile for mostly-2:4 ones,
+    enough split-K for ~4 programs an SM (at most 8)."""
+    sched, t, m, n_out = c.sched, c.sched.tile, c.m, c.n_out
     n_tiles = (sched.n // t) * (sched.k // t)
     mostly_dense = sched.dense_col.numel() >= 0.6 * n_tiles
     bn = min(t, 64 if mostly_dense and t >= 64 else 128)
@@ -274,8 +249,114 @@ def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma:
     if bm >= 64 and not sched.all_dense:
         bn = min(bn, 64)  # see candidates(): BLOCK_M 64 x BLOCK_N 128 with 2:4 tiles does not compile (Triton 3.6)
     programs = triton.cdiv(m, bm) * (n_out // bn)
-    split = max(1, min(8, sched.k // t, _pow2_floor(max(1, 4 * num_sms // programs))))
+    split = max(1, min(8, sched.k // t, _pow2_floor(max(1, 4 * c.num_sms // programs))))
     return KernelConfig(bm, bn, split, 4, 3 if mostly_dense else 2)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the untuned kernel choice depends on. mma / staged / tma / cslt / wg: whether that engine can run this
+    call here (GPU, dtype, tile, alignment, switches: get_config works them out); max_clusters: the GPU's."""
+    m: int
+    sched: Schedule
+    n_out: int
+    num_sms: int = 132
+    mma: bool = False
+    staged: bool = False
+    silu_mul: bool = False
+    tma: bool = False
+    cslt: bool = False
+    wg: bool = False
+    max_clusters: tuple[int, ...] | None = None
+
+    @property
+    def fused(self) -> bool:   # SiLU(gate) * up written by the wgmma kernel itself
+        return self.silu_mul and wgmma_fuses_silu(self.sched)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the dispatch table: the first rule whose `when` holds picks the kernel."""
+    engine: str
+    m_range: str
+    gpu: str
+    layout: str
+    evidence: str       # the measurement behind the rule (a results folder; `COMMIT:path` = in git history)
+    when: object        # Call -> bool
+    config: object      # Call -> KernelConfig
+
+
+# Folders cited as `ab853d4:bench/results/...` left the tree when bench/ became a maintained suite; read them with
+# `git show ab853d4:bench/results/<folder>/<file>` (git ls-tree ab853d4 bench/results/<folder>).
+DISPATCH: tuple[Rule, ...] = (
+    Rule("wgmma decode (codegen/wgmma.cu, 16-token CTAs, K split over a cluster)", "M <= 16",
+         "sm_90a (H100 / H200)", "tile 128, 16-bit; >= 4096 rows (SiLU*up: 8192 stacked, or 4096 with K >= 8192)",
+         "bench/results/decode; ab853d4:bench/ab853d4:bench/results/decode_wgmma, decode_half",
+         lambda c: c.wg and c.m <= WGMMA_DECODE_MAX_M and wgmma_decodes(c.sched, c.fused),
+         lambda c: wgmma_decode_default(c.sched, c.fused, c.max_clusters or H100_MAX_CLUSTERS)),
+    Rule("mma.sp decode (codegen/mma_sp.cu; staged at M <= 8 on mostly-dense layers, sm_90+)",
+         "M <= 16 (<= 32 on layers of <= 4096 rows)", "sm_80+", "tile 64 / 128, 16-bit",
+         "ab853d4:bench/ab853d4:bench/results/mma_sp (sweep_staged*.log, mma_sp_vs_triton_m24_m32.log)",
+         lambda c: c.mma and c.m <= mma_sp.default_max_m(c.n_out), _mma_sp_config),
+    Rule("Triton split-K decode (codegen/kernels.py)", "M <= 64", "any (Triton)", "any",
+         "bench/results/kernels",
+         lambda c: c.m <= DECODE_MAX_M, _triton_decode_config),
+    Rule("wgmma prefill (codegen/wgmma.cu, 128-token CTAs; 64 where 128 fill < 0.6 of the SMs)", "M >= 256",
+         "sm_90a (H100 / H200)", "tile 128, 16-bit; not all-2:4 layers from M = 4096",
+         "bench/results/prefill; ab853d4:bench/ab853d4:bench/results/wgmma (block_n_m256_m2048.md)",
+         lambda c: c.wg and c.m >= WGMMA_MIN_M and not (c.cslt and c.m >= CSLT_OVER_WGMMA_M),
+         lambda c: wgmma_default(c.m, c.sched, c.num_sms)),
+    Rule("cuSPARSELt (codegen/cusparselt.py), inside CUDA graphs; eager: wgmma where it runs, else decompress + cuBLAS",
+         "M >= 256",
+         "sm_80+, torch with cuSPARSELt", "all tiles 2:4, tile % 64 == 0, 16-bit",
+         "bench/results/prefill (50% rows); ab853d4:bench/ab853d4:bench/results/cslt_prefill",
+         lambda c: c.cslt and c.m >= CSLT_MIN_M, lambda c: KernelConfig(0, 0, 0, 4, 1, engine="cslt")),
+    Rule("TMA Triton GEMM over the tile lists (codegen/kernels.py)", "64 < M <= 128 (<= 256 on > 4096 rows)",
+         "sm_90+", "tile % 64 == 0, 16-bit", "ab853d4:bench/results/prefill",
+         lambda c: c.tma and c.sched.tile % 64 == 0 and (c.m <= 128 or (c.m <= TMA_DEFAULT_MAX_M and c.sched.n > CHUNK_N)),
+         _tma_config),
+    Rule("decompress + cuBLAS (4096 rows at a time on taller layers from M = 1024)", "M > 64", "any", "any",
+         "ab853d4:bench/results/prefill; bench/results/kernels",
+         lambda c: True,
+         lambda c: KernelConfig(0, 0, 0, 4, 1, chunk_n=CHUNK_N if c.m >= 1024 and c.sched.n > CHUNK_N else 0)),
+)
+"""The untuned kernel choice, in order (ahead of it: a layer with no 2:4 tile is loaded as a plain dense weight and
+runs F.linear, the vendor GEMM, at every M; patchc/lower.py). Rendered for the README by dispatch_markdown()."""
+
+
+PREFILL_RULES = DISPATCH[3:]   # the rules for M > DECODE_MAX_M
+
+
+def dispatch(c: Call, rules: tuple[Rule, ...] = DISPATCH) -> tuple[Rule, KernelConfig]:
+    """The first rule of `rules` (default: DISPATCH) that holds for this call, and its config."""
+    for rule in rules:
+        if rule.when(c):
+            return rule, rule.config(c)
+    raise AssertionError("DISPATCH ends with a rule that always holds")
+
+
+def dispatch_markdown() -> str:
+    """DISPATCH as a markdown table (engine, M range, GPU, tile layout, evidence)."""
+    rows = ["| engine | M | GPU | layout | measured in |", "|---|---|---|---|---|"]
+    rows += [f"| {r.engine} | {r.m_range} | {r.gpu} | {r.layout} | {r.evidence} |" for r in DISPATCH]
+    return "\n".join(rows) + "\n"
+
+
+def prefill_default(m: int, sched: Schedule, n_out: int, num_sms: int = 132, tma: bool = False,
+                    cslt: bool = False, wg: bool = False) -> KernelConfig:
+    """M > DECODE_MAX_M: the prefill rules of DISPATCH (H100, 7B shapes: the TMA kernel up to M=128 ran 0.46-0.69x
+    cuBLAS against 0.36-0.45x for decompress + cuBLAS; 11008x4096 at M=256 on it 0.46-0.52x against 0.39-0.40x;
+    decompress + cuBLAS in 4096-row chunks at M=2048 0.81-0.86x against 0.76-0.79x whole; the wgmma kernel at M=2048
+    1.00-1.26x cuBLAS dense at 25-45%; all-2:4 layers on cuSPARSELt from CSLT_OVER_WGMMA_M on)."""
+    return dispatch(Call(m, sched, n_out, num_sms, tma=tma, cslt=cslt, wg=wg), PREFILL_RULES)[1]
+
+
+def default_config(m: int, sched: Schedule, n_out: int, num_sms: int = 132, mma: bool = False,
+                   staged: bool = False, silu_mul: bool = False, tma: bool = False,
+                   cslt: bool = False, wg: bool = False, max_clusters: tuple[int, ...] | None = None) -> KernelConfig:
+    """The untuned choice: the first rule of DISPATCH that holds. mma / staged / tma / cslt / wg: whether that
+    engine can run this call; max_clusters: the GPU's (default the H100's)."""
+    return dispatch(Call(m, sched, n_out, num_sms, mma, staged, silu_mul, tma, cslt, wg, max_clusters))[1]
 
 
 def launch(x: torch.Tensor, dense: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, sched: Schedule,
@@ -444,7 +525,7 @@ _memory: dict[str, tuple[KernelConfig, bool]] = {}  # key -> (config, whether it
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("PATCHC_CACHE", Path.home() / ".cache" / "patchc"))
+    root = settings().cache
     gpu = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
     return root / "kernels" / f"{gpu}-triton{triton.__version__}.json"
 
@@ -458,10 +539,12 @@ def _load_disk() -> dict:
 
 
 def _save_disk(entries: dict) -> None:
-    from patchc.io import write_json
-
     try:
-        write_json(cache_file(), entries)
+        f = cache_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")      # written whole, then renamed into place
+        tmp.write_text(json.dumps(entries, indent=2) + "\n")
+        os.replace(tmp, f)
     except OSError:
         pass  # a read-only cache folder costs re-tuning, not correctness
 
@@ -472,7 +555,7 @@ def config_key(sched: Schedule, m: int, dtype: torch.dtype, silu_mul: bool, mma:
     would make a 200-layer model tune 200 times)."""
     n_tiles = (sched.n // sched.tile) * (sched.k // sched.tile)
     density = round(sched.dense_col.numel() / n_tiles, 1)
-    return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{dtype_name(dtype)}|M{m_bucket(m)}"
+    return (f"{sched.n}x{sched.k}|T{sched.tile}|d{density}|{str(dtype).removeprefix('torch.')}|M{m_bucket(m)}"
             f"|silu{int(silu_mul)}|mma{int(mma)}" + ("|staged" if staged else "") + ("|tma" if tma else "")
             + ("|cslt" if cslt else "") + ("|wgmma" if wg else ""))
 
@@ -517,11 +600,9 @@ def tma_available(x: torch.Tensor, sched: Schedule) -> bool:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("PATCHC_AUTOTUNE", "0").lower() in ("1", "true", "yes")
+    return settings().autotune
 
 
-_ENV_SWITCHES = ("PATCHC_MMA_SP", "PATCHC_MMA_SP_STAGED", "PATCHC_CSLT", "PATCHC_WGMMA", "PATCHC_WGMMA_DECODE",
-                 "PATCHC_WGMMA_HALF")
 _answered: dict[tuple, KernelConfig] = {}  # everything get_config's answer depends on -> its final answer
 
 
@@ -533,13 +614,13 @@ def get_config(x, dense, values, meta, sched: Schedule, bias, n_out: int, silu_m
     call of every new shape would pay for it inside generate().
     Eager decode asks this for every layer at every step, so a final answer is remembered under everything
     it depends on (the schedule's content hash, shapes, the M bucket, dtypes, device, x's and the codes'
-    alignment, the switches in the environment) and found again with one dict lookup. Keyed by the M bucket
+    alignment, the switches of patchc.config) and found again with one dict lookup. Keyed by the M bucket
     like the tuned configs, so a server seeing every prompt length keeps at most ~13 entries a layer."""
     tune = autotune_enabled() if tune is None else tune
     w = values if values is not None and values.numel() else dense
     fast = (sched.key, n_out, m_bucket(x.shape[0]), x.dtype, None if w is None else w.dtype,  # key: bitmap + shape
             x.device, bool(silu_mul), tune, mma_sp.x_aligned(x), mma_sp.codes_aligned(meta),
-            tuple(os.environ.get(v) for v in _ENV_SWITCHES))
+            settings())
     cfg = _answered.get(fast)
     if cfg is None:
         cfg, final = _get_config(x, dense, values, meta, sched, bias, n_out, silu_mul, tune)

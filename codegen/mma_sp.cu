@@ -105,7 +105,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     const T* __restrict__ bias, T* __restrict__ y, int64_t stride_ym, int up_rt) {
   // Dynamic shared memory: the STAGED ring ([warps, STAGES] buffers, then [warps, STAGES] mbarriers); after the
   // tile loop, the cross-warp reduction's [warps, 8 * MB batch rows, 16 * R + 4] fp32 partials (aliasing it).
-  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);
   extern __shared__ __align__(16) unsigned char smem[];
   float* partial = reinterpret_cast<float*>(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -175,7 +174,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       col_next = jj < nd ? dense_col[d0 + jj] : (jj < n_tiles ? sparse_col[s0 + jj - nd] : 0);
     }
     const int kc = __shfl_sync(0xffffffffu, col_next, it & 31) * TILE;
-    PATCHC_TRACE_AT(1, it == 0 && threadIdx.x == 0, (uint32_t)kc);   // the schedule has arrived
     const int buf = it % STAGES;
     const uint32_t sb = ring + buf * S::SIZE;                                     // this tile's buffer (STAGED)
     if constexpr (STAGED) mbar_wait(bars + buf * 8, (it / STAGES) & 1);
@@ -280,9 +278,7 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       fence_proxy_async();
       fetch(j + STAGES * team, buf);
     }
-    PATCHC_TRACE_AT(2, it == 0 && threadIdx.x == 0, __float_as_uint(acc[0][0][0]));   // the first tile is done
   }
-  PATCHC_TRACE_AT(3, threadIdx.x == 0, __float_as_uint(acc[0][0][0]));               // warp 0's tiles are done
   if constexpr (STAGED) __syncthreads();  // the partials below alias other warps' buffers
   // Partials [warps, COLS batch rows, PITCH] with the rows innermost: the reduction's reads (neighbouring
   // threads, neighbouring rows) are conflict-free, and the pad (PITCH = ROWS + 4) spreads the stores of the
@@ -300,7 +296,6 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
       mine[(8 * b + 2 * t + 1) * PITCH + 16 * r + g + 8] = acc[r][b][3];
     }
   __syncthreads();
-  PATCHC_TRACE_AT(4, threadIdx.x == 0, 0u);
   for (int o = threadIdx.x; o < ROWS * COLS; o += blockDim.x) {
     const int row = o % ROWS, m = o / ROWS;              // neighbouring threads write neighbouring features
     if (m >= M) continue;
@@ -315,12 +310,10 @@ __global__ void __launch_bounds__(512) hybrid_mma_sp_kernel(
     }
     y[(int64_t)m * stride_ym + n0 + row] = Mma<T>::from_float(sum);
   }
-  PATCHC_TRACE_AT(5, threadIdx.x == 0, 0u);
 }
 
 }  // namespace patchc
 
-#ifndef PATCHC_KERNEL_ONLY
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -390,8 +383,6 @@ void launch_typed(const Launch& a) {
 
 }  // namespace patchc
 
-PATCHC_TRACE_HOST(mma_sp)   // (device_common.cuh: bench/trace_decode.py reads the trace points)
-
 // x [M, K] (unit column stride), packed tiles, schedule (int32, on x's device) -> y [M, n_out] (written).
 // The caller (codegen/mma_sp.py) checks dtypes, shapes and alignment before calling.
 void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, torch::Tensor meta,
@@ -440,4 +431,3 @@ void hybrid_mma_sp(torch::Tensor x, torch::Tensor dense, torch::Tensor values, t
   else patchc::launch_typed<__half>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-#endif

@@ -11,10 +11,11 @@ through shared memory with bulk copies (codegen/launch.py decides where; PATCHC_
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
+
+from patchc.config import settings
 
 from .cuda_build import CudaKernel, inline_common
 from .device import capability, pdl_enabled
@@ -23,7 +24,7 @@ from .schedule import Schedule
 MAX_M = 32          # what the kernel runs
 DEFAULT_MAX_M = 16  # what the untuned default sends to it (above, the Triton kernel was faster on the H100) ...
 # ... except on layers of at most SHORT_N output rows, where it also takes M up to 32 (H100, 2:4 tiles at 25/50%,
-# bench/results/mma_sp/mma_sp_vs_triton_m24_m32.log: 4096x4096 0.77-0.92x the Triton kernel's time at M=24-32,
+# ab853d4:bench/results/mma_sp/mma_sp_vs_triton_m24_m32.log: 4096x4096 0.77-0.92x the Triton kernel's time at M=24-32,
 # 4096x11008 0.90-0.94x at M=24 and 1.01x at M=32; on 11008x4096 Triton took 0.65-0.89x the mma.sp default's)
 SHORT_N = 4096
 SHORT_DEFAULT_MAX_M = 32
@@ -46,18 +47,12 @@ _KERNEL = CudaKernel(
 
 
 def enabled() -> bool:
-    return os.environ.get("PATCHC_MMA_SP", "1").lower() not in ("0", "false", "no")
+    return settings().mma_sp
 
 
 def extension():
     """The compiled extension, or None (with a warning naming the reason) if it cannot be built here."""
     return _KERNEL.extension()
-
-
-def build(src: str):
-    """Compile (or load from torch's extension cache) kernel source `src`; named by its hash, so
-    bench/mma_sp_check.py --ab can load an older version beside the current one."""
-    return _KERNEL.build(source(src))
 
 
 def default_max_m(n_out: int) -> int:
@@ -122,7 +117,7 @@ def smem_bytes(m: int, warps: int, slices: int, tile: int = 128, staged: bool = 
 
 def staged_available(x: torch.Tensor, meta: torch.Tensor | None) -> bool:
     """The staged kernel (bulk copies into shared memory) needs sm_90+ and 16-byte aligned codes."""
-    return (capability(x.device) >= (9, 0) and os.environ.get("PATCHC_MMA_SP_STAGED", "1") != "0"
+    return (capability(x.device) >= (9, 0) and settings().mma_sp_staged
             and codes_aligned(meta))
 
 
@@ -165,7 +160,7 @@ def default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bo
 
 
 def _default_launch(m: int, n_out: int, num_sms: int, tile: int = 128, staged: bool = False) -> tuple[int, int]:
-    """(warps, slices) a CTA, fitted to what was fastest on an H100 (bench/results/mma_sp). M <= 16 gives each
+    """(warps, slices) a CTA, fitted to what was fastest on an H100 (ab853d4:bench/results/mma_sp). M <= 16 gives each
     CTA two slices (one x load serves both) when that still leaves ~100+ CTAs. Direct loads: M <= 8 uses 16
     warps on one slice, else warps up to ~16 resident an SM. Staged: the most warps a CTA such that every CTA
     is resident at once (one wave), with at most 16 warps an SM."""

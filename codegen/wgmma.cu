@@ -62,10 +62,6 @@ constexpr int SMEM_LIMIT = 227 * 1024;          // H100 / H200 shared memory a b
 constexpr int MAX_C = 256;                      // K-tiles a row (K <= 32768)
 constexpr int MAX_SPLIT = 8;                    // CTAs of a cluster splitting K (the portable cluster size)
 
-#ifndef PATCHC_HALF_STAGES   // (bench/decode_pdl.py --ab builds may set it)
-#define PATCHC_HALF_STAGES 10
-#endif
-
 // A stage of the ring: x's box, then per row-tile c a weight box at W + c * W_SLOT, then the codes. HALF (half a
 // row-tile a CTA, a whole K-tile a step): x's two boxes, the two halves' [64, 64] (or [64, 32]) boxes, 64 rows' codes.
 template <int BN, bool HALF = false>
@@ -85,7 +81,7 @@ struct Layout {
   static constexpr bool PUSH = BN <= 32;
   static constexpr int RECV_BYTES = PUSH ? 16 * (2 * KEYS + 2 * MAX_SPLIT) : 0;
   static constexpr int BUDGET = SMEM_LIMIT - STATIC - RECV_BYTES - 1024 - 256;
-  static constexpr int MAX_STAGES = HALF ? PATCHC_HALF_STAGES : 6;
+  static constexpr int MAX_STAGES = HALF ? 10 : 6;
   // 4 stages at BN = 128, 5 at BN = 64 and 16, 10 for HALF
   static constexpr int STAGES = BUDGET / STAGE < MAX_STAGES ? BUDGET / STAGE : MAX_STAGES;
   static constexpr int EPI_PITCH = TILE + 8;                    // y^T staging: [BN tokens, 128 rows] + 16 B pad
@@ -208,7 +204,7 @@ __device__ __forceinline__ void store4(T* p, float a, float b, float c, float d)
 // row-tile; then per row-tile r and chunk j, at 1 + 2 (r W + j), the dense tiles stored before the chunk and the
 // chunk's bitmask (bit b: K-tile 32 j + b is dense). A CTA's slots are then constant loads and popcounts instead of
 // a global load, which at a CTA's start runs under the previous launch's traffic (the slowest CTAs' took ~1.1 us):
-// 4096x4096 at 50% 8.43 -> 8.21 us (bench/results/decode_kinds). w[0] = 0: the kinds do not fit
+// 4096x4096 at 50% 8.43 -> 8.21 us (ab853d4:bench/results/decode_kinds). w[0] = 0: the kinds do not fit
 // (1 + 2 R W > KIND_WORDS), read `slot`.
 constexpr int KIND_WORDS = 880;                 // with the other parameters under the classic 4 KB limit
 struct TileKinds {
@@ -232,7 +228,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   constexpr int SUBS = TILE / ROWS;              // HALF: CTAs a row-tile
   using L = Layout<BN, HALF>;
   static_assert(ROWS == 2 * TILE || (ROWS == TILE / 2 && BN <= 32), "ROWS: 256, or 64 for decode CTAs");
-  PATCHC_TRACE_AT(0, threadIdx.x == 0, 0u);      // (bench/trace_decode.py's points 0-9)
   extern __shared__ unsigned char smem_raw[];
   __shared__ int slots[2][MAX_C];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;   // swizzled boxes want 1 KB alignment
@@ -253,7 +248,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   const int rank = blockIdx.z;               // = %cluster_ctarank (cluster dims 1 x 1 x split, gridDim.z = split)
   // v / split as a multiply and a shift (exact for v < 9000, split <= 8), for the decode epilogue: a division by the
   // runtime split there is a ~150-cycle chain of dependent instructions per use, and summing what a CTA received
-  // took 1250 / 3200 SM cycles at split 2 / 6 (bench/results/decode_pdl, call 4's trace)
+  // took 1250 / 3200 SM cycles at split 2 / 6 (ab853d4:bench/results/decode_pdl, call 4's trace)
   const uint32_t split_magic = (65536u + (uint32_t)split - 1) / (uint32_t)split;
   auto div_split = [&](int v) { return (int)(((uint32_t)v * split_magic) >> 16); };
   // This CTA's steps [q0, q1) of the 2C half-K-tile steps (kc = q / 2, half q % 2): a split need not divide the K-tiles
@@ -291,7 +286,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
   }
   __syncthreads();
   if (split > 1) cluster_arrive_relaxed();   // (its wait comes before the first message to another CTA)
-  PATCHC_TRACE_AT(1, threadIdx.x == 0, 0u);
   const int steps = q1 - q0;
 
   launch_dependents();   // a programmatic launch after this one may start its CTAs (its x waits for our y)
@@ -340,7 +334,7 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       // past griddepcontrol.wait): after a kernel that is not a programmatic predecessor (a norm or attention before a
       // linear) x then follows its weights from the first step, as in a plain launch: with the whole ring's weights
       // first, the first stage's x queued behind them (H100: 0.6-1 us a launch). Testing again after each stage lost
-      // 0.3-0.6 us a launch after another hybrid linear (bench/results/decode_pdl, decode_half).
+      // 0.3-0.6 us a launch after another hybrid linear (ab853d4:bench/results/decode_pdl, decode_half).
       const int ahead = pdl ? (steps < L::STAGES ? steps : L::STAGES) : 0;
       int q = 0;
       if (ahead > 0) {
@@ -357,7 +351,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         load_weights(q, s);
         load_x(q, s);
       }
-      PATCHC_TRACE_AT(2, true, 0u);
     } else if (threadIdx.x == 32) {          // x may be the previous kernel's output: tell the producer when it is done
       grid_dependency_wait();
       mbar_arrive(dep_bar);
@@ -382,12 +375,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       for (int r = 0; r < BN / 2; ++r) acc0[a][r] = acc1[a][r] = 0.f;
     uint32_t e_prev0 = 0, e_prev1 = 0, e_prev2 = 0, e_prev3 = 0;   // codes of the group still in flight
     const uint32_t perm = (t & 1) ? 0x7632 : 0x5410;                // halves 1 or 0 of rows g and g + 8
-#ifdef PATCHC_TRACE
-    if (threadIdx.x == 128) {                // the first stage's bytes have landed
-      mbar_wait(full(0), 0);
-      trace_at(3, 0u);
-    }
-#endif
     for (int q = 0; q < steps; ++q) {
       const int s = q % L::STAGES, kc = HALF ? q0 + q : (q0 + q) / 2, h = HALF ? c : (q0 + q) % 2;
       mbar_wait(full(s), (q / L::STAGES) & 1);
@@ -428,7 +415,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
     }
     wgmma_wait<0>();
     keep(e_prev0); keep(e_prev1); keep(e_prev2); keep(e_prev3);
-    PATCHC_TRACE_AT(4, threadIdx.x == 128, 0u);
     grid_dependency_wait();   // (long satisfied: x came after it) y's storage is free of the previous kernel's reads
 #pragma unroll
     for (int a = 0; a < NSETS; ++a)
@@ -472,7 +458,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         fence_proxy_async();
         named_barrier(1, 256);
         if (split > 1) cluster_wait();       // phase 0
-        PATCHC_TRACE_AT(5, threadIdx.x == 128, 0u);
         if (threadIdx.x == 128) {
           mbar_expect(recv_bar, (split - 1) * share);   // each other CTA sends a whole share (slots it does not own too)
           for (int q = 0; q < split; ++q)
@@ -481,11 +466,10 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
         }
         mbar_wait_cluster(recv_bar, 0);
         if (split > 1) cluster_arrive_relaxed();   // phase 1: this CTA has received all its partials
-        PATCHC_TRACE_AT(6, threadIdx.x == 128, 0u);
         // Sums by slot, not by fragment: consumer thread j takes this CTA's slots j, j + 256, ... (key = slot * split +
         // rank) of both warpgroups and adds the `split` partials of each in rank order, its loads independent of one
         // another. (Summed by the threads that held the fragments, each warp branched per fragment and chained one
-        // shared-memory load after another: ~1300 SM cycles at split 6, bench/results/decode_epilogue.)
+        // shared-memory load after another: ~1300 SM cycles at split 6, ab853d4:bench/results/decode_epilogue.)
         for (int i = (int)threadIdx.x - 128; i < per_k; i += 256) {
           const int key = i * split + rank;
           if (key >= KEYS) break;
@@ -535,8 +519,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
             }
           }
         }
-        PATCHC_TRACE_AT(7, threadIdx.x == 128, 0u);
-        PATCHC_TRACE_AT(8, threadIdx.x == 128, 0u);
         if (split > 1) cluster_wait();       // phase 1: every CTA has received, so no copy still reads this ring
       }
     } else if (silu_mul) {  // fp32 partials [BN tokens, 256 rows]: SiLU(gate) * up is written below
@@ -603,7 +585,6 @@ __global__ void __launch_bounds__(THREADS, 1) hybrid_wgmma_kernel(
       }
     }
   }
-  PATCHC_TRACE_AT(9, threadIdx.x == 128, 0u);
 #else
   __trap();  // built for sm_90a only; the host refuses other GPUs
 #endif
@@ -718,8 +699,6 @@ int max_clusters(int split) {
 }
 
 }  // namespace patchc_wgmma
-
-PATCHC_TRACE_HOST(wgmma)   // (device_common.cuh: bench/trace_decode.py reads the trace points)
 
 // How many clusters of `split` CTAs (block_n tokens each) the current GPU runs at once.
 int64_t wgmma_max_clusters(int64_t block_n, int64_t split) {

@@ -12,10 +12,11 @@ compute capability 9.0 exactly (sm_90a code runs nowhere else). PATCHC_WGMMA=0 t
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
+
+from patchc.config import settings
 
 from .cuda_build import CudaKernel, inline_common
 from .device import capability, pdl_enabled
@@ -76,12 +77,12 @@ _KERNEL = CudaKernel(
 
 
 def enabled() -> bool:
-    return os.environ.get("PATCHC_WGMMA", "1").lower() not in ("0", "false", "no")
+    return settings().wgmma
 
 
 def decode_enabled() -> bool:
     """Whether decode (M <= 16) may use the kernel's 16-token CTAs (PATCHC_WGMMA_DECODE=0: the mma.sp kernel)."""
-    return os.environ.get("PATCHC_WGMMA_DECODE", "1").lower() not in ("0", "false", "no")
+    return settings().wgmma_decode
 
 
 def extension():

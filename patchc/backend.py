@@ -42,7 +42,7 @@ def patch_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = N
     LAST_REPORT, LAST_GRAPH = report, gm
     from patchc import runtime
 
-    if report.swapped and not _warned_cpu and not runtime.KERNELS_ON_CPU and not any(
+    if report.swapped and not _warned_cpu and not runtime.kernels_on_cpu() and not any(
             isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
         _warned_cpu = True
         warnings.warn("patch backend: the model is on the CPU; hybrid layers run the reference "

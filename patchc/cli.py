@@ -6,20 +6,19 @@ import sys
 from pathlib import Path
 
 
-def _device(name: str) -> str:
-    import torch
+HELP = argparse.ArgumentDefaultsHelpFormatter   # every option's help shows its default
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+
+def _device(name: str) -> str:
+    from patchc.models import resolve_device
+
+    return resolve_device(name)
 
 
 def _dtype_for(device: str, name: str):
-    from patchc.models import parse_dtype
+    from patchc.models import resolve_dtype
 
-    if name == "auto":
-        name = "bfloat16" if device.startswith("cuda") else "float32"
-    return parse_dtype(name)
+    return resolve_dtype(name, device)
 
 
 def _floats(text: str) -> tuple[float, float]:
@@ -34,45 +33,45 @@ def add_prune(sub) -> None:
     from patchc.train import METHODS, PruneConfig
 
     d = PruneConfig()
-    p = sub.add_parser("prune", help="learn hybrid dense/2:4 tile masks on frozen weights",
+    p = sub.add_parser("prune", formatter_class=HELP, help="learn hybrid dense/2:4 tile masks on frozen weights",
                        description="Learn which tiles of every linear stay dense and which become 2:4, "
                                    "then extract them at an exact global sparsity.")
     p.add_argument("model", help="tiny:<arch>, smollm2-135m, a .gguf file, a HF folder or a hub id")
     p.add_argument("--sparsity", type=float, default=None, help="global target in [0, 0.5] (0.5 = all 2:4)")
     p.add_argument("--mode", choices=["tile", "joint"], default=d.mode,
-                   help="tile: fixed one-shot 2:4 pattern; joint: 2:4 pattern learned too (default joint)")
+                   help="tile: fixed one-shot 2:4 pattern; joint: 2:4 pattern learned too")
     p.add_argument("--method", choices=METHODS, default=d.method,
-                   help="patch: learn (default); hybrid: one-shot tile choice, no training; "
+                   help="patch: learn; hybrid: one-shot tile choice, no training; "
                         "magnitude/wanda/sparsegpt: one-shot 2:4 everywhere (sparsity 0.5)")
     p.add_argument("--prior", dest="oneshot", choices=["magnitude", "wanda", "sparsegpt"], default=d.oneshot,
                    help="one-shot method giving the 2:4 pattern (fixed in tile mode, the prior in joint mode)")
     p.add_argument("--data", nargs="+", required=True, help="text/jsonl files or folders of them")
     p.add_argument("--out", required=True, help="output folder (prune.json, masks.safetensors, log, checkpoint)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens a training sequence")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences a step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated a step")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the mask logits (cosine)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps")
     p.add_argument("--sparse-reg", type=float, default=d.sparse_reg, help="weight of |density - target|")
     p.add_argument("--weight-reg", type=float, default=d.weight_reg, help="weight of the kept-weight-norm term")
     p.add_argument("--distill", type=float, default=d.distill, help="weight of KL(dense || masked) on the logits; the dense model is the same graph with masks off (0 = off)")
     p.add_argument("--tau", type=_floats, default=d.tau, help="Gumbel temperature START,END")
     p.add_argument("--scale-tile", type=_floats, default=d.scale_tile, help="tile logit scale START,END")
     p.add_argument("--scale-24", type=_floats, default=d.scale_24, help="2:4 logit scale START,END")
-    p.add_argument("--prior-strength", type=float, default=d.prior_strength)
+    p.add_argument("--prior-strength", type=float, default=d.prior_strength, help="one-shot prior added to the initial logits, in logit std units")
     p.add_argument("--tile-size", type=int, default=d.tile_size, help="0 = auto (largest of 128/64/32/16 that fits)")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="sequences for one-shot statistics")
     p.add_argument("--include", nargs="*", default=[], help="regexes: mask only matching weight names")
     p.add_argument("--exclude", nargs="*", default=[], help="regexes: keep matching weights dense")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (noise, data order, tiny models)")
+    p.add_argument("--device", default="auto", help="cuda | cpu | cuda:N (auto: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 (auto: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--eval-ppl", default=None, help="text file: report PPL of the one-shot start and the result")
-    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--eval-seq-len", type=int, default=2048, help="PPL window length")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the exactly extracted masks every N steps (PPL in log.jsonl: the learning curve)")
@@ -84,7 +83,7 @@ def add_prune(sub) -> None:
                         "in joint mode), fp32 = fp32 logits and Adam moments (18 bytes)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the resumable checkpoint/ folder after the run completes (removed otherwise)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_prune)
 
 
@@ -117,20 +116,20 @@ def run_prune(a) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a model, a prune folder or a lowered checkpoint")
+    p = sub.add_parser("eval", formatter_class=HELP, help="perplexity / zero-shot accuracy of a model, a prune folder or a lowered checkpoint")
     p.add_argument("model", help="model spec (see prune), a `patchc prune` folder (hard masks applied) or a "
                                  "`patchc lower` checkpoint (loaded with patchc.load)")
     p.add_argument("--ppl", default=None, help="text file, evaluated as-is in non-overlapping windows")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length (default 2048, or the model's positions if fewer)")
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (None: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows a forward")
     p.add_argument("--zeroshot", default=None, help="folder of TASK.jsonl files (../shared/assets/data/zeroshot): "
                                                      "piqa, arc_easy, winogrande, lambada_openai scored as lm-eval does")
-    p.add_argument("--tasks", default="piqa,arc_easy,winogrande,lambada_openai")
+    p.add_argument("--tasks", default="piqa,arc_easy,winogrande,lambada_openai", help="zero-shot tasks, comma-separated")
     p.add_argument("--limit", type=int, default=None, help="first N items of each zero-shot task")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--dtype", default="auto", help="auto: bf16 on cuda, fp32 on cpu (a lowered checkpoint keeps its own)")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=run_eval)
 
@@ -195,11 +194,11 @@ def run_eval(a) -> int:
 
 
 def add_lower(sub) -> None:
-    p = sub.add_parser("lower", help="freeze a prune run into a packed (or dense-zeroed) checkpoint")
+    p = sub.add_parser("lower", formatter_class=HELP, help="freeze a prune run into a packed (or dense-zeroed) checkpoint")
     p.add_argument("prune_dir", help="output folder of `patchc prune`")
     p.add_argument("--out", required=True, help="checkpoint folder to create")
     p.add_argument("--format", choices=["packed", "dense"], default="packed",
-                   help="packed: patchc's hybrid format (default); dense: plain HF checkpoint, pruned weights zeroed")
+                   help="packed: patchc's hybrid format; dense: plain HF checkpoint, pruned weights zeroed")
     p.add_argument("--dtype", default="auto", help="weight dtype (auto: the prune run's)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run_lower)
@@ -222,7 +221,7 @@ def run_lower(a) -> int:
 
 
 def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="per-layer tiles, sparsity and bytes of a packed checkpoint")
+    p = sub.add_parser("inspect", formatter_class=HELP, help="per-layer tiles, sparsity and bytes of a packed checkpoint")
     p.add_argument("dir", help="output folder of `patchc lower`")
     p.add_argument("--plot", default=None, help="also draw every layer's tile map to this PNG")
     p.add_argument("--verify", action="store_true", help="also check every tensor's checksum")
@@ -244,14 +243,14 @@ def run_inspect(a) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="generation speed of a packed checkpoint against its dense twin, here")
+    p = sub.add_parser("bench", formatter_class=HELP, help="generation speed of a packed checkpoint against its dense twin, here")
     p.add_argument("dir", help="output folder of `patchc lower` (packed)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    p.add_argument("--batch", type=int, default=16, help="sequences generated together (default 16)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens a sequence (default 128)")
-    p.add_argument("--new", type=int, default=128, help="new tokens a sequence (default 128)")
+    p.add_argument("--batch", type=int, default=16, help="sequences generated together")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens a sequence")
+    p.add_argument("--new", type=int, default=128, help="new tokens a sequence")
     p.add_argument("--no-compile", action="store_true",
-                   help="eager generate() (default on CUDA: generate() compiles its decode step with CUDA graphs)")
+                   help="eager generate() (without it, on CUDA generate() compiles its decode step with CUDA graphs)")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.set_defaults(func=run_bench)
 
@@ -282,7 +281,8 @@ def run_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="patchc", description="learnable tile-level hybrid sparsity for LLMs")
+    p = argparse.ArgumentParser(prog="patchc", description="learnable tile-level hybrid sparsity for LLMs",
+                                formatter_class=HELP)
     sub = p.add_subparsers(dest="command", required=True)
     add_prune(sub)
     add_eval(sub)
@@ -293,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     args = build_parser().parse_args(argv)
+    if not logging.getLogger("patchc").handlers:   # "model SPEC -> FILE (...)" and other notes, on stderr
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("patchc: %(message)s"))
+        logging.getLogger("patchc").addHandler(h)
+        logging.getLogger("patchc").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError, ImportError) as e:

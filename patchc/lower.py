@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from patchc.format import (FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer,
                            sha256, validate_packed)
@@ -27,7 +28,7 @@ from patchc.coverage import coverage_report
 from patchc.fingerprint import load_recorded_model
 from patchc.hf_quantizer import config_entry as hf_config_entry
 from patchc.io import read_safetensors, write_json, write_safetensors
-from patchc.models import dtype_name, parse_dtype
+from patchc.models import dtype_name, parse_dtype, resolve_device
 from patchc.oneshot import weight_2d
 from patchc.outdir import CHECKPOINT_MARKERS, check_out, clean_stale, make_temp_dir, publish
 from patchc.prune_dir import apply_hard_masks_, read_prune_dir
@@ -113,7 +114,7 @@ def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "
 
 def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: dict) -> dict:
     packed_tensors, layers, hybrid_weights = {}, [], set()
-    for layer in masks.report["layers"]:
+    for layer in tqdm(masks.report["layers"], desc="patchc lower: packing", unit="layer", disable=None):  # a bar on a TTY
         name, tr = layer["name"], bool(layer.get("transposed", False))
         module = name.rsplit(".", 1)[0]
         w = weight_2d(model, name, tr).detach().contiguous()
@@ -347,10 +348,11 @@ def verify(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True, plain_dense: bool = True):
+def load(path: str | os.PathLike, device: str | torch.device = "auto", verify: bool = True, plain_dense: bool = True):
     """Load a packed checkpoint as a Hugging Face model whose hybrid linears are HybridLinear modules.
     plain_dense: layers with no 2:4 tile hold a row-major weight and run as F.linear (the vendor GEMM; see
-    HybridLinear); False keeps them packed, on the hybrid kernels."""
+    HybridLinear); False keeps them packed, on the hybrid kernels. device "auto": cuda if available, else cpu."""
+    device = resolve_device(device)
     d = Path(path)
     manifest = read_manifest(d)
     try:

@@ -10,6 +10,7 @@ A spec is one of:
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from patchc.config import settings
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,9 +93,9 @@ def tiny_config(arch: str):
 
 def find_smollm2() -> Path | None:
     """The SmolLM2 GGUF from $PATCHC_SMOLLM2, ../shared/assets (from cwd or this package), or the cache."""
-    env = os.environ.get("PATCHC_SMOLLM2")
+    env = settings().smollm2
     if env:
-        return Path(env) if Path(env).is_file() else None
+        return env if env.is_file() else None
     rel = Path("shared/assets/models/smollm2-135m-instruct") / SMOLLM2_FILE
     roots = [Path.cwd(), Path(__file__).resolve().parent]
     for root in roots:
@@ -106,7 +109,7 @@ def find_smollm2() -> Path | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("PATCHC_CACHE", Path.home() / ".cache" / "patchc"))
+    return settings().cache
 
 
 def fetch_smollm2() -> Path:
@@ -160,12 +163,41 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     )
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def resolve_device(device: str | torch.device | None = "auto") -> str:
+    """"auto" (or None): "cuda" where a GPU is visible, else "cpu"; anything else as given."""
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """"auto" (or None): bfloat16 on a GPU, float32 on the CPU; a name ("bf16", "float16", ...) or a torch dtype
+    as given."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def describe_source(spec: str, kind: str, source: str) -> str:
+    """What a model spec resolved to, for the log: "model smollm2-135m -> /path/....gguf (SmolLM2-135M-Instruct,
+    Q4_1 GGUF dequantised)"."""
+    what = {"tiny": "random weights, seeded, byte-level tokenizer", "dir": "Hugging Face folder",
+            "hub": "Hugging Face hub id"}.get(kind, "GGUF, dequantised")
+    if kind == "gguf" and Path(source).name == SMOLLM2_FILE:
+        what = "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised"
+    return f"model {spec} -> {source} ({what})"
+
+
+def load_model(spec: str, device: str | torch.device = "auto", dtype: torch.dtype | str | None = "auto",
                seed: int = 0) -> LoadedModel:
-    """Load a model spec in eval mode on `device` with floating weights in `dtype`."""
+    """Load a model spec in eval mode on `device` ("auto": cuda if available, else cpu) with floating weights in
+    `dtype` ("auto": bfloat16 on cuda, float32 on cpu). Logs (logger "patchc") which file the spec resolved to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     kind, source = resolve_spec(spec)
+    logging.getLogger("patchc").info("%s, %s on %s", describe_source(spec, kind, source), dtype_name(dtype), device)
     if kind == "tiny":
         cfg = tiny_config(source)
         with torch.random.fork_rng(devices=[]):

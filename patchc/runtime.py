@@ -8,23 +8,22 @@ swaps those nodes for generated Triton kernels.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
+from patchc.config import settings
 from patchc.format import PACKED_FIELDS, PackedLayer, from_tiles, to_tiles, unpack_layer, validate_packed
 from patchc.mask import layer_sparsity
 
-# PATCHC_EAGER_KERNELS=0 keeps eager GPU calls on the reference op (decompress + F.linear)
-EAGER_KERNELS = os.environ.get("PATCHC_EAGER_KERNELS", "1").lower() not in ("0", "false", "no")
-# Tests: with Triton's interpreter (TRITON_INTERPRET=1), PATCHC_KERNELS_ON_CPU=1 runs the generated kernels on
-# CPU tensors too, so the whole kernel path (schedules, configs, launch, split-K) is exercised without a GPU.
-KERNELS_ON_CPU = os.environ.get("PATCHC_KERNELS_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
+def kernels_on_cpu() -> bool:
+    """Tests: with Triton's interpreter (TRITON_INTERPRET=1), PATCHC_KERNELS_ON_CPU=1 runs the generated kernels on
+    CPU tensors too, so the whole kernel path (schedules, configs, launch, split-K) is exercised without a GPU."""
+    return settings().kernels_on_cpu
 
 
 def _kernel_device(x: torch.Tensor) -> bool:
-    return x.is_cuda or KERNELS_ON_CPU
+    return x.is_cuda or settings().kernels_on_cpu
 
 
 @torch.library.custom_op("patchc::hybrid_linear", mutates_args=())
@@ -65,7 +64,7 @@ class HybridLinear(torch.nn.Module):
     plain_dense=True on a layer with no 2:4 tile (training kept every tile dense) holds the same bytes as a
     row-major `weight` [out, in] instead of dense tiles, and runs as a plain F.linear: the vendor GEMM at
     every M, which on the H100 ran the 7B shapes 1.08-1.15x as fast as the hybrid kernels at M=16, 1.5-2.0x at
-    M=128, 1.15-1.19x at M=2048, and 0.86-0.91x at M=1 (bench/results/kernels_v8, 0% rows). `dense` is then
+    M=128, 1.15-1.19x at M=2048, and 0.86-0.91x at M=1 (ab853d4:bench/results/kernels_v8, 0% rows). `dense` is then
     empty."""
 
     def __init__(self, packed: PackedLayer, bias: torch.Tensor | None = None, name: str = "layer",
@@ -102,7 +101,7 @@ class HybridLinear(torch.nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Eager calls on the GPU run the generated kernel directly; traced/compiled calls emit the reference
         op, which the `patch` backend's pass swaps for the kernel (with a warning where it cannot)."""
-        return (_kernel_device(x) and EAGER_KERNELS and kernel_unsupported(self.tile) is None
+        return (_kernel_device(x) and settings().eager_kernels and kernel_unsupported(self.tile) is None
                 and not torch.compiler.is_compiling() and not _exporting())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def _run(model, label: str, ids, cfg: BenchConfig, device, backend: str, log) ->
     return row, tokens                                                      # the greedy tokens [batch, new]
 
 
-def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda", log=print) -> dict:
+def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "auto", log=print) -> dict:
     """Time generate() on the packed checkpoint at `path`, then on its dense twin (the same model densified in
     place, so the two never hold memory together); returns both rows, the ratios, and greedy_agreement: the mean
     share of each sequence's new tokens the two generate alike before their first difference (1.0: identical;
@@ -131,7 +131,10 @@ def bench(path: str | Path, cfg: BenchConfig | None = None, device: str = "cuda"
 
     from .lower import load, read_manifest
 
+    from .models import resolve_device
+
     cfg = cfg or BenchConfig()
+    device = resolve_device(device)                     # "auto": cuda if available, else cpu
     cuda = str(device).startswith("cuda")
     read_manifest(path)                                 # a clear error for what is not a packed checkpoint
     config = AutoConfig.from_pretrained(path)           # checked before the weights are read

@@ -28,7 +28,7 @@ from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_d
 from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.fingerprint import source_record
 from patchc.io import write_json, write_safetensors
-from patchc.models import dtype_name, load_model
+from patchc.models import dtype_name, load_model, resolve_device, resolve_dtype
 from patchc.outdir import finish_prune_output, stage_prune_output
 from patchc.oneshot import ONESHOT_METHODS, collect_input_stats, oneshot_pattern, tile_kept_fraction, tile_prior, weight_2d
 from patchc.passes import MaskNode, MaskState, capture, find_linears, insert_masks
@@ -282,21 +282,15 @@ class _Log:
             tqdm.write(f"[patchc] {msg}")
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
-          device: str = "auto", dtype: torch.dtype | None = None, resume: bool = False, overwrite: bool = False,
+          device: str = "auto", dtype: torch.dtype | str | None = "auto", resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
           save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False, keep_checkpoint: bool = False,
           compile: bool | None = None, step_in_backward: bool | None = None,
           progress: bool = True) -> PruneResult:
     """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`.
 
-    device "auto": CUDA when available; dtype None: bf16 on CUDA, fp32 on the CPU.
+    device "auto": CUDA when available; dtype "auto": bf16 on CUDA, fp32 on the CPU.
     Under torchrun (WORLD_SIZE > 1) every process calls this: the run is data-parallel with FSDP2 (see
     patchc.distributed), global batch = ranks x batch_size x grad_accum, and rank 0 alone writes outputs.
     recompute_masks: weight-only mask nodes (mm/addmm forms) recompute their soft mask in backward (fused
@@ -313,7 +307,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
                 eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
-    device = _resolve_device(device)
+    device = resolve_device(device)           # "auto": cuda if available, else cpu
     info, device = pdist.setup(device)
     try:
         return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
@@ -327,7 +321,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
            save_every, eval_every, recompute_masks, keep_checkpoint, compile, step_in_backward, progress,
            info: pdist.DistInfo) -> PruneResult:
     cuda = str(device).startswith("cuda")
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    dtype = resolve_dtype(dtype or "auto", device)      # "auto": bf16 on cuda, fp32 on cpu
     compile = False if compile is None else compile  # whole-graph compile: fast steps, but minutes to compile
     if step_in_backward is None:
         step_in_backward = not info.active and cfg.grad_accum == 1

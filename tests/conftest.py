@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -8,6 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from patchc import config  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=False,
@@ -17,7 +20,15 @@ settings.register_profile("gpu", max_examples=200, deadline=None, suppress_healt
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PATCHC_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture
+def switches():
+    """patchc.config.override for the length of one test: switches(mma_sp=False) is what PATCHC_MMA_SP=0 does."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(config.override(**kw))
+
+SHARED = config.settings().shared or ROOT.parent / "shared"
 ASSETS = SHARED / "assets"
 WIKI_VALID = ASSETS / "data/calib/wikitext2_v1_valid.txt"
 WIKI_TEST = ASSETS / "data/wikitext2/wiki.test.raw.txt"

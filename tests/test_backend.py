@@ -50,7 +50,7 @@ def test_compiled_matches_eager_and_swaps_every_layer(arch, ckpts):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts, monkeypatch):
+def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts, monkeypatch, switches):
     """The real kernel path without a GPU (Triton's interpreter): eager HybridLinear calls and the compiled
     graph's swapped hybrid_mm nodes both run the Triton kernels and match the reference op."""
     import os
@@ -69,7 +69,7 @@ def test_generated_kernels_eager_and_compiled_under_the_interpreter(arch, ckpts,
     stack_groups_(model, model.patchc_manifest["groups"])   # (the clones undid load's stacking)
     ids = torch.randint(0, 256, (2, 12))
     ref = model(input_ids=ids).logits                       # reference op (decompress + F.linear)
-    monkeypatch.setattr(runtime, "KERNELS_ON_CPU", True)
+    switches(kernels_on_cpu=True)
     calls = []
     real_launch = __import__("patchc.codegen.launch", fromlist=["launch"]).launch
     monkeypatch.setattr("patchc.codegen.launch.launch", lambda *a, **k: calls.append(1) or real_launch(*a, **k))
@@ -105,10 +105,16 @@ def test_cpu_model_warns_that_it_runs_the_reference_path(ckpts):
     model = load(ckpts["gpt2"])
     with pytest.warns(UserWarning, match="reference"):
         torch.compile(model, backend="patch")(input_ids=torch.randint(0, 256, (1, 8)))
-    assert patchc.__version__
 
 
-def test_compile_modes_reach_inductor(ckpts):
+def test_compile_modes_reach_inductor(ckpts, monkeypatch):
+    """torch.compile's mode reaches inductor as the config patches backend="inductor" would get for it."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, ex, config_patches=None, **kw: seen.append(config_patches)
+                        or real(gm, ex, config_patches=config_patches, **kw))
     torch._dynamo.reset()
     model = load(ckpts["llama"])
     ids = torch.randint(0, 256, (1, 12))
@@ -117,6 +123,8 @@ def test_compile_modes_reach_inductor(ckpts):
         warnings.simplefilter("ignore")
         out = torch.compile(model, backend="patch", mode="max-autotune-no-cudagraphs")(input_ids=ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert seen and seen[0] == {"max_autotune": True}, seen   # (compile_fx may call itself again within them)
+    assert backend._config_patches("reduce-overhead", {"x": 1}) == {"triton.cudagraphs": True, "x": 1}
     with pytest.raises(ValueError, match="unknown mode"):
         backend._config_patches("fastest", None)
 

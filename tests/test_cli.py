@@ -22,6 +22,7 @@ def test_prune_then_eval(small_text, wiki_test, tmp_path):
             "--eval-ppl", str(wiki_test), "--eval-seq-len", "128", "--eval-windows", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sparsity 0.25" in r.stdout
+    assert "patchc: model tiny:gpt2 -> gpt2 (random weights, seeded, byte-level tokenizer), float32 on cpu" in r.stderr
     rep = json.loads((out / "prune.json").read_text())
     assert rep["ppl"]["final"]["windows"] == 2 and rep["ppl"]["final"]["seq_len"] == 128
     r = run("eval", str(out), "--ppl", str(wiki_test), "--seq-len", "128", "--max-windows", "2", "--device", "cpu",
@@ -66,3 +67,38 @@ def test_model_specs(tmp_path):
     with pytest.raises(ModelSpecError, match="not a .gguf"):
         resolve_spec(str(tmp_path / "f.bin"))
     assert resolve_spec("org/name") == ("hub", "org/name")
+
+
+def test_help_shows_defaults():
+    r = run("prune", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for want in ("--steps STEPS training steps (default: 100)", "(default: joint)", "(default: auto)",
+                 "--eval-seq-len EVAL_SEQ_LEN PPL window length (default: 2048)"):
+        assert want in text, want
+    for cmd in ("eval", "lower", "inspect", "bench"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "(default:" in r.stdout, cmd
+
+
+def test_python_api_defaults_match_the_cli():
+    """patchc.prune / patchc.load / patchc.speed.bench default to device "auto" and dtype "auto" as the CLI does, and
+    "auto" resolves to cuda where available (bf16), else cpu (fp32)."""
+    import inspect
+
+    import torch
+
+    import patchc
+    from patchc.models import describe_source, resolve_device, resolve_dtype
+    from patchc.speed import bench
+
+    assert inspect.signature(patchc.prune).parameters["device"].default == "auto"
+    assert inspect.signature(patchc.prune).parameters["dtype"].default == "auto"
+    assert inspect.signature(patchc.load).parameters["device"].default == "auto"
+    assert inspect.signature(bench).parameters["device"].default == "auto"
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == want and resolve_device("cpu") == "cpu"
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float16, "cpu") == torch.float16
+    line = describe_source("smollm2-135m", "gguf", "/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert line == "model smollm2-135m -> /x/SmolLM2-135M-Instruct.Q4_1.gguf (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised)"

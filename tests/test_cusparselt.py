@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+from patchc import config
 from patchc import mask as hm
 from patchc.format import pack_layer
 
-DEVICE = os.environ.get("PATCHC_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = config.settings().test_device or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 (set before import)", allow_module_level=True)
 
@@ -24,7 +25,7 @@ from patchc.codegen import cusparselt as cs  # noqa: E402
 from patchc.codegen.launch import CSLT_MIN_M, KernelConfig, candidates, default_config, launch  # noqa: E402
 from patchc.codegen.schedule import build_schedule  # noqa: E402
 
-REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if os.environ.get("PATCHC_TEST_SHAPES") == "llama2-7b" else None
+REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if config.settings().test_shapes == "llama2-7b" else None
 GPU_CSLT = DEVICE == "cuda" and torch.cuda.is_available() and hasattr(torch, "_cslt_sparse_mm") \
     and torch.backends.cusparselt.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -167,8 +168,7 @@ def test_cslt_engine_matches_float64_reference_with_a_reference_cusparselt(c):
 @pytest.mark.skipif(not GPU_CSLT, reason="cuSPARSELt: needs an sm_80+ GPU and a torch built with it")
 @given(cslt_case())
 def test_cslt_engine_matches_float64_reference_on_the_gpu(c):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PATCHC_CSLT_EAGER", "1")     # cuSPARSELt on eager calls too (by default only inside graphs)
+    with config.override(cslt_eager=True):     # cuSPARSELt on eager calls too (by default only inside graphs)
         _check_cslt_engine(*c)
 
 
@@ -231,8 +231,8 @@ def test_cslt_unsupported_says_why():
         assert "16-bit" in cs.unsupported(x.float().cuda(), p.values.cuda(), sparse)
 
 
-def test_cslt_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("PATCHC_CSLT", "0")
+def test_cslt_can_be_switched_off(switches):
+    switches(cslt=False)
     p, _, _ = sparse_layer(128, 128, 64, torch.float16, 0)
     assert cs.unsupported(torch.randn(128, 128, dtype=torch.float16), p.values,
                           build_schedule(p.bitmap, 64)) == "PATCHC_CSLT=0"

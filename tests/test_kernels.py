@@ -10,10 +10,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from patchc import config
 from patchc import mask as hm
 from patchc.format import pack_layer
 
-DEVICE = os.environ.get("PATCHC_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = config.settings().test_device or ("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 (set before import)", allow_module_level=True)
 
@@ -22,7 +23,7 @@ from patchc.codegen.schedule import build_schedule  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if os.environ.get("PATCHC_TEST_SHAPES") == "llama2-7b" else None
+REAL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)] if config.settings().test_shapes == "llama2-7b" else None
 
 
 BITMAP_KINDS = ["dense", "sparse", "random", "empty_rows"]
@@ -183,12 +184,12 @@ def test_decompress_equals_the_format_reference(c):
     assert torch.equal(got.cpu(), unpack_layer(p))
 
 
-def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch):
+def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch, switches):
     import json
 
     from patchc.codegen import launch as L
 
-    monkeypatch.setenv("PATCHC_CACHE", str(tmp_path))
+    switches(cache=tmp_path)
     monkeypatch.setattr(L, "_memory", {})
     monkeypatch.setattr(L, "_answered", {})
     sched = build_schedule(torch.tensor([[1, 0], [0, 0]], dtype=torch.bool), 64)
@@ -205,7 +206,7 @@ def test_config_cache_is_used_and_a_corrupt_cache_ignored(tmp_path, monkeypatch)
     assert L.get_config(x, None, None, None, sched, None, 128) == chosen
 
 
-def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch):
+def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch, switches):
     """get_config answers a repeated call from memory (eager decode asks it for every layer at every step), and
     asks again when anything its answer depends on changes: the M bucket, x's alignment, the schedule, the
     switches. Within an M bucket (as for tuned configs) the answer is shared, so the memo stays small."""
@@ -224,7 +225,7 @@ def test_config_answers_are_remembered_per_everything_they_depend_on(monkeypatch
     L.get_config(torch.randn(8, 130)[:, 1:129], None, None, None, sched, None, 128, tune=False)  # unaligned x
     other = build_schedule(torch.tensor([[1, 1], [0, 1]], dtype=torch.bool), 64)
     L.get_config(x, None, None, None, other, None, 128, tune=False)                                # another bitmap
-    monkeypatch.setenv("PATCHC_MMA_SP", "0")
+    switches(mma_sp=False)
     L.get_config(x, None, None, None, sched, None, 128, tune=False)                                # a switch
     assert calls == [8, 9, 8, 8, 8]
 
@@ -419,8 +420,7 @@ def test_wgmma_source_generates_one_wrapper_per_shape_and_dtype():
 
 def test_kernel_sources_carry_the_shared_device_helpers(tmp_path):
     """Both CUDA sources get device_common.cuh pasted in where they include it (so the build's hash covers it), once,
-    and each defines its trace reader only through the shared macro; an older source without the include is built as
-    it is."""
+    and carry no bench-only instrumentation; an older source without the include is built as it is."""
     from patchc.codegen import cuda_build, mma_sp, wgmma
 
     common = cuda_build.COMMON.read_text()
@@ -428,22 +428,21 @@ def test_kernel_sources_carry_the_shared_device_helpers(tmp_path):
                            ("mma_sp", mma_sp.source(), mma_sp.SOURCE.read_text())):
         assert cuda_build.COMMON_INCLUDE in raw and cuda_build.COMMON_INCLUDE not in src, name
         assert src.count(common) == 1, name
-        for helper in ("uint32_t smem_u32(", "void mbar_wait(", "void bulk_copy(", "trace_buf[", "void grid_dependency_wait(",
+        for helper in ("uint32_t smem_u32(", "void mbar_wait(", "void bulk_copy(", "void grid_dependency_wait(",
                        "void launch_dependents("):
             assert helper in common and helper not in raw, (name, helper)
-        assert f"PATCHC_TRACE_HOST({name})" in raw, name
+        assert "TRACE" not in src, name
     old = "// an older kernel\n__global__ void k() {}\n"
     assert mma_sp.source(old) == old and cuda_build.inline_common(old) == old
 
 
-def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_pdl_0(monkeypatch):
+def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_pdl_0():
     """Both CUDA kernels are launched as programmatic dependents only while a CUDA graph is captured on sm_90+, and
     PATCHC_PDL=0 turns that off before the device is asked anything."""
     from patchc.codegen.device import pdl_enabled
 
-    monkeypatch.setenv("PATCHC_PDL", "0")
-    assert not pdl_enabled(torch.empty(1))
-    monkeypatch.delenv("PATCHC_PDL")
+    with config.override(pdl=False):
+        assert not pdl_enabled(torch.empty(1))
     if DEVICE == "cuda":
         x = torch.empty(1, device="cuda")
         assert not pdl_enabled(x)   # eager: not capturing
@@ -454,17 +453,16 @@ def test_programmatic_dependent_launch_only_under_capture_and_never_with_patchc_
         assert captured == (torch.cuda.get_device_capability() >= (9, 0))
 
 
-def test_wgmma_half_row_tile_ctas_can_be_turned_off(monkeypatch):
+def test_wgmma_half_row_tile_ctas_can_be_turned_off():
     """PATCHC_WGMMA_HALF=0: two row-tiles a CTA only; 4096-row layers then decode on the wgmma kernel at split 6 with
     K >= 64 tiles and on the mma.sp kernel with shorter K, as before half-row-tile CTAs existed."""
     from patchc.codegen.launch import default_config, wgmma_decode
 
-    monkeypatch.setenv("PATCHC_WGMMA_HALF", "0")
     g = torch.Generator().manual_seed(3)
     square, wide = (build_schedule(torch.rand(32, c, generator=g) < 0.5, 128) for c in (32, 86))
-    assert default_config(16, square, 4096, mma=True, wg=True).engine == "mma_sp"
-    assert default_config(16, wide, 4096, mma=True, wg=True) == wgmma_decode(6)
-    monkeypatch.setenv("PATCHC_WGMMA_HALF", "1")
+    with config.override(wgmma_half=False):
+        assert default_config(16, square, 4096, mma=True, wg=True).engine == "mma_sp"
+        assert default_config(16, wide, 4096, mma=True, wg=True) == wgmma_decode(6)
     assert default_config(16, square, 4096, mma=True, wg=True) == wgmma_decode(2, 64)
 
 

@@ -115,15 +115,20 @@ def test_soft_masks_are_probabilities():
     assert torch.equal(hard.round().bool(), hm.pattern_to_mask(logits.argmax(-1).to(torch.uint8)))
 
 
-def test_two_class_gumbel_equals_softmax_definition():
-    # P(class 1) of softmax(([0, l] * s + g) / tau) with shared noise equals our sigmoid form
-    torch.manual_seed(0)
-    l = torch.randn(1000, dtype=torch.float64)
-    g0, g1 = torch.randn(1000, dtype=torch.float64), torch.randn(1000, dtype=torch.float64)
+def test_soft_dense_tile_is_class_1_of_a_two_class_gumbel_softmax():
+    """hm.soft_dense_tile = P(class 1) of softmax(([0, l] * scale + (g0, g1)) / tau), with the Gumbel noise it draws
+    (g1 first, then g0, from its generator): the same draws fed to the softmax definition give the same numbers, and
+    without noise it is softmax([0, l * scale] / tau)[1]."""
+    l = torch.randn(40, 7, generator=torch.Generator().manual_seed(1)) * 0.05
     s, tau = 25.0, 3.0
-    ref = torch.softmax(torch.stack([g0, l * s + g1], -1) / tau, -1)[:, 1]
-    ours = torch.sigmoid((l * s + g1 - g0) / tau)
-    assert torch.allclose(ref, ours, atol=1e-12)
+    got = hm.soft_dense_tile(l, s, tau, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    g1, g0 = hm.gumbel_like(l, g), hm.gumbel_like(l, g)
+    ref = torch.softmax(torch.stack([g0, l * s + g1], -1) / tau, -1)[..., 1]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    plain = torch.softmax(torch.stack([torch.zeros_like(l), l * s], -1) / tau, -1)[..., 1]
+    torch.testing.assert_close(hm.soft_dense_tile(l, s, tau, noise=False), plain, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(got, plain)    # the noise is there
 
 
 def test_schedules():

@@ -137,6 +137,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path,
     assert shards and all(torch.isfinite(t.float()).all() for f in shards for t in read_safetensors(f).values())
 
 
+def test_non_finite_logits_stop_the_run(small_text, tmp_path):
+    cfg = PruneConfig(sparsity=0.3, lr=float("inf"), **{**FAST, "steps": 6})
+    with pytest.raises(TrainingDiverged, match="mask logits became non-finite at step 0"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, save_every=1)
+    assert not (tmp_path / "o/prune.json").exists()
+
+
 def test_resume_after_kill_reproduces_an_uninterrupted_run(small_text, tmp_path):
     args = ["tiny:llama", "--sparsity", "0.35", "--mode", "joint", "--data", str(small_text), "--steps", "60",
             "--seq-len", "64", "--batch-size", "2", "--calib-samples", "4", "--save-every", "2", "--quiet",

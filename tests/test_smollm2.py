@@ -9,8 +9,8 @@ from patchc import PruneConfig, prune
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_prune_tile_mode(wiki_valid, wiki_test, tmp_path, monkeypatch):
-    monkeypatch.setenv("PATCHC_SMOLLM2", str(need(SMOLLM2)))
+def test_smollm2_prune_tile_mode(wiki_valid, wiki_test, tmp_path, switches):
+    switches(smollm2=need(SMOLLM2))
     cfg = PruneConfig(sparsity=0.35, mode="tile", steps=2, seq_len=128, batch_size=1, calib_samples=4)
     res = prune("smollm2-135m", [str(wiki_valid)], tmp_path / "o", cfg, progress=False, eval_ppl=str(wiki_test),
                 eval_seq_len=512, eval_windows=4)

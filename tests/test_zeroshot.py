@@ -127,5 +127,5 @@ def test_equals_lm_eval_on_the_same_items(tmp_path, monkeypatch):
             assert ours[t]["ppl"] == pytest.approx(theirs["perplexity,none"], rel=1e-4)
         else:
             assert ours[t]["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9), (t, ours[t], theirs)
-    assert json.dumps(ours)  # serialisable as reported
+    assert json.loads(json.dumps(ours)) == ours  # serialisable as reported, nothing lost
     assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
