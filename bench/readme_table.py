@@ -136,9 +136,11 @@ def train_rows() -> list[str]:
     d = json.loads((RESULTS / "train_speed/train_speed.json").read_text())
     out = []
     for r in d["rows"]:
-        if r["kind"] in ("tile", "joint", "joint+kd") and r.get("fits") and "vs_plain" in r:
-            out.append(_row(f"mask-training step / plain fwd+bwd, {r['model']} {r['batch']}×{r['seq']}, {r['kind']}",
-                            d["env"], 1, [r["vs_plain"]], "bench/results/train_speed", unit="×"))
+        if r.get("fits") and "vs_plain" in r:
+            how = "eager" if "eager" in r["kind"] else "torch.compile"
+            kind = r["kind"].replace("+eager", "")
+            out.append(_row(f"mask-training step / plain fwd+bwd, {r['model']} {r['batch']}×{r['seq']}, {kind} ({how})",
+                            d["env"], r.get("reps", 1), [r["vs_plain"]], "bench/results/train_speed", unit="×"))
     return out
 
 

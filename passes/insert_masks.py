@@ -48,13 +48,15 @@ class MaskState:
     # few kernels and its partitioner recomputes it in backward) instead of through MaskedLinear
     compile: bool = False
     knobs: torch.Tensor | None = field(default=None, repr=False)   # [scale_tile, scale_24, tau] on the device
-    keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys
+    keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys (compiled graphs)
+    keys_int: list | None = field(default=None, repr=False)        # the same keys as ints (eager: Philox seeds)
 
     def set_step(self, step: int, micro: int, n_nodes: int, device) -> None:
         """Noise keys and schedule values of one micro-batch, as device tensors (no recompiles, one copy)."""
         self.step, self.micro = step, micro
         keys = [[hm.noise_key(self.seed, step, micro, i, s) for s in (0, 1)] for i in range(n_nodes)]
-        self.keys = torch.tensor(keys, dtype=torch.int64).to(device)
+        self.keys_int = [tuple(k) for k in keys]
+        self.keys = torch.tensor(keys, dtype=torch.int64).to(device) if self.compile else None
         self.knobs = torch.tensor([self.scale_tile, self.scale_24, self.tau], dtype=torch.float32).to(device)
         self._knobs_for = (self.scale_tile, self.scale_24, self.tau)
 
@@ -77,13 +79,14 @@ class MaskedLinear(torch.autograd.Function):
         with torch.no_grad():
             wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, mask24, tile, knobs, keys)
         y = F.linear(x, wm, bias)
-        ctx.save_for_backward(x, w, tile_logits, pattern_logits, mask24, knobs, keys)
-        ctx.tile, ctx.has_bias = tile, bias is not None
+        ctx.save_for_backward(x, w, tile_logits, pattern_logits, mask24, knobs)
+        ctx.tile, ctx.has_bias, ctx.keys = tile, bias is not None, keys  # keys: ints (Philox seeds) or None
         return y, gate_mean, norm
 
     @staticmethod
     def backward(ctx, dy, d_gate, d_norm):
-        x, w, tile_logits, pattern_logits, mask24, knobs, keys = ctx.saved_tensors
+        x, w, tile_logits, pattern_logits, mask24, knobs = ctx.saved_tensors
+        keys = ctx.keys
         inputs = [t.detach().requires_grad_() for t in (tile_logits, pattern_logits) if t is not None]
         tl = inputs[0]
         pl = inputs[1] if pattern_logits is not None else None
@@ -150,9 +153,9 @@ class MaskNode(torch.nn.Module):
         st = self.state
         if st.mode != "soft":
             return None
-        if st.keys is None or self.index >= st.keys.shape[0]:
+        if st.keys_int is None or self.index >= len(st.keys_int):
             raise RuntimeError("MaskState.set_step() must run before a soft forward (noise keys)")
-        return st.keys[self.index]
+        return st.keys[self.index] if st.compile else st.keys_int[self.index]
 
     def _masked_weight(self):
         """(W * M in the stored layout, mean gate, norm) for the weight-only form."""

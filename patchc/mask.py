@@ -141,8 +141,16 @@ def noise_key(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
 
 
-def uniform_noise(key: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:
-    """Uniform floats in (0, 1), float32, from a 0-d int64 key tensor: element i is a hash of (key, i)."""
+def uniform_noise(key, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Uniform floats in (0, 1), float32, a function of (key, shape, device type) alone.
+
+    key an int: torch's Philox generator seeded with it (one fast kernel; eager code).
+    key a 0-d int64 tensor: element i is an integer hash of (key, i), which torch.compile fuses into the
+    kernels that use it (no generator state in a compiled graph)."""
+    if isinstance(key, int):
+        g = torch.Generator(device=device)
+        g.manual_seed(key)
+        return torch.rand(shape, generator=g, device=device, dtype=torch.float32).clamp_(1e-12, 1.0 - 2.0 ** -24)
     n = 1
     for d in shape:
         n *= d

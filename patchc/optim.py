@@ -73,7 +73,7 @@ def lean_step(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, vq: torch.Tenso
               vref_new: torch.Tensor, key: torch.Tensor, hp: torch.Tensor):
     """One AdamW step on a bf16 tensor with lean state; returns (p, r, vq) new values.
     hp = [lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, r_max] (float32 tensor);
-    key: the 0-d int64 noise key of the three stochastic roundings."""
+    key: the noise key of the three stochastic roundings (an int in eager code, a 0-d int64 tensor compiled)."""
     lr, b1, b2, eps, wd, bc1, bc2, r_max = (hp[i] for i in range(8))
     u = uniform_noise(key, (3, *p.shape), p.device)
     g = g.float()
@@ -105,6 +105,7 @@ class LeanAdamW(torch.optim.Optimizer):
         self.seed = seed
         self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._step_fn = torch.compile(lean_step, dynamic=False) if compile else lean_step
+        self._compiled = compile
         self._per_step_for, self._per_step = None, None
 
     def _step_tensors(self, t: int, group: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +117,7 @@ class LeanAdamW(torch.optim.Optimizer):
             hp = [group["lr"], b1, b2, group["eps"], group["weight_decay"], 1 - b1 ** t, 1 - b2 ** t, r_bound(b1, b2)]
             keys = [noise_key(self.seed, t, i, 7) for i in range(len(self._index))]
             self._per_step = (torch.tensor(hp, dtype=torch.float32, device=device),
-                              torch.tensor(keys, dtype=torch.int64, device=device))
+                              torch.tensor(keys, dtype=torch.int64, device=device) if self._compiled else keys)
             self._per_step_for = want
         return self._per_step
 

@@ -303,11 +303,11 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     process and grad_accum 1): each logit tensor is updated as soon as its gradient is complete and the
     gradient freed, so gradients never all exist at once (same result)."""
     cfg = config or PruneConfig()
+    device = resolve_device(device)           # "auto": cuda if available, else cpu
     check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite, eval_ppl=eval_ppl,
                 eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
-    device = resolve_device(device)           # "auto": cuda if available, else cpu
     info, device = pdist.setup(device)
     try:
         return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
