@@ -202,7 +202,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.models, a.batch, a.seq, a.reps, a.fit = "tiny", "tiny=2", 64, 2, ""
-        a.kinds = "plain,tile,joint+eager,joint+eager+fp32,joint+eager+ib"
+        if a.kinds == ap.get_default("kinds"):
+            a.kinds = "plain,tile+eager,joint+eager,joint+eager+fp32,joint+eager+ib"
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
     rows = []

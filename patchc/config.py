@@ -17,7 +17,7 @@ naming the variable. Paths expand `~`. This module imports nothing but the stand
 | PATCHC_EAGER_KERNELS | eager_kernels | 1 | eager GPU calls of a HybridLinear run the generated kernel directly (0: the reference op, decompress + F.linear) |
 | PATCHC_KERNELS_ON_CPU | kernels_on_cpu | 0 | with TRITON_INTERPRET=1, whole models run the Triton kernels on the CPU (tests) |
 | PATCHC_AUTOTUNE | autotune | 0 | time every candidate config on the first call of a (shape, density, M bucket) and cache the winner |
-| PATCHC_CACHE | cache | ~/.cache/patchc | the tuning cache (kernels/) and the downloaded SmolLM2 GGUF |
+| PATCHC_CACHE | cache | ~/.cache/patchc | the tuning cache (kernels/), the token cache (tokens/) and the downloaded SmolLM2 GGUF |
 | PATCHC_SMOLLM2 | smollm2 | unset | the SmolLM2-135M GGUF file `smollm2-135m` resolves to (before ../shared/assets and the cache) |
 | PATCHC_MMA_SP | mma_sp | 1 | the sparse-tensor-core decode kernel (codegen/mma_sp.cu; 0: the Triton kernels) |
 | PATCHC_MMA_SP_STAGED | mma_sp_staged | 1 | its variant staging weights through shared memory at M <= 8 (sm_90+) |

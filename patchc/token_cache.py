@@ -29,8 +29,9 @@ def _version() -> str:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("PATCHC_CACHE")
-    return Path(root) / "tokens" if root else Path.home() / ".cache" / "patchc" / "tokens"
+    from patchc.config import settings
+
+    return Path(settings().cache) / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -253,10 +253,18 @@ def test_too_little_text_for_one_sequence(tok, tmp_path):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
+    from patchc import config
+
     monkeypatch.setenv("PATCHC_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "tokens"
-    monkeypatch.delenv("PATCHC_CACHE")
-    assert default_cache_dir().parts[-3:] == (".cache", "patchc", "tokens")
+    config.reload()
+    try:
+        assert default_cache_dir() == tmp_path / "tokens"
+        monkeypatch.delenv("PATCHC_CACHE")
+        config.reload()
+        assert default_cache_dir().parts[-3:] == (".cache", "patchc", "tokens")
+    finally:
+        monkeypatch.undo()
+        config.reload()
 
 
 def test_in_memory_functions_keep_their_contract(tok, tmp_path):

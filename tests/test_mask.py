@@ -116,18 +116,20 @@ def test_soft_masks_are_probabilities():
 
 
 def test_soft_dense_tile_is_class_1_of_a_two_class_gumbel_softmax():
-    """hm.soft_dense_tile = P(class 1) of softmax(([0, l] * scale + (g0, g1)) / tau), with the Gumbel noise it draws
-    (g1 first, then g0, from its generator): the same draws fed to the softmax definition give the same numbers, and
-    without noise it is softmax([0, l * scale] / tau)[1]."""
+    """hm.soft_dense_tile = P(class 1) of softmax(([0, l] * scale + (g0, g1)) / tau): the difference of its two
+    Gumbels is the logistic log(u) - log(1 - u) of the uniform noise it draws for its key; the same draws fed to the
+    softmax definition give the same numbers, and without noise it is softmax([0, l * scale] / tau)[1]."""
     l = torch.randn(40, 7, generator=torch.Generator().manual_seed(1)) * 0.05
     s, tau = 25.0, 3.0
-    got = hm.soft_dense_tile(l, s, tau, torch.Generator().manual_seed(7))
-    g = torch.Generator().manual_seed(7)
-    g1, g0 = hm.gumbel_like(l, g), hm.gumbel_like(l, g)
-    ref = torch.softmax(torch.stack([g0, l * s + g1], -1) / tau, -1)[..., 1]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for key in (7, torch.tensor(7)):                       # Philox (eager) and the integer hash (compiled)
+        got = hm.soft_dense_tile(l, s, tau, key)
+        u = hm.uniform_noise(key, tuple(l.shape), "cpu").double()
+        # any g0 with g1 - g0 = logistic(u): take g0 = 0
+        ref = torch.softmax(torch.stack([torch.zeros_like(u), l.double() * s + torch.log(u) - torch.log1p(-u)], -1)
+                            / tau, -1)[..., 1]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
     plain = torch.softmax(torch.stack([torch.zeros_like(l), l * s], -1) / tau, -1)[..., 1]
-    torch.testing.assert_close(hm.soft_dense_tile(l, s, tau, noise=False), plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hm.soft_dense_tile(l, s, tau, None), plain, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(got, plain)    # the noise is there
 
 
