@@ -123,13 +123,8 @@ def mask_step(model, ids, mode: str, distill: float, device, *, compile: bool = 
     run = torch.compile(gm, dynamic=False) if compile else gm
     opt = make_optimizer(nodes, cfg, compile=compile)
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
-    hooks = []
     if in_backward:
-        for p in opt_params(nodes):
-            def hook(param, _g=opt.group_of(p)):
-                opt.step_param(param, _g)
-                param.grad = None
-            hooks.append(p.register_post_accumulate_grad_hook(hook))
+        opt.step_in_backward()
     counter = [0]
 
     def step():

@@ -57,8 +57,7 @@ class MaskState:
         keys = [[hm.noise_key(self.seed, step, micro, i, s) for s in (0, 1)] for i in range(n_nodes)]
         self.keys_int = [tuple(k) for k in keys]
         self.keys = torch.tensor(keys, dtype=torch.int64).to(device) if self.compile else None
-        self.knobs = torch.tensor([self.scale_tile, self.scale_24, self.tau], dtype=torch.float32).to(device)
-        self._knobs_for = (self.scale_tile, self.scale_24, self.tau)
+        self.knobs_now(device)
 
     def knobs_now(self, device) -> torch.Tensor:
         """The knobs tensor for the current values (made again only when a value or the device changed)."""

@@ -47,7 +47,7 @@ def state_dict(nodes, opt) -> dict[str, torch.Tensor]:
     """Every tensor a resumed run needs, keyed by name; sharded ones as DTensors (aliases, no copies)."""
     sd: dict[str, torch.Tensor] = {}
     for n in nodes:
-        sd[f"{n.name}/tile_logits"] = n.tile_logits.data if not hasattr(n.tile_logits, "device_mesh") else n.tile_logits
+        sd[f"{n.name}/tile_logits"] = n.tile_logits
         if n.joint:  # the learned pattern is the logits' argmax: nothing else to keep
             sd[f"{n.name}/pattern_logits"] = n.pattern_logits
         else:        # the fixed one-shot 2:4 pattern
@@ -93,10 +93,6 @@ def save(out: Path, step: int, config: dict, extra: dict, nodes, opt, info: Dist
         else:
             os.replace(tmp, final)
     barrier(info)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def read_state(out: Path) -> dict:

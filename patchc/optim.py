@@ -178,8 +178,15 @@ class LeanAdamW(torch.optim.Optimizer):
                 self.step_param(p, group)
         return loss
 
-    def group_of(self, p: torch.Tensor) -> dict:
+    def step_in_backward(self) -> list:
+        """Update each parameter as soon as backward has accumulated its gradient, then free the gradient (so
+        gradients never all exist at once; the same result as step() after backward). Returns the hook handles;
+        remove them to go back to step()."""
+        handles = []
         for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter not managed by this optimizer")
+            for p in group["params"]:
+                def hook(param, _group=group):
+                    self.step_param(param, _group)
+                    param.grad = None
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        return handles

@@ -476,15 +476,7 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, co
                w_norm_total: float, info: pdist.DistInfo | None = None, step_in_backward: bool = False) -> None:
     info = info or pdist.DistInfo()
     params = opt_params(nodes)
-    hooks = []
-    if step_in_backward:
-        for p in params:
-            group = opt.group_of(p)
-
-            def hook(param, _group=group):
-                opt.step_param(param, _group)
-                param.grad = None
-            hooks.append(p.register_post_accumulate_grad_hook(hook))
+    hooks = opt.step_in_backward() if step_in_backward else []
     numel = torch.tensor([float(n.numel) for n in nodes], device=device)
     log_path = out / "log.jsonl"
     if info.main:
