@@ -91,7 +91,7 @@ def run_row(row: Row, a, base_spec: str, device, dtype, work: Path) -> dict:
         pdir, cdir = work / row.name / "prune", work / row.name / "ckpt"
         curve = dict(eval_ppl=a.wikitext, eval_seq_len=a.eval_seq_len, eval_windows=a.eval_windows,
                      eval_every=a.eval_every) if a.eval_every and row.learns else {}
-        r = prune(base_spec, [a.data], pdir, cfg, device=device, dtype=dtype, overwrite=True, progress=not a.quiet,
+        r = prune(base_spec, list(a.data), pdir, cfg, device=device, dtype=dtype, overwrite=True, progress=not a.quiet,
                   **curve)
         t_prune = time.perf_counter() - t0
         lower(pdir, cdir, overwrite=True)
@@ -117,6 +117,16 @@ def _curve(log: Path, report: dict, tokens_per_step: int) -> list[dict]:
         steps = report["config"]["steps"]
         out.append({"step": steps, "tokens": steps * tokens_per_step, "ppl": fin["ppl"]})
     return out
+
+
+def default_calib() -> list[str]:
+    """Every calibration folder of the shared assets (the files beside them are notes, not data)."""
+    return [str(p) for p in sorted((ASSETS / "data" / "calib").iterdir()) if p.is_dir()]
+
+
+def data_name(paths: list[str]) -> str:
+    names = [Path(p).name for p in paths]
+    return names[0] if len(names) == 1 else f"{len(names)} calibration folders ({', '.join(names)})"
 
 
 def _tokenizer(path):
@@ -221,7 +231,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/accuracy")
     ap.add_argument("--work", default="/tmp/patchc-accuracy", help="prune folders and checkpoints (deleted per row)")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default=str(ASSETS / "data" / "calib" / "c4_en_train_head1000"))
+    ap.add_argument("--data", nargs="+", default=None,
+                    help="calibration files/folders (default: every folder of ASSETS/data/calib, mixed by a seeded "
+                         "shuffle: the recipe of `patchc prune --data`)")
     ap.add_argument("--wikitext", default=str(ASSETS / "data" / "wikitext2" / "wiki.test.raw.txt"))
     ap.add_argument("--tinystories", default=str(ASSETS / "data" / "tinystories" / "validation_head.txt"))
     ap.add_argument("--zeroshot", default=str(ASSETS / "data" / "zeroshot"))
@@ -245,6 +257,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
+    if a.data is None:   # quick: one small folder (tokenising the whole corpus would take the CPU test minutes)
+        a.data = default_calib()[:1] if a.quick else default_calib()
     if a.quick:
         a.model, a.steps, a.batch_size, a.seq_len, a.calib_samples = "tiny:llama", 2, 2, 64, 4
         a.eval_seq_len, a.eval_windows, a.zs_limit, a.sparsities = 128, 2, 3, "0.35"
@@ -255,7 +269,7 @@ def main() -> None:
             "device": a.device,
             "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
             "token_budget": f"{a.steps} steps x {a.batch_size} x {a.seq_len} = {a.steps * a.batch_size * a.seq_len:,} tokens",
-            "protocol": (f"Learned rows: {a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens of {Path(a.data).name} "
+            "protocol": (f"Learned rows: {a.steps} steps x batch {a.batch_size} x {a.seq_len} tokens of {data_name(a.data)} "
                          f"(= {a.steps * a.batch_size * a.seq_len:,} tokens each), distillation on, one-shot prior Wanda "
                          f"on {a.calib_samples} x {a.seq_len} calibration tokens. PPL: non-overlapping windows of "
                          f"{a.eval_seq_len}{'' if a.eval_windows is None else f' (first {a.eval_windows})'}. Zero-shot: "

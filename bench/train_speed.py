@@ -5,10 +5,12 @@ Per model (bf16 on the GPU, random token batches):
   tile / joint one prune step as patchc.train runs it: MaskNodes in soft mode, CE + density + weight-norm
                terms, with (kd) or without the distillation teacher forward, backward into the mask logits,
                AdamW step on the logits (patchc.train.step_loss: the same code as the trainer);
-               +rc: the soft masks recomputed in backward (prune --recompute-masks: less memory, slower)
+               Eager, as `patchc prune` runs by default: on the GPU the Triton kernels of patchc/mask_kernels.py
+               form W * M and the logit gradients. Ablations: +torch: those from torch ops instead
+               (PATCHC_MASK_KERNELS=0); +compile: the whole training graph under torch.compile (prune's compile=True)
 Models: SmolLM2-135M (its real weights; batch 8 x 2048) and random-weight LLaMA-shaped models from
-LLAMA_SHAPES; `--fit` tries PATCH-Tile (no distillation, masks recomputed, batch 1 x 2048) on larger shapes to find the
-largest whose step fits the GPU.
+LLAMA_SHAPES; `--fit` tries PATCH-Joint (eager, optimizer step in backward, batch 1 x 2048) on larger shapes to
+find the largest whose step fits the GPU.
     python bench/train_speed.py --out bench/results/train_speed [--models smollm2,llama3.2-1b] [--fit llama3.2-3b,llama3-8b]
     python bench/train_speed.py --quick --device cpu --out /tmp/ts      # tiny shapes (tests)
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 if _BENCH:
     sys.path.insert(0, _BENCH)
 
-from patchc import PruneConfig  # noqa: E402
+from patchc import PruneConfig, config  # noqa: E402
 from patchc.models import load_model  # noqa: E402
 from patchc.train import make_optimizer, mask_graph, opt_params, step_loss  # noqa: E402
 
@@ -111,14 +113,15 @@ def plain_step(model, ids):
 
 
 def mask_step(model, ids, mode: str, distill: float, device, *, compile: bool = True, state: str = "lean",
-              in_backward: bool = False):
+              in_backward: bool = False, mask_kernels: bool = True):
     """A prune step's closure as patchc.train runs it (graph capture, mask init with the magnitude prior: no
     calibration): MaskNodes in soft mode, CE + density + weight-norm (+ KL) terms, backward into the mask
     logits, LeanAdamW step (in backward when asked). compile: the training graph under torch.compile."""
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100, state=state)
-    mg = mask_graph(model, cfg, ids[:1], device, compile=compile)
+    with config.override(mask_kernels=mask_kernels):
+        mg = mask_graph(model, cfg, ids[:1], device, compile=compile)
     gm, nodes, st = mg.gm, mg.nodes, mg.state
     run = torch.compile(gm, dynamic=False) if compile else gm
     opt = make_optimizer(nodes, cfg, compile=compile)
@@ -156,11 +159,13 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
             if kind == "plain":
                 fn, info = plain_step(model, ids), {}
             else:
-                # tile | joint, then +kd (distillation), +eager (no torch.compile: the fused MaskedLinear path),
-                # +fp32 (fp32 logits and Adam state), +ib (optimizer step in backward)
+                # tile | joint, then +kd (distillation), +compile (the whole graph under torch.compile),
+                # +torch (eager masks from torch ops, not the Triton kernels), +fp32 (fp32 logits and Adam
+                # state), +ib (optimizer step in backward)
                 mode, *opts = kind.split("+")
-                fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, compile="eager" not in opts,
-                                     state="fp32" if "fp32" in opts else "lean", in_backward="ib" in opts)
+                fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, compile="compile" in opts,
+                                     state="fp32" if "fp32" in opts else "lean", in_backward="ib" in opts,
+                                     mask_kernels="torch" not in opts)
             peak_reset(device)
             med, lo, hi, first = timed(fn, device, reps)
             r.update(info, step_ms=round(med, 1), step_ms_min=round(lo, 1), step_ms_max=round(hi, 1), reps=reps,
@@ -185,8 +190,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/train_speed")
     ap.add_argument("--models", default="smollm2,llama3.2-1b")
-    ap.add_argument("--kinds", default="plain,tile,joint,tile+kd,joint+kd,joint+eager,joint+fp32,joint+kd+eager",
-                    help="+kd: with distillation; +eager: no torch.compile; +fp32: fp32 logit state; +ib: step in backward")
+    ap.add_argument("--kinds", default="plain,tile,joint,tile+kd,joint+kd,tile+torch,joint+torch,joint+fp32",
+                    help="+kd: with distillation; +compile: the whole graph under torch.compile; +torch: masks from torch "
+                         "ops, not the Triton kernels; +fp32: fp32 logit state; +ib: step in backward")
     ap.add_argument("--model-kinds", default="", help="per-model kinds overriding --kinds: NAME=k1/k2,NAME2=...")
     ap.add_argument("--fit", default="", help="shapes to try PATCH-Joint (step in backward) on at batch 1 x seq")
     ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")
@@ -198,7 +204,7 @@ def main() -> None:
     if a.quick:
         a.models, a.batch, a.seq, a.reps, a.fit = "tiny", "tiny=2", 64, 2, ""
         if a.kinds == ap.get_default("kinds"):
-            a.kinds = "plain,tile+eager,joint+eager,joint+eager+fp32,joint+eager+ib"
+            a.kinds = "plain,tile,joint,joint+fp32,joint+ib"
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
     rows = []

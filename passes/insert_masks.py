@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from patchc import mask as hm
+from patchc import mask_kernels as mk
+from patchc.config import settings
 
 from .find_linears import LinearPlan, LinearSite
 
@@ -41,15 +43,16 @@ class MaskState:
     seed: int = 0
     step: int = 0
     micro: int = 0
-    # weight-only nodes (mm/addmm forms): recompute their soft mask in backward (torch.utils.checkpoint)
-    # instead of keeping it. Fused nodes (aten.linear) always recompute.
-    checkpoint: bool = False
-    # the graph runs under torch.compile: fused nodes compute W * M inline (inductor fuses the mask into a
-    # few kernels and its partitioner recomputes it in backward) instead of through MaskedLinear
+    # the graph runs under torch.compile: nodes compute W * M inline (inductor fuses the mask into a few
+    # kernels and its partitioner recomputes it in backward) instead of through MaskedLinear / MaskedWeight
     compile: bool = False
+    # eager soft masks come from the Triton kernels of patchc.mask_kernels (CUDA weights, PATCHC_MASK_KERNELS=1;
+    # on the CPU only under Triton's interpreter with PATCHC_KERNELS_ON_CPU=1); else from torch ops
+    kernels: bool = False
     knobs: torch.Tensor | None = field(default=None, repr=False)   # [scale_tile, scale_24, tau] on the device
     keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys (compiled graphs)
-    keys_int: list | None = field(default=None, repr=False)        # the same keys as ints (eager: Philox seeds)
+    keys_int: list | None = field(default=None, repr=False)        # the same keys as ints (kernels: hash keys;
+                                                                   # torch ops: Philox seeds)
 
     def set_step(self, step: int, micro: int, n_nodes: int, device) -> None:
         """Noise keys and schedule values of one micro-batch, as device tensors (no recompiles, one copy)."""
@@ -71,34 +74,87 @@ class MaskState:
 class MaskedLinear(torch.autograd.Function):
     """y = x @ (W * M(logits)).T + b with M the relaxed hybrid mask. Forward keeps x and the (frozen) W; backward
     recomputes W * M from the logits, then dx = dy @ (W * M), dWM = dy.T @ x and the logit gradients through
-    the mask. Extra outputs: the mean dense-tile probability and ||W * M||_F (the regularisers' inputs)."""
+    the mask. Extra outputs: the mean dense-tile probability and ||W * M||_F (the regularisers' inputs).
+    kernels=True: W * M and the logit gradients come from patchc.mask_kernels (one pass over W each way, hash
+    noise); else from the torch ops of mask.soft_masked_weight (autograd through them in backward)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, tile_logits, pattern_logits, mask24, knobs, keys, tile):
-        with torch.no_grad():
-            wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, mask24, tile, knobs, keys)
-        y = F.linear(x, wm, bias)
-        ctx.save_for_backward(x, w, tile_logits, pattern_logits, mask24, knobs)
-        ctx.tile, ctx.has_bias, ctx.keys = tile, bias is not None, keys  # keys: ints (Philox seeds) or None
+    def forward(ctx, x, w, bias, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels):
+        ctx.tile, ctx.has_bias, ctx.keys, ctx.kernels = tile, bias is not None, keys, kernels
+        if kernels:
+            gate = mk.soft_gate(tile_logits, knobs, keys)                                     # [R, C]
+            wm, norm = mk.masked_weight_forward(w, gate, pattern_logits, pattern, tile, knobs, keys)
+            ctx.save_for_backward(x, w, gate, pattern_logits, pattern, knobs, norm)
+            gate_mean = gate.mean()
+        else:
+            with torch.no_grad():
+                wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, _mask24(pattern), tile,
+                                                            knobs, keys)
+            ctx.save_for_backward(x, w, tile_logits, pattern_logits, pattern, knobs)
+        y = F.linear(x, wm, bias)                                                   # [.., in] @ [in, out]
         return y, gate_mean, norm
 
     @staticmethod
     def backward(ctx, dy, d_gate, d_norm):
-        x, w, tile_logits, pattern_logits, mask24, knobs = ctx.saved_tensors
-        keys = ctx.keys
-        inputs = [t.detach().requires_grad_() for t in (tile_logits, pattern_logits) if t is not None]
-        tl = inputs[0]
-        pl = inputs[1] if pattern_logits is not None else None
-        with torch.enable_grad():
-            wm, gate_mean, norm = hm.soft_masked_weight(w, tl, pl, mask24, ctx.tile, knobs, keys)
-        dy2 = dy.reshape(-1, dy.shape[-1])                                   # [tokens, out]
-        dx = (dy2 @ wm.detach()).reshape(x.shape)                            # [tokens, out] @ [out, in]
-        dwm = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)             # [out, tokens] @ [tokens, in]
-        grads = torch.autograd.grad([wm, gate_mean, norm], inputs, [dwm.to(wm.dtype), d_gate, d_norm])
-        g_tile = grads[0]
-        g_pat = grads[1] if pl is not None else None
+        dy2 = dy.reshape(-1, dy.shape[-1])                                          # [tokens, out]
+        x = ctx.saved_tensors[0]
+        dwm = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)                    # [out, tokens] @ [tokens, in]
+        if ctx.kernels:
+            _, w, gate, pattern_logits, pattern, knobs, norm = ctx.saved_tensors
+            wm, g_tile, g_pat = mk.masked_weight_backward(w, gate, pattern_logits, pattern, ctx.tile, knobs, ctx.keys,
+                                                          dwm, norm, d_norm, d_gate)
+        else:
+            wm, g_tile, g_pat = _torch_backward(ctx, dwm, d_gate, d_norm)
+        dx = (dy2 @ wm).reshape(x.shape)                                            # [tokens, out] @ [out, in]
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, None, db, g_tile, g_pat, None, None, None, None
+        return dx, None, db, g_tile, g_pat, None, None, None, None, None
+
+
+class MaskedWeight(torch.autograd.Function):
+    """W * M(logits) alone (the mm / addmm forms), with the gradients of MaskedLinear's mask part."""
+
+    @staticmethod
+    def forward(ctx, w, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels):
+        ctx.tile, ctx.keys, ctx.kernels = tile, keys, kernels
+        if kernels:
+            gate = mk.soft_gate(tile_logits, knobs, keys)
+            wm, norm = mk.masked_weight_forward(w, gate, pattern_logits, pattern, tile, knobs, keys)
+            ctx.save_for_backward(None, w, gate, pattern_logits, pattern, knobs, norm)
+            return wm, gate.mean(), norm
+        with torch.no_grad():
+            wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, _mask24(pattern), tile,
+                                                        knobs, keys)
+        ctx.save_for_backward(None, w, tile_logits, pattern_logits, pattern, knobs)
+        return wm, gate_mean, norm
+
+    @staticmethod
+    def backward(ctx, dwm, d_gate, d_norm):
+        if ctx.kernels:
+            _, w, gate, pattern_logits, pattern, knobs, norm = ctx.saved_tensors
+            _, g_tile, g_pat = mk.masked_weight_backward(w, gate, pattern_logits, pattern, ctx.tile, knobs, ctx.keys,
+                                                         dwm, norm, d_norm, d_gate)
+        else:
+            _, g_tile, g_pat = _torch_backward(ctx, dwm, d_gate, d_norm)
+        return None, g_tile, g_pat, None, None, None, None, None
+
+
+def _mask24(pattern: torch.Tensor | None) -> torch.Tensor | None:
+    """The fixed [out, in] 0/1 mask of a PATCH-Tile node's 2:4 pattern (no validation: no device sync)."""
+    if pattern is None:
+        return None
+    return hm.PATTERNS.to(pattern.device)[pattern.long()].reshape(pattern.shape[0], pattern.shape[1] * 4)
+
+
+def _torch_backward(ctx, dwm, d_gate, d_norm):
+    """W * M recomputed by the torch ops, and the logit gradients by autograd through them."""
+    _, w, tile_logits, pattern_logits, pattern, knobs = ctx.saved_tensors
+    tl = tile_logits.detach().requires_grad_()
+    pl = pattern_logits.detach().requires_grad_() if pattern_logits is not None else None
+    inputs = [tl] if pl is None else [tl, pl]
+    with torch.enable_grad():
+        wm, gate_mean, norm = hm.soft_masked_weight(w, tl, pl, _mask24(pattern), ctx.tile, knobs, ctx.keys)
+    grads = torch.autograd.grad([wm, gate_mean, norm], inputs, [dwm.to(wm.dtype), d_gate, d_norm])
+    return wm.detach(), grads[0], (grads[1] if pl is not None else None)
 
 
 class MaskNode(torch.nn.Module):
@@ -122,9 +178,8 @@ class MaskNode(torch.nn.Module):
             self.pattern_logits = torch.nn.Parameter(pattern_logits.to(dtype).clone())  # [out, in/4, 6]
         else:
             self.pattern_logits = None
-        # The fixed one-shot 2:4 mask (PATCH-Tile), kept as bool [out, in].
-        self.register_buffer("mask24", None if self.joint else hm.pattern_to_mask(pattern.to(torch.uint8)),
-                             persistent=False)
+        # The fixed one-shot 2:4 pattern (PATCH-Tile), uint8 [out, in/4].
+        self.register_buffer("pattern24", None if self.joint else pattern.to(torch.uint8).clone(), persistent=False)
         self.register_buffer("hard_bitmap", torch.zeros_like(self.tile_logits, dtype=torch.bool), persistent=False)
         self.register_buffer("hard_pattern", pattern.to(torch.uint8).clone(), persistent=False)
         self.last_gate: torch.Tensor | None = None      # mean dense-tile probability of the last forward
@@ -156,6 +211,9 @@ class MaskNode(torch.nn.Module):
             raise RuntimeError("MaskState.set_step() must run before a soft forward (noise keys)")
         return st.keys[self.index] if st.compile else st.keys_int[self.index]
 
+    def _kernels(self, w: torch.Tensor) -> bool:
+        return self.state.kernels and mk.supported(w, self.tile)
+
     def _masked_weight(self):
         """(W * M in the stored layout, mean gate, norm) for the weight-only form."""
         st = self.state
@@ -165,12 +223,13 @@ class MaskNode(torch.nn.Module):
         if st.mode == "hard":
             wm = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
             return (wm.t() if self.transposed else wm), None, None
-        args = (w, self.tile_logits, self.pattern_logits, self.mask24, self.tile, st.knobs_now(w.device), self._keys())
-        fn = hm.soft_masked_weight
-        if st.checkpoint and torch.is_grad_enabled() and not st.compile:
-            wm, gate, norm = torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        knobs = st.knobs_now(w.device)
+        if st.compile:
+            wm, gate, norm = hm.soft_masked_weight(w, self.tile_logits, self.pattern_logits, _mask24(self.pattern24),
+                                                   self.tile, knobs, self._keys())
         else:
-            wm, gate, norm = fn(*args)
+            wm, gate, norm = MaskedWeight.apply(w, self.tile_logits, self.pattern_logits, self.pattern24, knobs,
+                                                self._keys(), self.tile, self._kernels(w))
         return (wm.t() if self.transposed else wm), gate, norm
 
     def forward(self, x: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,12 +237,12 @@ class MaskNode(torch.nn.Module):
             wm, self.last_gate, self.last_norm = self._masked_weight()
             return wm
         st = self.state
-        if st.mode in ("off", "hard") or st.compile or not torch.is_grad_enabled():
+        if st.mode in ("off", "hard") or st.compile:
             wm, self.last_gate, self.last_norm = self._masked_weight()
             return F.linear(x, wm, bias)
         y, self.last_gate, self.last_norm = MaskedLinear.apply(
-            x, self.weight, bias, self.tile_logits, self.pattern_logits, self.mask24, st.knobs_now(x.device),
-            self._keys(), self.tile)
+            x, self.weight, bias, self.tile_logits, self.pattern_logits, self.pattern24, st.knobs_now(x.device),
+            self._keys(), self.tile, self._kernels(self.weight))
         return y
 
 

@@ -75,9 +75,6 @@ def add_prune(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate the exactly extracted masks every N steps (PPL in log.jsonl: the learning curve)")
-    p.add_argument("--recompute-masks", action="store_true",
-                   help="weight-only mask nodes (mm/addmm forms such as GPT-2's Conv1D) recompute their soft mask in "
-                        "backward: less memory, same result (linear layers always do)")
     p.add_argument("--state", choices=["lean", "fp32"], default=d.state,
                    help="mask-logit + optimizer state: lean = bf16 logits and 8-bit moments (6 bytes per masked weight "
                         "in joint mode), fp32 = fp32 logits and Adam moments (18 bytes)")
@@ -106,7 +103,7 @@ def run_prune(a) -> int:
     res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
                 overwrite=a.overwrite, eval_ppl=a.eval_ppl, eval_seq_len=a.eval_seq_len,
                 eval_windows=a.eval_windows, save_every=a.save_every, eval_every=a.eval_every,
-                recompute_masks=a.recompute_masks, keep_checkpoint=a.keep_checkpoint, progress=not a.quiet)
+                keep_checkpoint=a.keep_checkpoint, progress=not a.quiet)
     s = res.report["sparsity"]
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0

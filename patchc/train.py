@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from patchc import checkpoint as ckpt
 from patchc import distributed as pdist
 from patchc import mask as hm
+from patchc.config import settings
 from patchc.coverage import coverage_report
 from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_data_paths, rank_slice
 from patchc.evaluate import eval_file_tokens, perplexity
@@ -181,7 +182,7 @@ class MaskedGraph:
 
 
 def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor | None, device, *, init=None,
-               recompute_masks: bool = False, compile: bool = False, log=None, name: str = "the model",
+               compile: bool = False, log=None, name: str = "the model",
                info: pdist.DistInfo | None = None) -> MaskedGraph:
     """Capture `model`, choose the tile, find the maskable linears and insert initialised mask nodes: the
     set-up every prune run (and bench/train_speed.py) does. init: a function plan -> initial logits and
@@ -197,7 +198,9 @@ def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor | None, device, *, i
                          + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
     log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, "
         f"{len(plan.skipped)} kept dense, tile {tile}, {len(plan.groups)} shared-input groups")
-    state = MaskState(seed=cfg.seed, checkpoint=recompute_masks, compile=compile)
+    dev = torch.device(device)
+    kernels = settings().mask_kernels and (dev.type == "cuda" or settings().kernels_on_cpu) and not compile
+    state = MaskState(seed=cfg.seed, compile=compile, kernels=kernels)
     if init is None:
         init = init_masks(model, plan, tile, cfg, calib, device, log)
         if info.active:  # every rank starts from rank 0's logits and patterns
@@ -285,7 +288,7 @@ class _Log:
 def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: PruneConfig | None = None, *,
           device: str = "auto", dtype: torch.dtype | str | None = "auto", resume: bool = False, overwrite: bool = False,
           eval_ppl: str | None = None, eval_seq_len: int = 2048, eval_windows: int | None = None,
-          save_every: int = 50, eval_every: int = 0, recompute_masks: bool = False, keep_checkpoint: bool = False,
+          save_every: int = 50, eval_every: int = 0, keep_checkpoint: bool = False,
           compile: bool | None = None, step_in_backward: bool | None = None,
           progress: bool = True) -> PruneResult:
     """Learn hybrid masks for `model` (a spec, see patchc.models) and write them to `out_dir`.
@@ -293,8 +296,8 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     device "auto": CUDA when available; dtype "auto": bf16 on CUDA, fp32 on the CPU.
     Under torchrun (WORLD_SIZE > 1) every process calls this: the run is data-parallel with FSDP2 (see
     patchc.distributed), global batch = ranks x batch_size x grad_accum, and rank 0 alone writes outputs.
-    recompute_masks: weight-only mask nodes (mm/addmm forms) recompute their soft mask in backward (fused
-    linear nodes always do). eval_every > 0 (with eval_ppl): the exactly extracted masks are evaluated every
+    Every mask node recomputes its relaxed mask in backward (nothing of weight size waits for backward); on a
+    GPU the Triton kernels of patchc.mask_kernels form it (PATCHC_MASK_KERNELS). eval_every > 0 (with eval_ppl): the exactly extracted masks are evaluated every
     that many steps (log.jsonl "ppl"); it changes nothing the run learns. keep_checkpoint: keep the
     resumable checkpoint/ folder after a completed run (it is removed otherwise). compile: the training graph
     (masks included) and the optimizer update run through torch.compile (off by default: the compile of a
@@ -311,14 +314,14 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     info, device = pdist.setup(device)
     try:
         return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
-                      eval_windows, save_every, eval_every, recompute_masks, keep_checkpoint, compile,
+                      eval_windows, save_every, eval_every, keep_checkpoint, compile,
                       step_in_backward, progress, info)
     finally:
         pdist.teardown(info)
 
 
 def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len, eval_windows,
-           save_every, eval_every, recompute_masks, keep_checkpoint, compile, step_in_backward, progress,
+           save_every, eval_every, keep_checkpoint, compile, step_in_backward, progress,
            info: pdist.DistInfo) -> PruneResult:
     cuda = str(device).startswith("cuda")
     dtype = resolve_dtype(dtype or "auto", device)      # "auto": bf16 on cuda, fp32 on cpu
@@ -362,7 +365,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
             raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff} (saved, given)")
         start_step, extra = int(st["step"]), dict(st.get("extra", {}))
         init = lambda plan, tile: _placeholder_init(plan, tile, cfg, ckpt.load_patterns(out, plan, info, cfg.mode == "joint" and cfg.learns))  # noqa: E731
-    mg = mask_graph(hf, cfg, calib, device, init=init, recompute_masks=recompute_masks,
+    mg = mask_graph(hf, cfg, calib, device, init=init,
                     compile=compile, log=log, name=model, info=info)
     gm, nodes, plan, tile, state = mg.gm, mg.nodes, mg.plan, mg.tile, mg.state
     coverage = coverage_report(hf, [s.name for s in plan.masked])  # share of matmul params masked (MoE!)

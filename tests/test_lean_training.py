@@ -32,33 +32,65 @@ def test_noise_is_a_stateless_uniform_hash():
     assert abs(float(torch.corrcoef(torch.stack([u.flatten()[:-1], u.flatten()[1:]]))[0, 1])) < 0.01
 
 
+def _masked_linear_case(joint: bool, dtype, out_f=32, in_f=48, tile=16):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g, dtype=dtype)
+    x = torch.randn(3, 5, in_f, generator=g, dtype=dtype, requires_grad=True)
+    bias = torch.randn(out_f, generator=g, dtype=dtype)
+    tl = torch.randn(out_f // tile, in_f // tile, generator=g, dtype=dtype, requires_grad=True)
+    pl = torch.randn(out_f, in_f // 4, 6, generator=g, dtype=dtype, requires_grad=True) if joint else None
+    pattern = None if joint else torch.randint(0, 6, (out_f, in_f // 4), generator=g, dtype=torch.uint8)
+    dy = torch.randn(3, 5, out_f, generator=g, dtype=dtype)
+    return w, x, bias, tl, pl, pattern, dy
+
+
+def _outputs_and_grads(y, gate, norm, dy, leaves):
+    loss = (y * dy).sum() + 0.3 * gate + 0.7 * norm
+    return [y.detach()] + list(torch.autograd.grad(loss, leaves))
+
+
+def _reference(w, x, bias, tl, pl, pattern, dy, knobs, keys, tile):
+    """Plain autograd through mask.soft_masked_weight in float64."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, tl) + ((pl,) if pl is not None else ())]
+    m24 = None if pattern is None else hm.pattern_to_mask(pattern)
+    wm, gate, norm = hm.soft_masked_weight(w.double(), leaves[1], leaves[2] if pl is not None else None, m24, tile,
+                                           knobs.double(), keys)
+    return _outputs_and_grads(F.linear(leaves[0], wm, bias.double()), gate, norm, dy.double(), leaves)
+
+
 @pytest.mark.parametrize("joint", [True, False])
 def test_fused_masked_linear_matches_autograd_in_float64(joint):
-    """MaskedLinear keeps only x and recomputes W * M in backward: output, input gradient and logit gradients
-    equal plain autograd through the same relaxed mask, in float64."""
-    g = torch.Generator().manual_seed(0)
-    out_f, in_f, tile = 32, 48, 16
-    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
-    x = torch.randn(3, 5, in_f, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(out_f, generator=g, dtype=torch.float64)
-    tl = torch.randn(out_f // tile, in_f // tile, generator=g, dtype=torch.float64, requires_grad=True)
-    pl = torch.randn(out_f, in_f // 4, 6, generator=g, dtype=torch.float64, requires_grad=True) if joint else None
-    m24 = None if joint else hm.pattern_to_mask(torch.randint(0, 6, (out_f, in_f // 4), generator=g, dtype=torch.uint8))
+    """MaskedLinear (torch-op path) keeps only x and recomputes W * M in backward: output, input gradient and
+    logit gradients equal plain autograd through the same relaxed mask, in float64."""
+    w, x, bias, tl, pl, pattern, dy = _masked_linear_case(joint, torch.float64)
     knobs, keys = torch.tensor([3.0, 5.0, 0.7], dtype=torch.float64), torch.tensor([11, 12])
-    dy = torch.randn(3, 5, out_f, generator=g, dtype=torch.float64)
-    leaves = [x, tl] + ([pl] if joint else [])
-
-    def grads(y, gate, norm):
-        loss = (y * dy).sum() + 0.3 * gate + 0.7 * norm
-        return torch.autograd.grad(loss, leaves)
-    y, gate, norm = MaskedLinear.apply(x, w, bias, tl, pl, m24, knobs, keys, tile)
-    got = grads(y, gate, norm)
-    wm, gate_r, norm_r = hm.soft_masked_weight(w, tl, pl, m24, tile, knobs, keys)
-    y_r = F.linear(x, wm, bias)
-    want = grads(y_r, gate_r, norm_r)
-    torch.testing.assert_close(y, y_r, rtol=1e-12, atol=1e-12)
-    for a, b in zip(got, want):
+    y, gate, norm = MaskedLinear.apply(x, w, bias, tl, pl, pattern, knobs, keys, 16, False)
+    got = _outputs_and_grads(y, gate, norm, dy, [x, tl] + ([pl] if joint else []))
+    for a, b in zip(got, _reference(w, x, bias, tl, pl, pattern, dy, knobs, keys, 16)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("joint,tile,shape", [(True, 16, (32, 48)), (False, 16, (32, 48)), (True, 8, (24, 40)),
+                                              (False, 64, (128, 64)), (True, 128, (128, 256))])
+def test_mask_kernels_match_the_float64_reference(joint, tile, shape):
+    """The Triton mask kernels (patchc/mask_kernels.py: W * M from the logits in one pass, the logit gradients in
+    another) give MaskedLinear's output and every gradient of autograd through mask.soft_masked_weight with the
+    same hash noise, in float64, to float32 rounding; keys None (no noise) too."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w, x, bias, tl, pl, pattern, dy = _masked_linear_case(joint, torch.float32, *shape, tile)
+    knobs = torch.tensor([3.0, 5.0, 0.7])
+    for keys in ([hm.noise_key(0, 1, 0, 2, 0), hm.noise_key(0, 1, 0, 2, 1)], None):
+        want = _reference(w, x, bias, tl, pl, pattern, dy, knobs, None if keys is None else torch.tensor(keys), tile)
+        leaves = [t.detach().to(dev).requires_grad_() for t in (x, tl) + ((pl,) if joint else ())]
+        y, gate, norm = MaskedLinear.apply(leaves[0], w.to(dev), bias.to(dev), leaves[1],
+                                           leaves[2] if joint else None, None if joint else pattern.to(dev),
+                                           knobs.to(dev), keys, tile, True)
+        got = _outputs_and_grads(y, gate, norm, dy.to(dev), leaves)
+        for name, a, b in zip(["y", "dx", "d tile logits", "d pattern logits"], got, want):
+            scale = float(b.abs().max())
+            assert float((a.cpu().double() - b).abs().max()) <= 2e-5 * scale + 1e-7, name
 
 
 def test_lean_moment_codes_are_unbiased_and_bounded():
