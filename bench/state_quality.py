@@ -8,6 +8,7 @@ Rows run one after the other on one machine (one run each: a full training run i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ from patchc import PruneConfig, prune  # noqa: E402
 from report import machine_env, write_report  # noqa: E402
 
 
+def mid_run_points(log: Path, tokens_per_step: int) -> list[dict]:
+    """WikiText-2 PPL read during the run (--eval-every): mid-run readings, the schedules still running."""
+    pts = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    return [{"step": p["step"], "tokens": p["step"] * tokens_per_step, "ppl": p["ppl"]} for p in pts if "ppl" in p]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -38,7 +45,8 @@ def main() -> None:
     ap.add_argument("--states", default="lean,fp32")
     ap.add_argument("--work", default="/tmp/state_quality")
     ap.add_argument("--out", default="bench/results/state_quality")
-    ap.add_argument("--no-compile", action="store_true", help="train the graph eagerly (fused MaskedLinear path)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also read WikiText-2 PPL of the extracted masks every N steps (mid-run points, in the JSON)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -49,14 +57,15 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = prune(a.model, a.data, Path(a.work) / state, cfg, device=device, eval_ppl=a.eval_ppl, overwrite=True,
-                    progress=False, compile=False if a.no_compile else None)
+                    progress=False, eval_every=a.eval_every)
         rep = res.report
         row = {"state": state, "ppl_final": round(rep["ppl"]["final"]["ppl"], 3), "ppl_dense": round(rep["ppl"]["dense"]["ppl"], 3),
                "ppl_init": round(rep["ppl"]["init"]["ppl"], 3), "windows": rep["ppl"]["final"]["windows"],
                "tokens_trained": rep["tokens_trained"], "sparsity": round(rep["sparsity"]["achieved"], 4),
                "state_bytes_per_masked_weight": rep["training_state"]["bytes_per_masked_weight"],
                "seconds": round(time.perf_counter() - t0, 1),
-               "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None}
+               "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+               "curve": mid_run_points(Path(a.work) / state / "log.jsonl", a.batch_size * a.seq_len)}
         print(row, flush=True)
         rows.append(row)
         del res
