@@ -105,7 +105,7 @@ class MaskedLinear(torch.autograd.Function):
                                                           dwm, norm, d_norm, d_gate)
         else:
             wm, g_tile, g_pat = _torch_backward(ctx, dwm, d_gate, d_norm)
-        dx = (dy2 @ wm).reshape(x.shape)                                            # [tokens, out] @ [out, in]
+        dx = (dy2 @ wm).reshape(x.shape) if ctx.needs_input_grad[0] else None      # [tokens, out] @ [out, in]
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, None, db, g_tile, g_pat, None, None, None, None, None
 

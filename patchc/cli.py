@@ -48,7 +48,7 @@ def add_prune(sub) -> None:
     p.add_argument("--data", nargs="+", required=True, help="text/jsonl files or folders of them")
     p.add_argument("--out", required=True, help="output folder (prune.json, masks.safetensors, log, checkpoint)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens a training sequence")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens a training sequence (0 = auto: 2048, or the model's positions if fewer)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences a step")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches accumulated a step")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the mask logits (cosine)")

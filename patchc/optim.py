@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from patchc import optim_kernels as ok
+from patchc.config import settings
 from patchc.mask import noise_key, uniform_noise
 
 V_STEPS_PER_OCTAVE = 4   # vq code resolution: quarter octaves (19% in v, 9% in sqrt(v); rounded without bias)
@@ -150,25 +152,45 @@ class LeanAdamW(torch.optim.Optimizer):
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         if p.dtype != torch.bfloat16:
             m, v = state["m"], state["v"]
+            if self._kernels_for(lp, g, m, v):
+                ok.adamw_update(lp, g, m, v, lr, b1, b2, eps, wd, bc1, bc2)
+                return
             m.mul_(b1).add_(g.float(), alpha=1 - b1)
             v.mul_(b2).addcmul_(g.float(), g.float(), value=1 - b2)
             lp.mul_(1 - lr * wd).addcdiv_(m / bc1, (v / bc2).sqrt_().add_(eps), value=-lr)
             return
         vref = state["vref"]
-        v_est = b2 * decode_v(state["vq"], vref).max() if lp.numel() else vref * 0
-        g_max = g.float().abs().max() if lp.numel() else vref * 0
-        vref_new = torch.maximum(v_est + (1 - b2) * g_max * g_max, vref * b2)   # >= every new v of the tensor
+        hp, keys = self._step_tensors(t, group, lp.device)
+        key = keys[self._index[id(p)]]
+        kernels = self._kernels_for(lp, g, state["r"], state["vq"])
+        if not lp.numel():
+            vref_new = vref * 0
+        elif kernels:
+            vref_new = ok.new_vref(state["vq"], g, vref, hp)
+        else:                                  # the largest new v of the tensor
+            vref_new = (b2 * decode_v(state["vq"], vref) + (1 - b2) * g.float().square()).max()
+        vref_new = torch.maximum(vref_new, vref * b2)      # the reference decays no faster than v itself
         if hasattr(p, "device_mesh"):  # FSDP2 shard: one reference for the whole tensor
             import torch.distributed as dist
 
             dist.all_reduce(vref_new, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
         vref_new = torch.clamp(vref_new, min=1e-30)
-        hp, keys = self._step_tensors(t, group, lp.device)
-        new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, keys[self._index[id(p)]], hp)
-        lp.copy_(new_p)
-        state["r"].copy_(new_r)
-        state["vq"].copy_(new_vq)
+        if kernels:
+            ok.lean_apply(lp, g, state["r"], state["vq"], vref, vref_new, hp, key)
+        else:
+            new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, key, hp)
+            lp.copy_(new_p)
+            state["r"].copy_(new_r)
+            state["vq"].copy_(new_vq)
         vref.copy_(vref_new)
+
+    def _kernels_for(self, *tensors: torch.Tensor) -> bool:
+        """Whether this update runs as a Triton kernel (optim_kernels): CUDA tensors (or the interpreter with
+        PATCHC_KERNELS_ON_CPU=1), PATCHC_MASK_KERNELS on, not compiled."""
+        s = settings()
+        if self._compiled or not s.mask_kernels or not (tensors[0].is_cuda or s.kernels_on_cpu):
+            return False
+        return ok.supported(*tensors)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -141,8 +141,9 @@ def check_seq_len(positions: int | None, seq_len: int | None, flag: str, model: 
 
 
 def check_prune(model: str, data, out, cfg, *, device: str, resume: bool, overwrite: bool,
-                eval_ppl: str | None = None, eval_seq_len: int | None = None) -> None:
-    """Everything `patchc prune` can check before loading the model."""
+                eval_ppl: str | None = None, eval_seq_len: int | None = None) -> int | None:
+    """Everything `patchc prune` can check before loading the model; returns the model's positions (None if its
+    config does not say)."""
     cfg.validate()
     check_device(device)
     check_readable(list(data) if not isinstance(data, (str, os.PathLike)) else [data], "data")
@@ -152,7 +153,7 @@ def check_prune(model: str, data, out, cfg, *, device: str, resume: bool, overwr
     check_regexes(cfg.exclude, "--exclude")
     kind, source = resolve_model(model)
     pos = model_positions(kind, source)
-    check_seq_len(pos, cfg.seq_len, "--seq-len", model)
+    check_seq_len(pos, cfg.seq_len or None, "--seq-len", model)   # 0 = auto: fits by construction
     if eval_ppl:
         check_seq_len(pos, eval_seq_len, "--eval-seq-len", model)
     out = Path(out)
@@ -160,6 +161,7 @@ def check_prune(model: str, data, out, cfg, *, device: str, resume: bool, overwr
         raise FileNotFoundError(f"--resume: {out / 'checkpoint'} does not exist (no checkpoint to continue)")
     protected = [source if kind in ("dir", "gguf") else None, *_as_list(data), eval_ppl]
     check_out(out, overwrite=overwrite, resume=resume, markers=PRUNE_MARKERS, protected=protected)
+    return pos
 
 
 def _as_list(data) -> list:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from patchc.passes.insert_masks import mask_nodes
 from patchc.preflight import check_prune
 
 PRUNE_VERSION = 1
+DEFAULT_SEQ_LEN = 2048          # PruneConfig.seq_len 0 resolves to this (or the model's positions if fewer)
 MODES = ("tile", "joint")
 STATES = ("lean", "fp32")
 METHODS = ("patch", "hybrid", *ONESHOT_METHODS)
@@ -56,9 +57,9 @@ class PruneConfig:
     method: str = "patch"           # patch (learn) | hybrid (one-shot tile choice) | magnitude | wanda | sparsegpt (2:4 everywhere)
     oneshot: str = "wanda"          # one-shot 2:4 method giving the fixed / prior pattern
     tile_size: int = 0              # 0 = auto: the largest of 128/64/32/16 dividing every masked linear
-    steps: int = 100
-    seq_len: int = 1024
-    batch_size: int = 4
+    steps: int = 400                # the default recipe: 400 x 8 x 2048 = 6.5M tokens (bench/results/accuracy)
+    seq_len: int = 0                # 0 = auto: DEFAULT_SEQ_LEN, or the model's positions if it has fewer
+    batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 5
@@ -70,7 +71,7 @@ class PruneConfig:
     scale_24: tuple = (100.0, 500.0)
     init_std: float = 0.014
     prior_strength: float = 3.0
-    calib_samples: int = 32
+    calib_samples: int = 64
     seed: int = 0
     include: tuple = ()
     exclude: tuple = ()
@@ -90,10 +91,10 @@ class PruneConfig:
         if self.tile_size and (self.tile_size < 8 or self.tile_size % 8):
             raise ValueError(f"tile size {self.tile_size} must be a multiple of 8 (0 = auto, 128 is typical)")
         for k in ("steps", "seq_len", "batch_size", "grad_accum", "calib_samples"):
-            if getattr(self, k) < (0 if k == "steps" else 1):
+            if getattr(self, k) < (0 if k in ("steps", "seq_len") else 1):
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
-        if self.seq_len < 2:
-            raise ValueError("seq_len must be at least 2")
+        if self.seq_len == 1:
+            raise ValueError("seq_len must be at least 2 (0 = auto)")
         if self.state not in STATES:
             raise ValueError(f"state {self.state!r} unknown; choose lean or fp32")
 
@@ -307,8 +308,10 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     gradient freed, so gradients never all exist at once (same result)."""
     cfg = config or PruneConfig()
     device = resolve_device(device)           # "auto": cuda if available, else cpu
-    check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite, eval_ppl=eval_ppl,
-                eval_seq_len=eval_seq_len)  # before anything is loaded or created
+    positions = check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
+                            eval_ppl=eval_ppl, eval_seq_len=eval_seq_len)  # before anything is loaded or created
+    if not cfg.seq_len:   # auto
+        cfg = replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN))
     if eval_every and not eval_ppl:
         raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
     info, device = pdist.setup(device)

@@ -198,3 +198,42 @@ def test_torchrun_two_processes_learn_the_masks_of_one_process_and_resume_anywhe
                         "--resume", "--out", str(resumed)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _agreement(two, resumed) == (1.0, 1.0)
+
+
+def test_lean_adamw_kernels_match_the_torch_update():
+    """patchc/optim_kernels.py (one pass per tensor) computes optim.lean_step with the same hash noise: the new
+    reference vref, the bf16 logits, int8 r and uint8 v codes; and plain fp32 AdamW for fp32 logits."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from patchc import optim, optim_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g_ = torch.Generator().manual_seed(0)
+    n = 5003                                                     # not a multiple of the block
+    p = (torch.randn(n, generator=g_) * 0.1).bfloat16().to(dev)
+    grad = (torch.randn(n, generator=g_) * 1e-3).bfloat16().to(dev)
+    r = torch.randint(-127, 128, (n,), generator=g_, dtype=torch.int8).to(dev)
+    vq = torch.randint(0, 256, (n,), generator=g_, dtype=torch.uint8).to(dev)
+    vq[:100] = 0
+    vref, b1, b2 = torch.tensor(1e-5, device=dev), 0.9, 0.95
+    hp = torch.tensor([1e-3, b1, b2, 1e-8, 0.01, 1 - b1 ** 3, 1 - b2 ** 3, optim.r_bound(b1, b2)], device=dev)
+    key = hm.noise_key(0, 3, 5, 7)
+    want_vref = (b2 * optim.decode_v(vq, vref) + (1 - b2) * grad.float() ** 2).max()
+    got_vref = optim_kernels.new_vref(vq, grad, vref, hp)
+    torch.testing.assert_close(got_vref, want_vref, rtol=1e-6, atol=0)
+    want = optim.lean_step(p, grad, r, vq, vref, want_vref, torch.tensor(key, device=dev), hp)
+    optim_kernels.lean_apply(p, grad, r, vq, vref, want_vref, hp, key)
+    for got, ref in zip((p, r, vq), want):
+        same = (got == ref).float().mean().item()
+        assert same > 0.999, same                                 # GPU log2/exp2 may round a few codes apart
+        assert (got.float() - ref.float()).abs().max() <= (ref.float().abs().max() * 2 ** -7 if got.is_floating_point()
+                                                             else 1)
+    pf, gf = torch.randn(300, generator=g_).to(dev), torch.randn(300, generator=g_).to(dev)
+    m, v = (torch.randn(300, generator=g_) * 0.1).to(dev), (torch.rand(300, generator=g_) * 0.1).to(dev)
+    pr, mr, vr = pf.clone(), m.clone(), v.clone()
+    mr.mul_(b1).add_(gf, alpha=1 - b1)
+    vr.mul_(b2).addcmul_(gf, gf, value=1 - b2)
+    pr.mul_(1 - 1e-3 * 0.01).addcdiv_(mr / 0.3, (vr / 0.2).sqrt_().add_(1e-8), value=-1e-3)
+    optim_kernels.adamw_update(pf, gf, m, v, 1e-3, b1, b2, 1e-8, 0.01, 0.3, 0.2)
+    for got, ref in ((pf, pr), (m, mr), (v, vr)):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
