@@ -69,10 +69,13 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
     ratio = tl.where(v_kept > 0, m / tl.sqrt(v_kept), 0.0) * (127.0 / r_max)
     ratio = tl.minimum(tl.maximum(ratio, -127.0), 127.0)
     r_new = tl.minimum(tl.maximum(tl.floor(ratio + u1), -127.0), 127.0)
-    # stochastic rounding to bf16: add 16 random low bits, keep the top 16
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + (u2 * 65536.0).to(tl.int32)) & -65536
-    tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=ok)
+    # stochastic rounding to bf16 (optim._stochastic_round_bf16 without bit casts): a = x truncated to bf16,
+    # b = the next bf16 away from zero (a * (1 + 2**-7) is exact in fp32 and truncates to it); b is taken when
+    # u >= 1 - (x - a) / (b - a), the torch reference's "16 random low bits carry into bit 16"
+    a = x.to(tl.bfloat16, fp_downcast_rounding="rtz").to(tl.float32)
+    b = (a * 1.0078125).to(tl.bfloat16, fp_downcast_rounding="rtz").to(tl.float32)
+    frac = tl.where(b != a, (x - a) / (b - a), 0.0)
+    tl.store(p_ptr + offs, tl.where(u2 >= 1.0 - frac, b, a).to(tl.bfloat16), mask=ok)
     tl.store(r_ptr + offs, r_new.to(tl.int8), mask=ok)
     tl.store(vq_ptr + offs, code.to(tl.uint8), mask=ok)
 
