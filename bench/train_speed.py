@@ -215,14 +215,21 @@ def main() -> None:
     for name in [n for n in a.fit.split(",") if n]:
         rows += measure(name, ["joint+ib"], 1, a.seq, a.device, dtype, 3)
     env = {**machine_env(a.device), "dtype": str(dtype)}
-    cols = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
-            ("kind", "kind"), ("step ms (min-max)", lambda r: f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
+    print(report(Path(a.out), rows, env))
+
+
+COLUMNS = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
+           ("kind", "kind"), ("step ms (min-max)", lambda r: f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
                                 if "step_ms" in r else ""), ("vs plain", lambda r: r.get("vs_plain", "")),
-            ("peak GB", lambda r: r.get("peak_GB", "")),
-            ("state B/weight", lambda r: r.get("state_bytes_per_masked_weight", "")),
-            ("fits", lambda r: "yes" if r.get("fits") else ("OOM" if "memory" in r.get("error", "") else "error"))]
-    print(write_report(Path(a.out), "train_speed", f"Mask-training step cost ({env['device']}, torch {env['torch']}, "
-                       f"{env['date']})", cols, rows, env))
+           ("peak GB", lambda r: r.get("peak_GB", "")),
+           ("state B/weight", lambda r: r.get("state_bytes_per_masked_weight", "")),
+           ("fits", lambda r: "yes" if r.get("fits") else ("OOM" if "memory" in r.get("error", "") else "error"))]
+
+
+def report(out: Path, rows: list[dict], env: dict) -> str:
+    """OUT/train_speed.{json,md} from measured rows (also to rebuild the markdown from a JSON)."""
+    return write_report(out, "train_speed", f"Mask-training step cost ({env['device']}, torch {env['torch']}, "
+                        f"{env['date']})", COLUMNS, rows, env, note=env.get("note", ""))
 
 
 if __name__ == "__main__":
