@@ -73,7 +73,7 @@ def test_help_shows_defaults():
     r = run("prune", "--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
-    for want in ("--steps STEPS training steps (default: 100)", "(default: joint)", "(default: auto)",
+    for want in ("--steps STEPS training steps (default: 400)", "(default: joint)", "(default: auto)",
                  "--eval-seq-len EVAL_SEQ_LEN PPL window length (default: 2048)"):
         assert want in text, want
     for cmd in ("eval", "lower", "inspect", "bench"):
