@@ -255,12 +255,14 @@ def main() -> None:
                     help="learned rows also log WikiText-2 PPL every N steps (the token-budget curve, in the row's JSON)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, few steps/windows/items (CPU tests)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--rows-only", action="store_true", help="write the row files, not the report (bench/token_curve.py)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args()
     if a.data is None:   # quick: one small folder (tokenising the whole corpus would take the CPU test minutes)
         a.data = default_calib()[:1] if a.quick else default_calib()
     if a.quick:
-        a.model, a.steps, a.batch_size, a.seq_len, a.calib_samples = "tiny:llama", 2, 2, 64, 4
+        a.model, a.batch_size, a.seq_len, a.calib_samples = "tiny:llama", 2, 64, 4
+        a.steps = 2 if a.steps == ap.get_default("steps") else a.steps
         a.eval_seq_len, a.eval_windows, a.zs_limit, a.sparsities = 128, 2, 3, "0.35"
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,7 @@ def main() -> None:
                   f"avg acc {e['zeroshot']['average_acc']:.4f}  ({res['seconds']:.0f}s, total {time.perf_counter() - t_start:.0f}s)",
                   flush=True)
     rows = load_rows(out)
-    if rows:
+    if rows and not a.rows_only:
         print(write_report(out, rows, meta))
 
 

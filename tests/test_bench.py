@@ -92,3 +92,20 @@ def test_readme_measured_table_is_generated_from_the_results():
     r = subprocess.run([sys.executable, str(ROOT / "bench/readme_table.py"), "--check", str(ROOT / "README.md")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_token_curve_quick(tmp_path):
+    """bench/token_curve.py --quick: one lowered, evaluated row per (token budget, row), each the end of its own
+    run, more steps meaning more tokens; a second call re-runs nothing."""
+    cmd = [sys.executable, str(ROOT / "bench/token_curve.py"), "--quick", "--quiet", "--out", str(tmp_path),
+           "--rows", "joint-35", "--work", str(tmp_path / "work")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "token_curve.json").read_text())
+    pts = res["points"]
+    assert [(p["row"], p["steps"]) for p in pts] == [("joint-35", 1), ("joint-35", 2)]
+    assert pts[1]["tokens"] == 2 * pts[0]["tokens"] > 0
+    assert all(p["point"] == "end of run" and p["wikitext2_ppl"] > 1 and 0 <= p["avg_acc"] <= 1 for p in pts)
+    assert "token_curve.md" in {f.name for f in tmp_path.iterdir()}
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0 and "joint-35" not in r.stdout.split("# Token curve")[0]   # nothing trained again
