@@ -54,7 +54,7 @@ def _stochastic_round_bf16(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def encode_v(v: torch.Tensor, vref: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """v >= 0 -> uint8 code: 255 + k / V_STEPS_PER_OCTAVE octaves below vref, rounded without bias; 0 = zero."""
     s = V_STEPS_PER_OCTAVE
-    t = torch.log2(torch.clamp(v / vref, min=1e-38)) * s                   # <= 0
+    t = torch.log2(torch.clamp(v / vref, min=1e-30)) * s                   # <= 0
     lo = torch.floor(t)
     v_lo = torch.exp2(lo / s) * vref
     v_hi = v_lo * (2.0 ** (1.0 / s))

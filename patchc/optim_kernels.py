@@ -55,7 +55,7 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
     m = b1 * m_old + (1.0 - b1) * g
     v = b2 * v_old + (1.0 - b2) * g * g
     # encode_v(v, vref_new, u0): quarter octaves below vref_new, rounded without bias; 0 = zero
-    t = tl.log2(tl.maximum(v / vref_new, 1e-38)) * 4.0
+    t = tl.log2(tl.maximum(v / vref_new, 1e-30)) * 4.0
     lo = tl.floor(t)
     v_lo = tl.exp2(lo * 0.25) * vref_new
     v_hi = v_lo * 1.189207115002721                                  # 2 ** (1 / 4)
