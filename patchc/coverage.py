@@ -1,7 +1,7 @@
 """How much of a model's matmul weight a prune run masks.
 
 coverage = masked parameters / all matmul parameters, where matmul parameters are every weight of two or
-more dimensions except input embeddings (each tensor once): linears masked or kept dense, lm_head (also when
+more dimensions except input embeddings and biases (each tensor once): linears masked or kept dense, lm_head (also when
 tied to the embedding), and fused 3-D MoE expert weights ([experts, out, in], as Mixtral / Qwen2-MoE /
 Qwen3-MoE hold them in transformers 5). patchc masks both linears and the expert weights it finds in the
 graph (passes.find_linears); what it leaves unmasked (lm_head, routers, a 3-D weight no grouped / batched
@@ -24,7 +24,7 @@ def matmul_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     seen, out = set(), {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.dim() < 2 or id(p) in seen:
+        if p.dim() < 2 or id(p) in seen or name.rsplit(".", 1)[-1].endswith("bias"):  # per-expert biases [E, out]
             continue
         if id(p) in embeddings and p is not out_w:
             continue

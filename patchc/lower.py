@@ -317,7 +317,10 @@ def _check_experts(manifest: dict, packed: dict, model, dtype) -> list[tuple[str
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"manifest 'experts' entry {str(entry)[:80]} is malformed ({err})") from None
         try:
-            w = model.get_parameter(name)
+            parent, _, leaf = name.rpartition(".")
+            w = getattr(model.get_submodule(parent), leaf)  # a parameter (or transformers' pending placeholder)
+            if not isinstance(w, torch.Tensor):
+                raise AttributeError(f"{name} is not a tensor")
         except AttributeError as err:
             raise CheckpointError(f"the model built from config.json has no expert weight {name}: the manifest does "
                                   "not match this model") from err
@@ -434,7 +437,11 @@ def _install(model, manifest: dict, tensors: dict, device, plain_dense: bool = T
     rest = {k: v for k, v in tensors[REST_FILE].items() if k not in hybrid_keys}
     for name, e, tr, p in experts:
         w = unpack_experts(p, e)                                                # [E, out, in]
-        rest[name] = w.mT.contiguous() if tr else w                             # stored [E, in, out] when tr
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+        owner.register_parameter(leaf, torch.nn.Parameter(w.mT.contiguous() if tr else w, requires_grad=False))
     for alias, target in manifest["aliases"].items():
         rest[alias] = rest[target]
     model.load_state_dict(rest, strict=False)
