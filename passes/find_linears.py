@@ -271,7 +271,8 @@ def group_shared_inputs(plan: LinearPlan, graph: nx.DiGraph, gm: torch.fx.GraphM
     """Groups of masked linears reading one activation; kind qkv / gate_up when the graph shows it."""
     by_input: dict[str, list[LinearSite]] = {}
     for s in plan.masked:
-        by_input.setdefault(s.input_node, []).append(s)
+        if s.input_node:  # experts read their routed tokens through the grouped op: no shared-input group
+            by_input.setdefault(s.input_node, []).append(s)
     groups = []
     for inp, members in by_input.items():
         if len(members) < 2:

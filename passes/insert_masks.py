@@ -185,7 +185,7 @@ class MaskNode(torch.nn.Module):
             self.pattern_logits = torch.nn.Parameter(pattern_logits.to(dtype).clone())  # [(E,) out, in/4, 6]
         else:
             self.pattern_logits = None
-        # The fixed one-shot 2:4 pattern (PATCH-Tile), uint8 [out, in/4].
+        # The fixed one-shot 2:4 pattern (PATCH-Tile), uint8 [(E,) out, in/4].
         self.register_buffer("pattern24", None if self.joint else pattern.to(torch.uint8).clone(), persistent=False)
         self.register_buffer("hard_bitmap", torch.zeros_like(self.tile_logits, dtype=torch.bool), persistent=False)
         self.register_buffer("hard_pattern", pattern.to(torch.uint8).clone(), persistent=False)

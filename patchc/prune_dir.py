@@ -49,7 +49,11 @@ def read_prune_dir(path: str | Path) -> PrunedMasks:
     tile = int(report["tile"])
     bitmaps, patterns = {}, {}
     for layer in report["layers"]:
-        name, (*lead, out_f, in_f) = layer["name"], layer["shape"]
+        shape, experts = layer.get("shape"), layer.get("experts", 0)
+        if not (isinstance(shape, list) and len(shape) == (3 if experts else 2) and (not experts or shape[0] == experts)):
+            raise PruneDirError(f"{d / 'prune.json'}: layer {layer.get('name')!r} has shape {shape!r} and experts "
+                                f"{experts!r}: expected [out, in], or [E, out, in] with experts E")
+        name, (*lead, out_f, in_f) = layer["name"], shape
         b, p = tensors.get(f"{name}/bitmap"), tensors.get(f"{name}/pattern")
         if b is None or p is None:
             raise PruneDirError(f"masks.safetensors has no bitmap/pattern for {name}")

@@ -73,6 +73,7 @@ def test_expert_sites_and_orientation(arch, impl):
     sites = {s.name: s for s in plan.masked if s.experts}
     experts = _experts(model)
     assert sites.keys() == experts.keys()
+    assert not any(n in g.members for g in plan.groups for n in sites)  # no shared-input group of experts
     transposed = arch == "gpt_oss"
     for name, p in experts.items():
         s = sites[name]
@@ -184,10 +185,11 @@ def test_moe_pruned_to_target_lowered_and_loaded(arch, mode, text, tmp_path, cap
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, use_cache=False).logits, graph_logits, rtol=1e-4, atol=1e-5)
 
-    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ck"), "--verify", "--plot", str(tmp_path / "maps.png")]) == 0
     out = capsys.readouterr().out
     assert out.count("(experts)") == len(experts) and "not pruned" not in out
-    assert f"coverage: {cov['coverage']:.1%}" in out
+    assert f"coverage: {cov['coverage']:.1%}" in out and (tmp_path / "maps.png").stat().st_size > 0
 
 
 def test_moe_from_pretrained_and_resume(text, tmp_path):
