@@ -177,6 +177,9 @@ class MaskNode(torch.nn.Module):
         self.experts = site.experts            # E of a fused MoE expert weight, 0 for a linear
         self.index = index
         self.fused = False                     # set by insert_masks: this node computes the whole linear
+        # set by patchc.distributed.shard_: FSDP frees the unsharded weight after this module's forward, so the
+        # weight-only form returns a copy of it in mode "off" (the dense teacher), never the weight itself
+        self.sharded = False
         self.weight = weight                   # the frozen nn.Parameter (registered when given)
         self.tile_logits = torch.nn.Parameter(tile_logits.float().clone())  # [R, C] ([E, R, C] for experts)
         self.joint = pattern_logits is not None
@@ -249,6 +252,8 @@ class MaskNode(torch.nn.Module):
     def forward(self, x: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fused:
             wm, self.last_gate, self.last_norm = self._masked_weight()
+            if self.sharded and self.state.mode == "off":  # the weight itself: FSDP frees it after this forward
+                wm = wm.detach().clone()
             return wm
         st = self.state
         if st.mode in ("off", "hard") or st.compile:

@@ -232,3 +232,32 @@ def test_unmasked_experts_are_still_reported_and_warned(text, tmp_path):
     assert cov["unmasked_expert_params"] == sum(p.numel() for p in _experts(res.model).values()) > 0
     assert cov["masked_expert_params"] == 0 and cov["coverage"] < 0.5
     assert not any(l.get("experts") for l in json.loads((tmp_path / "p" / "prune.json").read_text())["layers"])
+
+
+def test_torchrun_two_processes_learn_the_expert_masks_of_one_process(text, tmp_path):
+    """FSDP2 shards the expert weights and their logits like a linear's; the dense teacher (mode "off") of a
+    weight-only node must not hand the graph a weight FSDP frees after the node's forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from patchc.io import read_safetensors
+
+    src = _moe_folder(tmp_path / "m", "mixtral")
+    common = ["prune", src, "--sparsity", "0.35", "--mode", "joint", "--data", str(text), "--steps", "3", "--seq-len",
+              "64", "--tile-size", str(TILE), "--calib-samples", "4", "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "patchc", *common,
+                        "--batch-size", "2", "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "patchc", *common, "--batch-size", "4", "--out", str(tmp_path / "one")],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two, one = (read_safetensors(tmp_path / d / "masks.safetensors") for d in ("two", "one"))
+    keys = [k for k in one if k.endswith(("/bitmap", "/pattern"))]
+    assert any(".experts." in k for k in keys) and two.keys() == one.keys()
+    agree = [(two[k] == one[k]).float().mean().item() for k in keys]
+    assert min(agree) >= 0.99, dict(zip(keys, agree))
