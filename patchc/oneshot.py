@@ -117,8 +117,17 @@ def sparsegpt_pattern(w: torch.Tensor, st: InputStats, blocksize: int = 128, per
     return hm.mask_to_pattern(keep)
 
 
+def per_matrix(fn, w: torch.Tensor) -> torch.Tensor:
+    """fn of a [out, in] weight, or of each expert matrix of a fused [E, out, in] one, stacked (the scratch
+    memory of one matrix at a time)."""
+    return fn(w) if w.dim() == 2 else torch.stack([fn(m) for m in w])
+
+
 def oneshot_pattern(method: str, w: torch.Tensor, st: InputStats | None) -> torch.Tensor:
-    """2:4 pattern index [out, in/4] of a [out, in] weight by a one-shot method."""
+    """2:4 pattern index [out, in/4] of a [out, in] weight by a one-shot method ([E, out, in/4] per expert
+    matrix of a fused [E, out, in] weight)."""
+    if w.dim() == 3:
+        return per_matrix(lambda m: oneshot_pattern(method, m, st), w)
     if method == "magnitude":
         return magnitude_pattern(w)
     if st is None:
@@ -132,7 +141,9 @@ def oneshot_pattern(method: str, w: torch.Tensor, st: InputStats | None) -> torc
 
 def tile_kept_fraction(w: torch.Tensor, st: InputStats | None, sparsity: float, tile: int) -> torch.Tensor:
     """Prune a copy unstructured to `sparsity` per output row by Wanda score (magnitude without stats);
-    return the kept fraction of every tile: [..., out, in] -> [..., R, C]."""
+    return the kept fraction of every tile: [out, in] -> [R, C] ([E, out, in] -> [E, R, C], per expert matrix)."""
+    if w.dim() == 3:
+        return per_matrix(lambda m: tile_kept_fraction(m, st, sparsity, tile), w)
     score = wanda_score(w, st) if st is not None else w.float().abs()
     in_f = score.shape[-1]
     n_prune = int(round(sparsity * in_f))

@@ -122,6 +122,19 @@ def test_expert_soft_mask_is_per_expert_matrix(transposed, kernels):
     torch.testing.assert_close(node.pattern_logits.grad.float(), ref_pl.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_expert_oneshot_pattern_and_prior_are_per_matrix():
+    from patchc.oneshot import oneshot_pattern, tile_kept_fraction, tile_prior
+
+    w = torch.randn(3, 64, 128, generator=torch.Generator().manual_seed(0))     # [E, out, in]
+    pattern = oneshot_pattern("magnitude", w, None)                                # [E, out, in/4]
+    assert torch.equal(pattern, torch.stack([oneshot_pattern("magnitude", m, None) for m in w]))
+    kept = tile_kept_fraction(w, None, 0.35, TILE)                                 # [E, R, C]
+    assert torch.equal(kept, torch.stack([tile_kept_fraction(m, None, 0.35, TILE) for m in w]))
+    prior = tile_prior(kept, 0.35)
+    n_dense = round(2 * 8 * (0.5 - 0.35))                                          # 8 tiles per matrix
+    assert [int((p == 1).sum()) for p in prior] == [n_dense] * 3 and int((prior == -1).sum()) == 3 * (8 - n_dense)
+
+
 # ---------------------------------------------------------------------------------------------
 # prune -> lower -> load: the target over every masked matrix, experts included; exact reload
 # ---------------------------------------------------------------------------------------------
