@@ -232,6 +232,10 @@ def test_moe_from_pretrained_and_resume(text, tmp_path):
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=0, atol=0)
+    lower(tmp_path / "p", tmp_path / "dense", fmt="dense")  # a plain HF checkpoint, experts zeroed the same
+    d = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    for name in _experts(a):
+        assert torch.equal(d.get_parameter(name), a.get_parameter(name))
 
 
 def test_unmasked_experts_are_still_reported_and_warned(text, tmp_path):
