@@ -4,6 +4,14 @@ Recognised: aten.linear(x, W[out, in], b), aten.mm(x, W[in, out]), aten.addmm(b,
 (GPT-2's Conv1D stores W as [in, out]), and mm/addmm over t(W)/permute(W, [1, 0]) of a [out, in]
 parameter. Each site maps to the HF parameter FQN of its weight. A networkx dataflow graph over the
 FX nodes names the groups of linears that read the same input (q/k/v, gate/up) for later fusion.
+
+Fused MoE experts: transformers 5 holds the experts of Mixtral / Qwen2-MoE / Qwen3-MoE as one 3-D parameter
+per projection ([E, out, in], or [E, in, out] where the experts class says is_transposed) and runs them
+as a grouped matmul (grouped_mm: param -> transpose(-2, -1) -> aten._grouped_mm, or the
+transformers::grouped_mm_fallback custom op where that is unavailable, e.g. fp32 under torch.export) or
+as a batched one (batched_mm: param -> index -> aten.bmm). A 3-D parameter that reaches such an op through
+views is an expert site (op "experts"): E matrices [out, in], each tiled like a linear. Its orientation
+is read from the graph: the grouped ops take [E, in, out], bmm's first operand is [S, out, in].
 """
 from __future__ import annotations
 
@@ -23,6 +31,10 @@ _MM = {aten.mm.default}
 _ADDMM = {aten.addmm.default}
 _TRANSPOSE = {aten.t.default, aten.permute.default, aten.transpose.int}
 _EMBEDDING = {aten.embedding.default}
+# grouped matmuls over fused expert weights: (tokens sorted by expert, weight [E, in, out], offsets)
+_GROUPED = {"aten._grouped_mm.default", "aten.grouped_mm.default", "transformers.grouped_mm_fallback.default"}
+_SAME = {aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+         aten.detach.default, aten.lift_fresh_copy.default}
 DEFAULT_EXCLUDE = (r"(^|\.)lm_head\.", r"(^|\.)(embed_tokens|wte|wpe|embed_out)\.")
 
 
@@ -34,14 +46,29 @@ class LinearSite:
     op: str              # linear | mm | addmm
     out_features: int
     in_features: int
-    transposed: bool     # the parameter is stored [in, out] (Conv1D)
-    role: str            # the module's own name: q_proj, c_attn, fc1, ...
-    input_node: str      # FX node of the activation the op reads
+    transposed: bool     # the parameter is stored [in, out] (Conv1D), [E, in, out] for experts
+    role: str            # the module's own name: q_proj, c_attn, fc1, ... (experts: gate_up_proj, down_proj)
+    input_node: str      # FX node of the activation the op reads ("" for experts)
     group: int | None = None  # index into LinearPlan.groups
     skip_reason: str | None = None
+    experts: int = 0     # a fused MoE expert weight: E matrices [out, in] (0: a plain linear)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """Leading dims of the weight and of every per-weight mask tensor: (E,) for experts, () for a linear."""
+        return (self.experts,) if self.experts else ()
+
+    @property
+    def shape(self) -> list[int]:
+        """The weight's shape in [.., out, in] orientation: [out, in] or [E, out, in]."""
+        return [*self.lead, self.out_features, self.in_features]
+
+    @property
+    def numel(self) -> int:
+        return max(self.experts, 1) * self.out_features * self.in_features
 
 
 @dataclass
@@ -105,6 +132,9 @@ def find_linears(gm: torch.fx.GraphModule, tile: int, include: list[str] | None 
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
+        if _expert_operands(node):
+            _add_expert_site(gm, node, sites, tile, excl, incl)
+            continue
         if node.target in _LINEAR:
             x, w = node.args[0], node.args[1]
             found = _param_of(w)
@@ -149,6 +179,81 @@ def find_linears(gm: torch.fx.GraphModule, tile: int, include: list[str] | None 
     return plan
 
 
+def _expert_operands(node: torch.fx.Node) -> list[tuple[object, bool]]:
+    """(operand, whether the op reads it as [.., in, out]) for each operand of a grouped / batched matmul."""
+    if str(node.target) in _GROUPED:
+        return [(node.args[1], True)]
+    if node.target is aten.bmm.default:
+        return [(node.args[0], False), (node.args[1], True)]
+    return []
+
+
+def _rank(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    return len(_shape(gm, node)) if node.op == "get_attr" and _is_param(gm, node) else None
+
+
+def _expert_param(gm: torch.fx.GraphModule, node) -> tuple[torch.fx.Node, bool] | None:
+    """(get_attr node of a 3-D parameter, last two dims swapped on the way) when `node` is that parameter seen
+    through transposes of its last two dims, expert indexing (dim 0) and copies; else None."""
+    swapped = False
+    while isinstance(node, torch.fx.Node):
+        if node.op == "get_attr":
+            return (node, swapped) if _is_param(gm, node) and len(_shape(gm, node)) == 3 else None
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        src, t = node.args[0], node.target
+        if t is aten.transpose.int:
+            nd = _rank(gm, src)
+            if nd is None or {d % nd for d in node.args[1:3]} != {nd - 2, nd - 1}:
+                return None
+            swapped = not swapped
+        elif t is aten.permute.default:
+            perm = list(node.args[1])
+            nd = len(perm)
+            if perm == list(range(nd - 2)) + [nd - 1, nd - 2]:
+                swapped = not swapped
+            elif perm != list(range(nd)):
+                return None
+        elif t is aten.index.Tensor:
+            if len(node.args[1]) != 1:  # W[expert_ids]: one index tensor, on the expert dim
+                return None
+        elif t not in _SAME:
+            return None
+        node = src
+    return None
+
+
+def _add_expert_site(gm, node, sites: list[LinearSite], tile: int, excl, incl) -> None:
+    """A fused MoE expert weight read by the grouped / batched matmul `node` (once per weight)."""
+    for operand, reads_in_out in _expert_operands(node):
+        found = _expert_param(gm, operand)
+        if found is None:
+            continue
+        attr, swapped = found
+        transposed = reads_in_out != swapped          # stored [E, in, out]
+        e, a, b = (int(d) for d in _shape(gm, attr))
+        out_f, in_f = (b, a) if transposed else (a, b)
+        name = attr.target[len(PREFIX):] if attr.target.startswith(PREFIX) else attr.target
+        earlier = next((s for s in sites if s.name == name), None)
+        if earlier is not None:
+            if earlier.transposed != transposed and earlier.skip_reason is None:
+                earlier.skip_reason = "expert weight read in two orientations"
+            continue
+        site = LinearSite(name=name, node=node.name, weight_node=attr.name, op="experts", out_features=out_f,
+                          in_features=in_f, transposed=transposed, role=name.split(".")[-1], input_node="",
+                          experts=e)
+        if any(p.search(name) for p in excl):
+            site.skip_reason = "excluded by name (lm_head/embeddings by default, or --exclude)"
+        elif incl and not any(p.search(name) for p in incl):
+            site.skip_reason = "not matched by --include"
+        else:
+            site.skip_reason = check_tileable(out_f, in_f, tile)
+        sites.append(site)
+
+
 def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     """Directed graph over FX node names: an edge u -> v when v reads u's output."""
     g = nx.DiGraph()
@@ -166,7 +271,8 @@ def group_shared_inputs(plan: LinearPlan, graph: nx.DiGraph, gm: torch.fx.GraphM
     """Groups of masked linears reading one activation; kind qkv / gate_up when the graph shows it."""
     by_input: dict[str, list[LinearSite]] = {}
     for s in plan.masked:
-        by_input.setdefault(s.input_node, []).append(s)
+        if s.input_node:  # experts read their routed tokens through the grouped op: no shared-input group
+            by_input.setdefault(s.input_node, []).append(s)
     groups = []
     for inp, members in by_input.items():
         if len(members) < 2:

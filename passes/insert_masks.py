@@ -5,6 +5,8 @@ layer's mask logits:
 
   aten.linear(x, W, b)          ->  MaskNode(x, b)       y = x @ (W * M).T + b, fused (see MaskedLinear)
   mm / addmm over W or W.T      ->  MaskNode() -> W * M  the weight only (GPT-2's Conv1D and other forms)
+  fused MoE experts W [E, ..]   ->  MaskNode() -> W * M  the whole 3-D weight, every use of it (whatever
+                                                         grouped / batched matmul the experts run as)
 
 The frozen parameter is unchanged byte for byte; only the mask logits require grad. In the fused form the
 relaxed mask is recomputed in backward from the logits (with the same stateless noise), so nothing of
@@ -160,7 +162,11 @@ def _torch_backward(ctx, dwm, d_gate, d_norm):
 class MaskNode(torch.nn.Module):
     """Hybrid mask of one linear: tile logits [R, C] (fp32) and, in joint mode, 2:4 pattern logits
     [out, in/4, 6] (bf16 when lean: patchc.optim.LeanAdamW keeps them in 4 bytes per logit with its state).
-    `weight` is the frozen parameter itself (shared with the model, never written)."""
+    `weight` is the frozen parameter itself (shared with the model, never written).
+
+    A fused MoE expert weight (site.experts = E) has per-expert-matrix masks: tile logits [E, R, C], pattern
+    logits [E, out, in/4, 6], fixed pattern [E, out, in/4]. Its soft mask is computed on the stacked
+    matrix [E*out, in] (the same mask, see patchc.mask), so the mask kernels serve experts too."""
 
     def __init__(self, site: LinearSite, tile: int, state: MaskState, tile_logits: torch.Tensor,
                  pattern: torch.Tensor, pattern_logits: torch.Tensor | None = None, weight: torch.Tensor | None = None,
@@ -168,17 +174,21 @@ class MaskNode(torch.nn.Module):
         super().__init__()
         self.name, self.tile, self.transposed, self.state = site.name, tile, site.transposed, state
         self.out_features, self.in_features = site.out_features, site.in_features
+        self.experts = site.experts            # E of a fused MoE expert weight, 0 for a linear
         self.index = index
         self.fused = False                     # set by insert_masks: this node computes the whole linear
+        # set by patchc.distributed.shard_: FSDP frees the unsharded weight after this module's forward, so the
+        # weight-only form returns a copy of it in mode "off" (the dense teacher), never the weight itself
+        self.sharded = False
         self.weight = weight                   # the frozen nn.Parameter (registered when given)
-        self.tile_logits = torch.nn.Parameter(tile_logits.float().clone())  # [R, C]
+        self.tile_logits = torch.nn.Parameter(tile_logits.float().clone())  # [R, C] ([E, R, C] for experts)
         self.joint = pattern_logits is not None
         if self.joint:
             dtype = torch.bfloat16 if lean else torch.float32
-            self.pattern_logits = torch.nn.Parameter(pattern_logits.to(dtype).clone())  # [out, in/4, 6]
+            self.pattern_logits = torch.nn.Parameter(pattern_logits.to(dtype).clone())  # [(E,) out, in/4, 6]
         else:
             self.pattern_logits = None
-        # The fixed one-shot 2:4 pattern (PATCH-Tile), uint8 [out, in/4].
+        # The fixed one-shot 2:4 pattern (PATCH-Tile), uint8 [(E,) out, in/4].
         self.register_buffer("pattern24", None if self.joint else pattern.to(torch.uint8).clone(), persistent=False)
         self.register_buffer("hard_bitmap", torch.zeros_like(self.tile_logits, dtype=torch.bool), persistent=False)
         self.register_buffer("hard_pattern", pattern.to(torch.uint8).clone(), persistent=False)
@@ -187,11 +197,15 @@ class MaskNode(torch.nn.Module):
 
     @property
     def numel(self) -> int:
-        return self.out_features * self.in_features
+        return max(self.experts, 1) * self.out_features * self.in_features
 
     def w2d(self) -> torch.Tensor:
-        """The [out, in] view of the frozen weight."""
-        return self.weight.t() if self.transposed else self.weight
+        """The [out, in] view of the frozen weight ([E, out, in] for experts)."""
+        return self.weight.mT if self.transposed else self.weight
+
+    def _rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """An expert tensor [E, a, ...] as the stacked-matrix one [E*a, ...] (a linear's as it is)."""
+        return t.flatten(0, 1) if self.experts and t is not None else t
 
     def hard_pattern_now(self) -> torch.Tensor:
         """The 2:4 pattern the node would extract now: argmax logits (joint) or the fixed one."""
@@ -222,19 +236,24 @@ class MaskNode(torch.nn.Module):
             return self.weight, None, None
         if st.mode == "hard":
             wm = hm.apply_hybrid(w, self.hard_bitmap, hm.pattern_to_mask(self.hard_pattern), self.tile)
-            return (wm.t() if self.transposed else wm), None, None
+            return (wm.mT if self.transposed else wm), None, None
         knobs = st.knobs_now(w.device)
+        rows = self._rows
+        w2 = rows(w)                                   # [out, in], or [E*out, in] (a copy when stored [E, in, out])
         if st.compile:
-            wm, gate, norm = hm.soft_masked_weight(w, self.tile_logits, self.pattern_logits, _mask24(self.pattern24),
-                                                   self.tile, knobs, self._keys())
+            wm, gate, norm = hm.soft_masked_weight(w2, rows(self.tile_logits), rows(self.pattern_logits),
+                                                   _mask24(rows(self.pattern24)), self.tile, knobs, self._keys())
         else:
-            wm, gate, norm = MaskedWeight.apply(w, self.tile_logits, self.pattern_logits, self.pattern24, knobs,
-                                                self._keys(), self.tile, self._kernels(w))
-        return (wm.t() if self.transposed else wm), gate, norm
+            wm, gate, norm = MaskedWeight.apply(w2, rows(self.tile_logits), rows(self.pattern_logits),
+                                                rows(self.pattern24), knobs, self._keys(), self.tile, self._kernels(w2))
+        wm = wm.reshape(w.shape)                       # [(E,) out, in]
+        return (wm.mT if self.transposed else wm), gate, norm
 
     def forward(self, x: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fused:
             wm, self.last_gate, self.last_norm = self._masked_weight()
+            if self.sharded and self.state.mode == "off":  # the weight itself: FSDP frees it after this forward
+                wm = wm.detach().clone()
             return wm
         st = self.state
         if st.mode in ("off", "hard") or st.compile:
@@ -268,7 +287,11 @@ def insert_masks(gm: torch.fx.GraphModule, plan: LinearPlan, nodes: dict[str, Ma
         attr, user = by_name[site.weight_node], by_name[site.node]
         if node.weight is None:
             node.weight = _get_attr_value(gm, attr.target)
-        if site.op == "linear" and not site.transposed and user.args[1] is attr:
+        if site.op == "experts":  # every use of the 3-D weight reads W * M
+            with gm.graph.inserting_after(attr):
+                masked = gm.graph.call_module(f"{MASK_ROOT}.{key}", ())
+            attr.replace_all_uses_with(masked)
+        elif site.op == "linear" and not site.transposed and user.args[1] is attr:
             x = user.args[0]
             bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
             with gm.graph.inserting_before(user):

@@ -109,7 +109,8 @@ def read_state(out: Path) -> dict:
 def load_patterns(out: Path, plan, info: DistInfo, joint: bool) -> dict[str, torch.Tensor]:
     """The fixed 2:4 patterns of every masked layer (plain tensors, read before the mask nodes exist);
     joint runs keep none (their pattern is the logits' argmax): zeros then."""
-    sd = {f"{s.name}/pattern": torch.zeros(s.out_features, s.in_features // 4, dtype=torch.uint8) for s in plan.masked}
+    sd = {f"{s.name}/pattern": torch.zeros(*s.lead, s.out_features, s.in_features // 4, dtype=torch.uint8)
+          for s in plan.masked}
     if not joint:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import HuggingFaceStorageReader

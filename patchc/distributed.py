@@ -143,6 +143,8 @@ def shard_(gm: torch.nn.Module, nodes, info: DistInfo) -> None:
     from torch.distributed.fsdp import fully_shard
 
     detach_masked_weights_(gm, nodes)
+    for n in nodes:
+        n.sharded = True
     replicated = {n.tile_logits for n in nodes}
     groups: dict[str, list] = {}
     for n in nodes:

@@ -9,6 +9,10 @@ A hybrid linear W [out, in] with tile T (R = out/T, C = in/T) packs into:
                                    (low 2 bits = first kept), two groups a byte (low nibble first)
 
 Bytes at global sparsity s (16-bit weights): 2 * out * in * (1 - 0.875 s).
+
+A fused MoE expert weight [E, out, in] (bitmap [E, R, C], pattern [E, out, in/4]) packs as the one matrix
+[E*out, in] with bitmap [E*R, C]: expert e is tile rows e*R .. (e+1)*R - 1 (out % T == 0, so no tile
+straddles two experts). pack_experts / unpack_experts do the reshapes.
 """
 from __future__ import annotations
 
@@ -94,6 +98,22 @@ def pack_layer(weight: torch.Tensor, bitmap: torch.Tensor, pattern: torch.Tensor
     nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.uint8)                # [ns, T, T/4]
     meta = (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous()            # [ns, T, T/8]
     return PackedLayer(bitmap.to(weight.device, torch.uint8).contiguous(), dense, values, meta, out_f, in_f, tile)
+
+
+def pack_experts(weight: torch.Tensor, bitmap: torch.Tensor, pattern: torch.Tensor, tile: int) -> PackedLayer:
+    """Experts W [E, out, in], bitmap [E, R, C], pattern [E, out, in/4] -> the PackedLayer of [E*out, in]."""
+    e, out_f, in_f = weight.shape
+    if tuple(bitmap.shape[:1]) != (e,) or tuple(pattern.shape[:1]) != (e,) or bitmap.dim() != 3 or pattern.dim() != 3:
+        raise FormatError(f"expert bitmap {tuple(bitmap.shape)} / pattern {tuple(pattern.shape)} do not fit weight "
+                          f"{list(weight.shape)}")
+    return pack_layer(weight.reshape(e * out_f, in_f), bitmap.flatten(0, 1), pattern.flatten(0, 1), tile)
+
+
+def unpack_experts(p: PackedLayer, experts: int) -> torch.Tensor:
+    """The PackedLayer of a fused expert weight -> W * M as a dense [E, out, in] tensor."""
+    if experts < 1 or p.out_features % experts:
+        raise FormatError(f"{p.out_features} packed rows do not split into {experts} experts")
+    return unpack_layer(p).reshape(experts, p.out_features // experts, p.in_features)
 
 
 def decode_meta(meta: torch.Tensor) -> torch.Tensor:

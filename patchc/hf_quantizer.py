@@ -8,7 +8,7 @@ placeholder. So:
   weights;
 - once `import patchc` has run, patchc is a registered transformers quantization method, and
   `AutoModelForCausalLM.from_pretrained(ckpt)` loads it as patchc.load does (checksums verified, hybrid layers
-  as HybridLinear modules).
+  as HybridLinear modules, fused MoE expert weights decompressed).
 """
 from __future__ import annotations
 
@@ -101,6 +101,13 @@ def register() -> None:
                 parent, _, child = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, _Pending(old.weight, getattr(old, "bias", None)))
                 keys.append(rf"^{mod_name.replace('.', '[.]')}[.]weight$")
+            for entry in self._manifest["experts"]:  # fused MoE expert weights: patchc decompresses them
+                parent, _, leaf = entry["name"].rpartition(".")
+                owner = model.get_submodule(parent)
+                old = getattr(owner, leaf)
+                delattr(owner, leaf)
+                owner.register_buffer(leaf, torch.empty(old.shape, dtype=old.dtype, device="meta"), persistent=False)
+                keys.append(rf"^{entry['name'].replace('.', '[.]')}$")
             model._keys_to_ignore_on_load_unexpected = _Patterns(model._keys_to_ignore_on_load_unexpected or ()) | set(keys)
             return model
 

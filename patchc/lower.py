@@ -1,11 +1,16 @@
 """`patchc lower`: freeze a prune run into a checkpoint, and `patchc.load` it back.
 
-packed (default)  DIR/manifest.json      format, version, tile, dtype, layers, per-tensor sha256
-                  DIR/packed.safetensors hybrid layers in patchc.format (bitmap/dense/values/meta)
+packed (default)  DIR/manifest.json      format, version, tile, dtype, layers, experts, per-tensor sha256
+                  DIR/packed.safetensors hybrid layers in patchc.format (bitmap/dense/values/meta), and
+                                         fused MoE expert weights (one packed matrix [E*out, in] each)
                   DIR/model.safetensors  every other tensor (embeddings, norms, biases, lm_head, ...)
                   DIR/config.json + tokenizer files
 dense             a plain Hugging Face checkpoint with the pruned weights zeroed (transformers alone
                   loads it) + DIR/patchc.json saying where it came from.
+
+Fused MoE expert weights are stored packed (their bytes on disk follow the sparsity) but patchc.load
+decompresses them to dense zero-filled [E, out, in] parameters: the model's own experts implementation runs
+them (exactly W * M, no speedup for experts).
 
 A checkpoint folder is built under a temporary name and renamed into place when complete, so a crash
 never leaves a half-written folder that looks valid. Nothing in a manifest is executed or imported.
@@ -22,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from patchc.format import (FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_layer,
-                           sha256, validate_packed)
+from patchc.format import (FORMAT, FORMAT_VERSION, PACKED_FIELDS, FormatError, PackedLayer, dense_bytes, pack_experts,
+                           pack_layer, sha256, unpack_experts, validate_packed)
 from patchc.coverage import coverage_report
 from patchc.fingerprint import load_recorded_model
 from patchc.hf_quantizer import config_entry as hf_config_entry
@@ -112,10 +117,26 @@ def lower(prune_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "
     return manifest
 
 
+def _pack_experts_entry(model, masks, layer: dict, packed_tensors: dict) -> dict:
+    """Pack one fused MoE expert weight under its parameter FQN; its manifest entry."""
+    name, tr = layer["name"], bool(layer.get("transposed", False))
+    w = weight_2d(model, name, tr).detach().contiguous()                        # [E, out, in]
+    p = pack_experts(w, masks.bitmaps[name], masks.patterns[name], masks.tile)
+    for k, v in p.tensors().items():
+        packed_tensors[f"{name}.{k}"] = v
+    return {"name": name, "shape": list(w.shape), "transposed": tr, "tiles": p.bitmap.numel(),
+            "dense_tiles": int(p.bitmap.sum()), "sparsity": p.sparsity, "bytes": p.nbytes + p.bitmap.numel(),
+            "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())}
+
+
 def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: dict) -> dict:
-    packed_tensors, layers, hybrid_weights = {}, [], set()
+    packed_tensors, layers, experts, hybrid_weights = {}, [], [], set()
     for layer in tqdm(masks.report["layers"], desc="patchc lower: packing", unit="layer", disable=None):  # a bar on a TTY
         name, tr = layer["name"], bool(layer.get("transposed", False))
+        hybrid_weights.add(name)
+        if layer.get("experts"):
+            experts.append(_pack_experts_entry(model, masks, layer, packed_tensors))
+            continue
         module = name.rsplit(".", 1)[0]
         w = weight_2d(model, name, tr).detach().contiguous()
         p = pack_layer(w, masks.bitmaps[name], masks.patterns[name], masks.tile)
@@ -126,7 +147,6 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
                        "has_bias": bias is not None, "tiles": p.bitmap.numel(), "dense_tiles": int(p.bitmap.sum()),
                        "sparsity": p.sparsity, "bytes": p.nbytes + p.bitmap.numel(),
                        "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())})
-        hybrid_weights.add(name)
     rest, aliases = _dedupe({k: v for k, v in model.state_dict().items() if k not in hybrid_weights})
     for name in sorted(hybrid_weights):  # empty placeholders: plain transformers refuses them (hf_quantizer.py)
         rest[name] = torch.empty(0, dtype=dtype)
@@ -134,13 +154,15 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
     write_safetensors(tmp / REST_FILE, rest)
     tensors = {f"{PACKED_FILE}::{k}": _describe(v) for k, v in packed_tensors.items()}
     tensors.update({f"{REST_FILE}::{k}": _describe(v) for k, v in rest.items()})
-    packed_b = sum(l["bytes"] for l in layers)
-    dense_b = sum(l["dense_bytes"] for l in layers)
+    packed_b = sum(l["bytes"] for l in layers + experts)
+    dense_b = sum(l["dense_bytes"] for l in layers + experts)
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION, "tile": masks.tile, "dtype": dtype_name(dtype),
         "model": provenance, "sparsity": sparsity,
         "bytes": {"hybrid_packed": packed_b, "hybrid_dense": dense_b, "ratio": packed_b / dense_b if dense_b else 1.0},
         "layers": layers, "aliases": aliases, "tensors": tensors,
+        # fused MoE expert weights: packed on disk, decompressed to dense [E, out, in] parameters by patchc.load
+        "experts": experts,
         # hybrid layers reading one input (q/k/v, gate/up; found on the prune graph): patchc.load stores each
         # group's packed tiles in one allocation so the patch backend can run the group as one launch
         "groups": _hybrid_groups(masks.report.get("groups", []), {l["module"] for l in layers}),
@@ -233,6 +255,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     for key, kind in (("tile", int), ("dtype", str), ("layers", list), ("tensors", dict), ("aliases", dict)):
         if not isinstance(m.get(key), kind):
             raise CheckpointError(f"{mf}: field {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(m.setdefault("experts", []), list):  # absent in checkpoints of models without experts
+        raise CheckpointError(f"{mf}: field 'experts' is not a list")
     for f in (PACKED_FILE, REST_FILE, "config.json"):
         if not (d / f).is_file():
             raise CheckpointError(f"{d / f} is missing: the checkpoint is incomplete")
@@ -284,9 +308,44 @@ def _build_empty(d: Path, dtype: torch.dtype, meta: bool = False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True) -> list[tuple[str, torch.nn.Module, PackedLayer]]:
+def _check_experts(manifest: dict, packed: dict, model, dtype) -> list[tuple[str, int, bool, PackedLayer]]:
+    """(parameter FQN, experts, stored [E, in, out], packed layer) per fused MoE expert weight, checked."""
+    plan = []
+    for entry in manifest["experts"]:
+        try:
+            name, (e, out_f, in_f), tr = entry["name"], entry["shape"], bool(entry.get("transposed", False))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"manifest 'experts' entry {str(entry)[:80]} is malformed ({err})") from None
+        try:
+            parent, _, leaf = name.rpartition(".")
+            w = getattr(model.get_submodule(parent), leaf)  # a parameter (or transformers' pending placeholder)
+            if not isinstance(w, torch.Tensor):
+                raise AttributeError(f"{name} is not a tensor")
+        except AttributeError as err:
+            raise CheckpointError(f"the model built from config.json has no expert weight {name}: the manifest does "
+                                  "not match this model") from err
+        want = (e, in_f, out_f) if tr else (e, out_f, in_f)
+        if tuple(w.shape) != want:
+            raise CheckpointError(f"{name}: the model's expert weight is {list(w.shape)} but the manifest says "
+                                  f"{list(want)}: manifest and config.json do not match")
+        try:
+            p = PackedLayer(*(packed[f"{name}.{k}"] for k in PACKED_FIELDS), e * out_f, in_f, manifest["tile"])
+            validate_packed(p, name)
+            if out_f % manifest["tile"]:
+                raise FormatError(f"expert rows {out_f} are not a multiple of tile {manifest['tile']}")
+        except (KeyError, FormatError) as err:
+            raise CheckpointError(f"{name}: packed tensors missing or inconsistent ({err})") from err
+        for k in ("dense", "values"):
+            if getattr(p, k).dtype != dtype:
+                raise CheckpointError(f"{name}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
+        plan.append((name, e, tr, p))
+    return plan
+
+
+def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True):
     """Every check between the manifest, the tensors and the model built from config.json; returns
-    (module name, module to replace, packed layer) per hybrid layer. Nothing is changed."""
+    ([(module name, module to replace, packed layer) per hybrid layer], [_check_experts' tuples]).
+    Nothing is changed."""
     try:
         dtype = parse_dtype(manifest["dtype"])
     except ValueError as e:
@@ -314,6 +373,7 @@ def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True) -> li
             if getattr(p, k).dtype != dtype:
                 raise CheckpointError(f"{mod_name}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
         plan.append((mod_name, old, p))
+    experts = _check_experts(manifest, packed, model, dtype)
     rest = tensors[REST_FILE]
     for alias, target in manifest["aliases"].items():
         if target not in rest:
@@ -323,6 +383,7 @@ def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True) -> li
                                   "replace its own weights)")
     model_state = model.state_dict()
     hybrid_keys = {f"{l['module']}.{k}" for l in manifest["layers"] for k in (*PACKED_FIELDS, "weight")}
+    hybrid_keys |= {e[0] for e in experts}
     for k in rest:
         if k in hybrid_keys and rest[k].numel():
             raise CheckpointError(f"{REST_FILE}::{k} must be an empty placeholder (the layer is in {PACKED_FILE})")
@@ -335,7 +396,7 @@ def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True) -> li
         t = rest[manifest["aliases"].get(k, k)]
         if tuple(t.shape) != tuple(model_state[k].shape):
             raise CheckpointError(f"{k}: {list(t.shape)} in the checkpoint, {list(model_state[k].shape)} in the model")
-    return plan
+    return plan, experts
 
 
 def verify(path: str | os.PathLike) -> dict:
@@ -365,13 +426,22 @@ def load(path: str | os.PathLike, device: str | torch.device = "auto", verify: b
 
 
 def _install(model, manifest: dict, tensors: dict, device, plain_dense: bool = True):
-    """Checked (_check), then: hybrid layers become HybridLinears, the rest of the weights are loaded."""
-    for mod_name, old, p in _check(manifest, tensors, model, plain_dense):
+    """Checked (_check), then: hybrid layers become HybridLinears, fused expert weights are decompressed
+    (W * M, zero-filled), the rest of the weights are loaded."""
+    linears, experts = _check(manifest, tensors, model, plain_dense)
+    for mod_name, old, p in linears:
         hl = HybridLinear(p, bias=getattr(old, "bias", None), name=mod_name, plain_dense=plain_dense)
         parent, _, child = mod_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, hl)
-    hybrid_keys = {f"{l['module']}.weight" for l in manifest["layers"]}
+    hybrid_keys = {f"{l['module']}.weight" for l in manifest["layers"]} | {e[0] for e in experts}
     rest = {k: v for k, v in tensors[REST_FILE].items() if k not in hybrid_keys}
+    for name, e, tr, p in experts:
+        w = unpack_experts(p, e)                                                # [E, out, in]
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+        owner.register_parameter(leaf, torch.nn.Parameter(w.mT.contiguous() if tr else w, requires_grad=False))
     for alias, target in manifest["aliases"].items():
         rest[alias] = rest[target]
     model.load_state_dict(rest, strict=False)

@@ -7,7 +7,10 @@ group is one of the 6 legal patterns below, stored as a pattern index (uint8 in 
     M = M_tile + (1 - M_tile) * M_24          (M_tile expanded from the bitmap to [out, in])
 
 Sparsity of a layer = 0.5 * (sparse tiles / all tiles). Everything here works on the [out, in]
-orientation; callers transpose Conv1D-style [in, out] weights first.
+orientation; callers transpose Conv1D-style [in, out] weights first. Leading dims are batch dims: a fused
+MoE expert weight [E, out, in] has bitmap [E, R, C] and pattern [E, out, in/4], every expert matrix tiled
+on its own. Tiles never straddle two experts (out % T == 0), so the same weight seen as one matrix
+[E*out, in] with bitmap [E*R, C] has the same mask (what the mask kernels and the packed format use).
 """
 from __future__ import annotations
 
@@ -36,21 +39,21 @@ def check_tileable(out_features: int, in_features: int, tile: int) -> str | None
 # 2:4 patterns
 # ---------------------------------------------------------------------------------------------
 def pattern_to_mask(pattern: torch.Tensor) -> torch.Tensor:
-    """[out, in/4] uint8 pattern index -> [out, in] bool keep-mask."""
+    """[..., out, in/4] uint8 pattern index -> [..., out, in] bool keep-mask."""
     if pattern.dtype != torch.uint8:
         raise TypeError(f"pattern must be uint8, got {pattern.dtype}")
     if pattern.numel() and int(pattern.max()) >= NUM_PATTERNS:
         raise ValueError(f"pattern index {int(pattern.max())} out of range 0..5")
     table = PATTERNS.to(pattern.device)
-    return table[pattern.long()].reshape(pattern.shape[0], pattern.shape[1] * 4)
+    return table[pattern.long()].reshape(*pattern.shape[:-1], pattern.shape[-1] * 4)
 
 
 def mask_to_pattern(mask: torch.Tensor) -> torch.Tensor:
-    """[out, in] bool keep-mask with exactly 2 of every 4 kept -> [out, in/4] uint8 pattern index."""
-    out_f, in_f = mask.shape
+    """[..., out, in] bool keep-mask with exactly 2 of every 4 kept -> [..., out, in/4] uint8 pattern index."""
+    *lead, in_f = mask.shape
     if in_f % 4:
         raise ValueError(f"in_features {in_f} is not a multiple of 4")
-    groups = mask.reshape(out_f, in_f // 4, 4).to(torch.uint8)
+    groups = mask.reshape(*lead, in_f // 4, 4).to(torch.uint8)
     if not bool((groups.sum(-1) == 2).all()):
         raise ValueError("mask is not 2:4: some group of 4 does not keep exactly 2")
     code = groups[..., 0] * 8 + groups[..., 1] * 4 + groups[..., 2] * 2 + groups[..., 3]  # 4-bit code
@@ -61,18 +64,18 @@ def mask_to_pattern(mask: torch.Tensor) -> torch.Tensor:
 
 
 def topk24_pattern(score: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 highest-scoring weights of every group of 4: [out, in] scores -> [out, in/4] uint8.
+    """Keep the 2 highest-scoring weights of every group of 4: [..., out, in] scores -> [..., out, in/4] uint8.
 
     The pattern with the largest kept score is the top-2 of the group; ties go to the lower index.
     """
-    out_f, in_f = score.shape
-    groups = score.float().reshape(out_f, in_f // 4, 4)
-    per_pattern = groups @ PATTERNS.to(score.device, torch.float32).T  # [out, in/4, 4] @ [4, 6]
+    *lead, in_f = score.shape
+    groups = score.float().reshape(*lead, in_f // 4, 4)
+    per_pattern = groups @ PATTERNS.to(score.device, torch.float32).T  # [..., out, in/4, 4] @ [4, 6]
     return per_pattern.argmax(-1).to(torch.uint8)
 
 
 def pattern_overlap(pattern: torch.Tensor) -> torch.Tensor:
-    """How many kept weights each of the 6 patterns shares with `pattern`: [out, in/4] -> [out, in/4, 6]."""
+    """How many kept weights each of the 6 patterns shares with `pattern`: [..., out, in/4] -> [..., out, in/4, 6]."""
     table = PATTERNS.to(pattern.device, torch.float32)  # [6, 4]
     chosen = table[pattern.long()]  # [out, in/4, 4]
     return chosen @ table.T
@@ -82,9 +85,9 @@ def pattern_overlap(pattern: torch.Tensor) -> torch.Tensor:
 # Tiles
 # ---------------------------------------------------------------------------------------------
 def tile_view(x: torch.Tensor, tile: int) -> torch.Tensor:
-    """[out, in] -> [R, T, C, T] view (R = out/T, C = in/T) so that per-tile values broadcast."""
-    out_f, in_f = x.shape
-    return x.reshape(out_f // tile, tile, in_f // tile, tile)
+    """[..., out, in] -> [..., R, T, C, T] view (R = out/T, C = in/T) so that per-tile values broadcast."""
+    *lead, out_f, in_f = x.shape
+    return x.reshape(*lead, out_f // tile, tile, in_f // tile, tile)
 
 
 def expand_tiles(per_tile: torch.Tensor, tile: int) -> torch.Tensor:
@@ -93,11 +96,12 @@ def expand_tiles(per_tile: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 def hybrid_mask(dense_tile: torch.Tensor, mask24: torch.Tensor, tile: int) -> torch.Tensor:
-    """M = M_tile + (1 - M_tile) * M_24 for soft (float) or hard (bool) inputs -> [out, in]."""
+    """M = M_tile + (1 - M_tile) * M_24 for soft (float) or hard (bool) inputs: dense_tile [..., R, C],
+    mask24 [..., out, in] -> [..., out, in]."""
     if dense_tile.dtype == torch.bool:
-        m = tile_view(mask24.bool(), tile) | dense_tile[:, None, :, None]
+        m = tile_view(mask24.bool(), tile) | dense_tile[..., :, None, :, None]
         return m.reshape(mask24.shape)
-    g = dense_tile.to(mask24.dtype if mask24.is_floating_point() else torch.float32)[:, None, :, None]
+    g = dense_tile.to(mask24.dtype if mask24.is_floating_point() else torch.float32)[..., :, None, :, None]
     m24 = tile_view(mask24.to(g.dtype), tile)
     return (g + (1 - g) * m24).reshape(mask24.shape)
 
@@ -173,7 +177,7 @@ def soft_dense_tile(logits: torch.Tensor, scale, tau, key: torch.Tensor | None =
 
 
 def soft_mask24(logits: torch.Tensor, scale, tau, key: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft 2:4 mask from pattern logits [out, in/4, 6] -> [out, in] (each group sums to exactly 2).
+    """Soft 2:4 mask from pattern logits [..., out, in/4, 6] -> [..., out, in] (each group sums to exactly 2).
     key=None: no noise."""
     z = logits.float() * scale
     if key is not None:
@@ -183,13 +187,13 @@ def soft_mask24(logits: torch.Tensor, scale, tau, key: torch.Tensor | None = Non
     # probs @ PATTERNS, written out so that it fuses: position j is kept by the patterns that contain it
     m = torch.stack([p[..., 0] + p[..., 1] + p[..., 2], p[..., 0] + p[..., 3] + p[..., 4],
                      p[..., 1] + p[..., 3] + p[..., 5], p[..., 2] + p[..., 4] + p[..., 5]], dim=-1)
-    return m.reshape(logits.shape[0], logits.shape[1] * 4)
+    return m.reshape(*logits.shape[:-2], logits.shape[-2] * 4)
 
 
 def soft_masked_weight(w: torch.Tensor, tile_logits: torch.Tensor, pattern_logits: torch.Tensor | None,
                        mask24: torch.Tensor | None, tile: int, knobs: torch.Tensor, keys: torch.Tensor | None):
     """One layer's relaxed hybrid mask applied to its weight: (W * M in W's dtype, mean dense-tile
-    probability, ||W * M||_F). w [out, in]; knobs = [scale_tile, scale_24, tau] (a float32 tensor, so a
+    probability, ||W * M||_F). w [..., out, in]; knobs = [scale_tile, scale_24, tau] (a float32 tensor, so a
     compiled version does not recompile as they move); keys [2] int64 (tile, 2:4 noise) or None."""
     scale_tile, scale_24, tau = knobs[0], knobs[1], knobs[2]
     gate = soft_dense_tile(tile_logits, scale_tile, tau, None if keys is None else keys[0])   # [R, C]
@@ -197,7 +201,7 @@ def soft_masked_weight(w: torch.Tensor, tile_logits: torch.Tensor, pattern_logit
         m24 = soft_mask24(pattern_logits, scale_24, tau, None if keys is None else keys[1])  # [out, in]
     else:
         m24 = mask24.float()
-    g = gate[:, None, :, None]
+    g = gate[..., :, None, :, None]                                                          # [..., R, 1, C, 1]
     m = (g + (1.0 - g) * tile_view(m24, tile)).reshape(w.shape)
     masked = w.float() * m
     return masked.to(w.dtype), gate.mean(), masked.norm()
@@ -238,9 +242,9 @@ def check_sparsity(sparsity: float) -> None:
 def select_dense_tiles(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Global top-k: keep the highest-scoring tiles dense so the global sparsity is exact.
 
-    scores: one [R, C] tensor per layer (all tiles the same size). Ties are broken by position
-    (earlier layer, then row-major tile index, stays dense first) so the result is deterministic.
-    Returns one bool bitmap [R, C] per layer.
+    scores: one [R, C] tensor per layer, [E, R, C] for a fused expert weight (all tiles the same size). Ties
+    are broken by position (earlier layer, then row-major tile index, stays dense first) so the result is
+    deterministic. Returns one bool bitmap of each score's shape.
     """
     flat = torch.cat([s.detach().float().flatten().cpu() for s in scores]) if scores else torch.zeros(0)
     n_sparse = sparse_tile_budget(flat.numel(), sparsity)

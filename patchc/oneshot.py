@@ -25,9 +25,10 @@ class InputStats:
 
 
 def weight_2d(model: torch.nn.Module, name: str, transposed: bool) -> torch.Tensor:
-    """The [out, in] view of a linear's weight parameter (Conv1D weights are stored [in, out])."""
+    """The [out, in] view of a linear's weight parameter (Conv1D weights are stored [in, out]); the
+    [E, out, in] view of a fused MoE expert weight (stored [E, out, in], or [E, in, out] when transposed)."""
     w = model.get_parameter(name)
-    return w.t() if transposed else w
+    return w.mT if transposed else w
 
 
 @torch.no_grad()
@@ -116,8 +117,17 @@ def sparsegpt_pattern(w: torch.Tensor, st: InputStats, blocksize: int = 128, per
     return hm.mask_to_pattern(keep)
 
 
+def per_matrix(fn, w: torch.Tensor) -> torch.Tensor:
+    """fn of a [out, in] weight, or of each expert matrix of a fused [E, out, in] one, stacked (the scratch
+    memory of one matrix at a time)."""
+    return fn(w) if w.dim() == 2 else torch.stack([fn(m) for m in w])
+
+
 def oneshot_pattern(method: str, w: torch.Tensor, st: InputStats | None) -> torch.Tensor:
-    """2:4 pattern index [out, in/4] of a [out, in] weight by a one-shot method."""
+    """2:4 pattern index [out, in/4] of a [out, in] weight by a one-shot method ([E, out, in/4] per expert
+    matrix of a fused [E, out, in] weight)."""
+    if w.dim() == 3:
+        return per_matrix(lambda m: oneshot_pattern(method, m, st), w)
     if method == "magnitude":
         return magnitude_pattern(w)
     if st is None:
@@ -131,22 +141,26 @@ def oneshot_pattern(method: str, w: torch.Tensor, st: InputStats | None) -> torc
 
 def tile_kept_fraction(w: torch.Tensor, st: InputStats | None, sparsity: float, tile: int) -> torch.Tensor:
     """Prune a copy unstructured to `sparsity` per output row by Wanda score (magnitude without stats);
-    return the kept fraction of every tile [R, C]."""
+    return the kept fraction of every tile: [out, in] -> [R, C] ([E, out, in] -> [E, R, C], per expert matrix)."""
+    if w.dim() == 3:
+        return per_matrix(lambda m: tile_kept_fraction(m, st, sparsity, tile), w)
     score = wanda_score(w, st) if st is not None else w.float().abs()
-    out_f, in_f = score.shape
+    in_f = score.shape[-1]
     n_prune = int(round(sparsity * in_f))
     keep = torch.ones_like(score, dtype=torch.bool)
     if n_prune:
-        idx = torch.topk(score, n_prune, dim=1, largest=False).indices
-        keep.scatter_(1, idx, False)
-    return hm.tile_view(keep.float(), tile).mean(dim=(1, 3))  # [R, T, C, T] -> [R, C]
+        idx = torch.topk(score, n_prune, dim=-1, largest=False).indices
+        keep.scatter_(-1, idx, False)
+    return hm.tile_view(keep.float(), tile).mean(dim=(-3, -1))  # [..., R, T, C, T] -> [..., R, C]
 
 
 def tile_prior(kept: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """+1 for the top N_dense = round(2 * N_tiles * (0.5 - s)) tiles of a layer, -1 for the rest."""
-    n = kept.numel()
+    """+1 for the top N_dense = round(2 * N_tiles * (0.5 - s)) tiles of a layer, -1 for the rest: kept [R, C],
+    or [E, R, C] for the expert matrices of a fused MoE weight (each matrix its own top N_dense)."""
+    mats = kept.reshape(-1, kept.shape[-2] * kept.shape[-1])                 # [matrices, R*C]
+    n = mats.shape[1]
     n_dense = min(n, max(0, round(2 * n * (0.5 - sparsity))))
-    prior = -torch.ones(n, device=kept.device)
-    order = torch.sort(-kept.flatten(), stable=True).indices
-    prior[order[:n_dense]] = 1.0
+    prior = -torch.ones_like(mats, dtype=torch.float32)
+    order = torch.sort(-mats, dim=1, stable=True).indices
+    prior.scatter_(1, order[:, :n_dense], 1.0)
     return prior.reshape(kept.shape)

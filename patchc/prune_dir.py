@@ -21,8 +21,8 @@ class PrunedMasks:
     dir: Path
     report: dict                                   # prune.json
     tile: int
-    bitmaps: dict[str, torch.Tensor]               # FQN -> [R, C] bool
-    patterns: dict[str, torch.Tensor]              # FQN -> [out, in/4] uint8
+    bitmaps: dict[str, torch.Tensor]               # FQN -> [R, C] bool ([E, R, C] for fused MoE experts)
+    patterns: dict[str, torch.Tensor]              # FQN -> [out, in/4] uint8 ([E, out, in/4])
 
 
 def read_prune_dir(path: str | Path) -> PrunedMasks:
@@ -49,20 +49,25 @@ def read_prune_dir(path: str | Path) -> PrunedMasks:
     tile = int(report["tile"])
     bitmaps, patterns = {}, {}
     for layer in report["layers"]:
-        name, (out_f, in_f) = layer["name"], layer["shape"]
+        shape, experts = layer.get("shape"), layer.get("experts", 0)
+        if not (isinstance(shape, list) and len(shape) == (3 if experts else 2) and (not experts or shape[0] == experts)):
+            raise PruneDirError(f"{d / 'prune.json'}: layer {layer.get('name')!r} has shape {shape!r} and experts "
+                                f"{experts!r}: expected [out, in], or [E, out, in] with experts E")
+        name, (*lead, out_f, in_f) = layer["name"], shape
         b, p = tensors.get(f"{name}/bitmap"), tensors.get(f"{name}/pattern")
         if b is None or p is None:
             raise PruneDirError(f"masks.safetensors has no bitmap/pattern for {name}")
-        if tuple(b.shape) != (out_f // tile, in_f // tile) or tuple(p.shape) != (out_f, in_f // 4):
+        if (tuple(b.shape) != (*lead, out_f // tile, in_f // tile)
+                or tuple(p.shape) != (*lead, out_f, in_f // 4)):
             raise PruneDirError(f"{name}: mask shapes {tuple(b.shape)}, {tuple(p.shape)} do not match layer shape "
-                                f"{[out_f, in_f]} with tile {tile}")
+                                f"{layer['shape']} with tile {tile}")
         bitmaps[name], patterns[name] = b.bool(), p
     return PrunedMasks(dir=d, report=report, tile=tile, bitmaps=bitmaps, patterns=patterns)
 
 
 @torch.no_grad()
 def apply_hard_masks_(model: torch.nn.Module, masks: PrunedMasks) -> None:
-    """Zero the pruned weights of `model` in place (W <- W * M)."""
+    """Zero the pruned weights of `model` in place (W <- W * M), fused MoE expert weights included."""
     transposed = _transposed_layers(model, masks)
     for name, bitmap in masks.bitmaps.items():  # shapes checked by read_prune_dir and _transposed_layers
         w = weight_2d(model, name, transposed[name])
@@ -71,16 +76,16 @@ def apply_hard_masks_(model: torch.nn.Module, masks: PrunedMasks) -> None:
 
 
 def _transposed_layers(model: torch.nn.Module, masks: PrunedMasks) -> dict[str, bool]:
-    """Conv1D-style layers store their weight [in, out] (prune.json records which)."""
+    """Conv1D-style layers store their weight [in, out], some experts [E, in, out] (prune.json records which)."""
     out = {}
     for layer in masks.report["layers"]:
-        name, (out_f, in_f), tr = layer["name"], layer["shape"], bool(layer.get("transposed", False))
+        name, (*lead, out_f, in_f), tr = layer["name"], layer["shape"], bool(layer.get("transposed", False))
         try:
             shape = tuple(model.get_parameter(name).shape)
         except AttributeError as e:
             raise PruneDirError(f"the model has no parameter {name}: wrong model for this prune folder?") from e
-        if shape != ((in_f, out_f) if tr else (out_f, in_f)):
+        if shape != ((*lead, in_f, out_f) if tr else (*lead, out_f, in_f)):
             raise PruneDirError(f"{name}: model weight {list(shape)} does not match the recorded shape "
-                                f"{[out_f, in_f]}: wrong model for this prune folder?")
+                                f"{layer['shape']}: wrong model for this prune folder?")
         out[name] = tr
     return out

@@ -133,24 +133,30 @@ def choose_tile(gm, cfg: PruneConfig) -> int:
     return AUTO_TILES[0]
 
 
+EXPERT_ONESHOT = "magnitude"  # fused MoE experts: no per-expert input statistics (routed tokens) are collected
+
+
 def init_masks(model, plan, tile: int, cfg: PruneConfig, calib: torch.Tensor, device, log) -> dict[str, dict]:
-    """Per masked linear: tile_logits [R, C], pattern [out, in/4] and (joint) pattern_logits [out, in/4, 6]."""
+    """Per masked weight: tile_logits [R, C], pattern [out, in/4] and (joint) pattern_logits [out, in/4, 6]; a
+    fused MoE expert weight gets the same per expert matrix ([E, R, C], ...), from magnitude (EXPERT_ONESHOT:
+    Wanda / SparseGPT need the inputs each expert sees, which are not collected)."""
     need_stats = cfg.oneshot != "magnitude" or cfg.method in ("wanda", "sparsegpt")
     method24 = cfg.method if cfg.method in ONESHOT_METHODS else cfg.oneshot
+    linears = [s for s in plan.masked if not s.experts]
     stats = {}
-    if need_stats or cfg.method in ("patch", "hybrid"):
+    if linears and (need_stats or cfg.method in ("patch", "hybrid")):
         log(f"calibration: {len(calib)} sequences x {calib.shape[-1]} tokens")
         with tqdm(total=len(calib), desc="calibration", leave=False, disable=not log.progress) as bar:
-            stats = collect_input_stats(model, plan.masked, calib.to(device).unsqueeze(1),
+            stats = collect_input_stats(model, linears, calib.to(device).unsqueeze(1),
                                         hessian=(method24 == "sparsegpt"), progress=bar)
     g = torch.Generator().manual_seed(cfg.seed)
     out = {}
     for site in tqdm(plan.masked, desc=f"one-shot {method24}", leave=False, disable=not log.progress):
-        w = weight_2d(model, site.name, site.transposed)
+        w = weight_2d(model, site.name, site.transposed)                   # [(E,) out, in]
         st = stats.get(site.name)
-        pattern = oneshot_pattern(method24, w, st).cpu()
+        pattern = oneshot_pattern(EXPERT_ONESHOT if site.experts else method24, w, st).cpu()
         r, c = site.out_features // tile, site.in_features // tile
-        logits = torch.randn(r, c, generator=g) * cfg.init_std
+        logits = torch.randn(*site.lead, r, c, generator=g) * cfg.init_std  # [(E,) R, C]
         std = logits.std().item() if logits.numel() > 1 else cfg.init_std
         kept = tile_kept_fraction(w, st, cfg.sparsity, tile).cpu()
         logits += tile_prior(kept, cfg.sparsity) * std * cfg.prior_strength
@@ -197,7 +203,9 @@ def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor | None, device, *, i
     if not plan.masked:
         raise ValueError(f"no linear layer of {name} can be masked with tile size {tile}: "
                          + "; ".join(f"{s.name}: {s.skip_reason}" for s in plan.skipped[:4]))
-    log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked)} linears masked, "
+    n_exp = sum(bool(s.experts) for s in plan.masked)
+    log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked) - n_exp} linears and "
+        f"{n_exp} fused expert weights masked, "
         f"{len(plan.skipped)} kept dense, tile {tile}, {len(plan.groups)} shared-input groups")
     dev = torch.device(device)
     kernels = settings().mask_kernels and (dev.type == "cuda" or settings().kernels_on_cpu) and not compile
@@ -243,15 +251,19 @@ def set_hard(nodes: list[MaskNode], hard) -> None:
 
 
 def sparsity_report(plan, nodes: list[MaskNode], hard, tile: int, target: float) -> dict:
+    """Per masked weight and overall; a fused MoE expert weight is one entry, shape [E, out, in], "experts" E."""
     layers, zeros, total = [], 0, 0
     for site, n, (b, _) in zip(plan.masked, nodes, hard):
         s = hm.layer_sparsity(b)
-        layers.append({"name": site.name, "role": site.role, "shape": [site.out_features, site.in_features],
-                       "tiles": b.numel(), "dense_tiles": int(b.sum()), "sparsity": round(s, 6),
-                       "group": site.group, "transposed": site.transposed})
+        layer = {"name": site.name, "role": site.role, "shape": site.shape,
+                 "tiles": b.numel(), "dense_tiles": int(b.sum()), "sparsity": round(s, 6),
+                 "group": site.group, "transposed": site.transposed}
+        if site.experts:
+            layer.update(experts=site.experts, oneshot=EXPERT_ONESHOT)
+        layers.append(layer)
         zeros += s * n.numel
         total += n.numel
-    all_total = total + sum(s.out_features * s.in_features for s in plan.skipped)
+    all_total = total + sum(s.numel for s in plan.skipped)
     achieved = zeros / total if total else 0.0
     return {
         "target": target, "achieved": achieved,
@@ -259,7 +271,7 @@ def sparsity_report(plan, nodes: list[MaskNode], hard, tile: int, target: float)
         "one_tile": 0.5 * tile * tile / total if total else 0.0,
         "masked_params": total, "all_linear_params": all_total,
         "layers": layers,
-        "skipped": [{"name": s.name, "shape": [s.out_features, s.in_features], "reason": s.skip_reason}
+        "skipped": [{"name": s.name, "shape": s.shape, "reason": s.skip_reason}
                     for s in plan.skipped],
     }
 
@@ -460,9 +472,10 @@ def _placeholder_init(plan, tile: int, cfg: PruneConfig, patterns: dict[str, tor
     """Zero logits of the right shapes and the saved fixed patterns: a resumed run's nodes, filled by ckpt.load."""
     out = {}
     for s in plan.masked:
-        e = {"tile_logits": torch.zeros(s.out_features // tile, s.in_features // tile), "pattern": patterns[s.name]}
+        e = {"tile_logits": torch.zeros(*s.lead, s.out_features // tile, s.in_features // tile),
+             "pattern": patterns[s.name]}
         if cfg.mode == "joint" and cfg.learns:
-            e["pattern_logits"] = torch.zeros(s.out_features, s.in_features // 4, 6)
+            e["pattern_logits"] = torch.zeros(*s.lead, s.out_features, s.in_features // 4, 6)
         out[s.name] = e
     return out
 

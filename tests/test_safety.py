@@ -397,9 +397,11 @@ def test_damaged_or_linked_tensor_files_give_checkpoint_errors(damage, ckpt, tmp
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. coverage: a MoE model's fused expert weights are counted, reported and warned about
+# 5. coverage: a MoE model's fused expert weights are masked, counted and reported (tests/test_moe.py: the rest)
 # ---------------------------------------------------------------------------------------------
-def test_moe_coverage_is_reported_and_warned(text, tmp_path, capsys):
+def test_moe_experts_are_masked_and_covered(text, tmp_path, capsys):
+    import warnings
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from patchc.cli import main
@@ -416,15 +418,17 @@ def test_moe_coverage_is_reported_and_warned(text, tmp_path, capsys):
     assert expert > 0  # transformers 5: fused [experts, out, in] parameters
     model.save_pretrained(tmp_path / "mix")
     byte_tokenizer().save_pretrained(tmp_path / "mix")
-    with pytest.warns(UserWarning, match="MoE expert"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="patchc masks only")
         res = _prune(str(tmp_path / "mix"), text, tmp_path / "p")
     cov = res.report["coverage"]
-    assert cov["unmasked_expert_params"] == expert and cov["coverage"] == pytest.approx(
-        cov["masked_params"] / cov["matmul_params"], rel=1e-5) and cov["coverage"] < 0.2
+    assert cov["unmasked_expert_params"] == 0 and cov["masked_expert_params"] == expert
+    assert cov["coverage"] == pytest.approx(cov["masked_params"] / cov["matmul_params"], rel=1e-5) and cov["coverage"] > 0.9
+    assert res.report["sparsity"]["masked_params"] == cov["masked_params"]  # the global target counts the experts
     lower(tmp_path / "p", tmp_path / "ck")
     assert main(["inspect", str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
-    assert "coverage: 10.5%" in out and "MoE expert parameters are not pruned" in out
+    assert f"coverage: {cov['coverage']:.1%}" in out and "not pruned" not in out and out.count("(experts)") == 2
 
 
 def test_dense_model_coverage(run):
