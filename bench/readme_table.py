@@ -136,7 +136,7 @@ def train_rows() -> list[str]:
     d = json.loads((RESULTS / "train_speed/train_speed.json").read_text())
     out = []
     for r in d["rows"]:
-        if r.get("fits") and "vs_plain" in r and r["kind"] in ("tile", "joint+kd"):
+        if r.get("fits") and "vs_plain" in r and r["kind"] == "joint+kd":
             out.append(_row(f"mask-training step / plain fwd+bwd, {r['model']} {r['batch']}×{r['seq']}, {r['kind']} "
                             "(eager)", d["env"], r.get("reps", 1), [r["vs_plain"]], "bench/results/train_speed",
                             unit="×"))
