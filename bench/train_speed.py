@@ -146,7 +146,32 @@ def mask_step(model, ids, mode: str, distill: float, device, *, compile: bool = 
                   "state_bytes_per_masked_weight": round(state_bytes / sum(n.numel for n in nodes), 4)}
 
 
-def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, reps: int) -> list[dict]:
+def profile_step(fn, device) -> tuple[float, str]:
+    """One more step under torch.profiler: (busy time of the device in ms, the top ops as a table). A step much
+    longer than the busy time is host-bound (launches, Python), not device-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    ka = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key, 0) for e in ka) / 1e3
+    return busy, ka.table(sort_by=key, row_limit=15, max_name_column_width=60)
+
+
+def _error(e: Exception) -> str:
+    """A row's error: the exception's first and last lines (a Triton compile error names the cause last)."""
+    lines = [x for x in str(e).splitlines() if x.strip()]
+    text = lines[0][:240] + (" ... " + lines[-1][:240] if len(lines) > 1 else "") if lines else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, reps: int,
+            profiles: list[str] | None = None) -> list[dict]:
+    """Rows of one model. profiles: a list to append each row's profiler table to (None: no profiling)."""
     rows = []
     for kind in kinds:
         peak_reset(device)
@@ -171,10 +196,14 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
             r.update(info, step_ms=round(med, 1), step_ms_min=round(lo, 1), step_ms_max=round(hi, 1), reps=reps,
                      first_step_s=round(first, 1),
                      peak_GB=peak_gb(device), fits=True)
+            if profiles is not None:
+                busy, table = profile_step(fn, device)
+                r["busy_ms"] = round(busy, 1)   # device (CPU: host) time of one profiled step
+                profiles.append(f"## {name} {kind}: step {r['step_ms']} ms, busy {r['busy_ms']} ms\n\n{table}\n")
         except torch.OutOfMemoryError as e:
             r.update(fits=False, error=str(e).splitlines()[0][:160])
         except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
-            r.update(fits=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            r.update(fits=False, error=_error(e))
         rows.append(r)
         print(json.dumps(r), flush=True)
         del model
@@ -200,6 +229,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more step per row: busy_ms (device busy time) and OUT/profiles.txt (top ops)")
     a = ap.parse_args()
     if a.quick:
         a.models, a.batch, a.seq, a.reps, a.fit = "tiny", "tiny=2", 64, 2, ""
@@ -208,14 +239,17 @@ def main() -> None:
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     batches = dict(kv.split("=") for kv in a.batch.split(",") if kv)
     rows = []
+    profiles = [] if a.profile else None
     for name in a.models.split(","):
         per_model = dict(kv.split("=") for kv in a.model_kinds.split(",") if kv)
         kinds = per_model[name].split("/") if name in per_model else a.kinds.split(",")
-        rows += measure(name, kinds, int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps)
+        rows += measure(name, kinds, int(batches.get(name, 1)), a.seq, a.device, dtype, a.reps, profiles)
     for name in [n for n in a.fit.split(",") if n]:
-        rows += measure(name, ["joint+ib"], 1, a.seq, a.device, dtype, 3)
+        rows += measure(name, ["joint+ib"], 1, a.seq, a.device, dtype, 3, profiles)
     env = {**machine_env(a.device), "dtype": str(dtype)}
     print(report(Path(a.out), rows, env))
+    if profiles:
+        (Path(a.out) / "profiles.txt").write_text("\n".join(profiles))
 
 
 COLUMNS = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
@@ -223,6 +257,7 @@ COLUMNS = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda 
                                 if "step_ms" in r else ""), ("vs plain", lambda r: r.get("vs_plain", "")),
            ("peak GB", lambda r: r.get("peak_GB", "")),
            ("state B/weight", lambda r: r.get("state_bytes_per_masked_weight", "")),
+           ("busy ms", lambda r: r.get("busy_ms", "")),
            ("fits", lambda r: "yes" if r.get("fits") else ("OOM" if "memory" in r.get("error", "") else "error"))]
 
 

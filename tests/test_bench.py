@@ -54,7 +54,7 @@ def test_accuracy_quick_evaluates_lowered_rows_and_resumes(tmp_path):
 def test_train_speed_quick(tmp_path):
     """bench/train_speed.py --quick: a plain step and PATCH steps (with the distillation teacher) are timed."""
     r = subprocess.run([sys.executable, str(ROOT / "bench/train_speed.py"), "--quick", "--device", "cpu",
-                        "--kinds", "plain,tile,joint+kd,joint+fp32", "--out", str(tmp_path)],
+                        "--kinds", "plain,tile,joint+kd,joint+fp32", "--profile", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "train_speed.json").read_text())
@@ -63,6 +63,8 @@ def test_train_speed_quick(tmp_path):
     assert all(x["fits"] and x["step_ms"] > 0 for x in res["rows"]) and "vs_plain" in res["rows"][2]
     assert res["rows"][2]["mask_params"] > res["rows"][1]["mask_params"]  # joint learns 2:4 logits too
     assert "torch" in res["env"]
+    assert all(x["busy_ms"] > 0 for x in res["rows"])                     # --profile: one profiled step a row
+    assert (tmp_path / "profiles.txt").read_text().count("## tiny ") == 4
 
 
 def test_read_floor_kernel_reads_every_word():
