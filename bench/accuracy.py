@@ -37,7 +37,7 @@ from patchc.lower import lower  # noqa: E402
 from patchc.models import dtype_name, load_model, parse_dtype  # noqa: E402
 from patchc.zeroshot import TASKS, evaluate_zeroshot  # noqa: E402
 from patchc.config import settings  # noqa: E402
-from report import machine_env  # noqa: E402  (bench/report.py)
+from report import machine_env, mid_run_points  # noqa: E402  (bench/report.py)
 
 ASSETS = (settings().shared or ROOT.parent / "shared") / "assets"
 METHOD_ORDER = ["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4", "learned 2:4", "heuristic hybrid",
@@ -110,8 +110,7 @@ def run_row(row: Row, a, base_spec: str, device, dtype, work: Path) -> dict:
 
 def _curve(log: Path, report: dict, tokens_per_step: int) -> list[dict]:
     """WikiText-2 PPL of the exactly extracted masks along training (prune --eval-every), final point last."""
-    pts = [json.loads(x) for x in log.read_text().splitlines()]
-    out = [{"step": p["step"], "tokens": p["step"] * tokens_per_step, "ppl": p["ppl"]} for p in pts if "ppl" in p]
+    out = mid_run_points(log, tokens_per_step)
     fin = report["ppl"]["final"]
     if fin:
         steps = report["config"]["steps"]

@@ -96,3 +96,10 @@ def save_results(out, name: str, payload: dict | list, md: str) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+
+def mid_run_points(log: Path, tokens_per_step: int) -> list[dict]:
+    """WikiText-2 PPL read during a prune run (`--eval-every`, log.jsonl "ppl"): mid-run readings, schedules still
+    running."""
+    pts = [json.loads(x) for x in Path(log).read_text().splitlines() if x.strip()] if Path(log).exists() else []
+    return [{"step": p["step"], "tokens": p["step"] * tokens_per_step, "ppl": p["ppl"]} for p in pts if "ppl" in p]

@@ -8,7 +8,6 @@ Rows run one after the other on one machine (one run each: a full training run i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,13 +23,7 @@ if _BENCH:
 
 from patchc import PruneConfig, prune  # noqa: E402
 
-from report import machine_env, write_report  # noqa: E402
-
-
-def mid_run_points(log: Path, tokens_per_step: int) -> list[dict]:
-    """WikiText-2 PPL read during the run (--eval-every): mid-run readings, the schedules still running."""
-    pts = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    return [{"step": p["step"], "tokens": p["step"] * tokens_per_step, "ppl": p["ppl"]} for p in pts if "ppl" in p]
+from report import machine_env, mid_run_points, write_report  # noqa: E402
 
 
 def main() -> None:

@@ -82,17 +82,8 @@ class MaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, bias, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels):
-        ctx.tile, ctx.has_bias, ctx.keys, ctx.kernels = tile, bias is not None, keys, kernels
-        if kernels:
-            gate = mk.soft_gate(tile_logits, knobs, keys)                                     # [R, C]
-            wm, norm = mk.masked_weight_forward(w, gate, pattern_logits, pattern, tile, knobs, keys)
-            ctx.save_for_backward(x, w, gate, pattern_logits, pattern, knobs, norm)
-            gate_mean = gate.mean()
-        else:
-            with torch.no_grad():
-                wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, _mask24(pattern), tile,
-                                                            knobs, keys)
-            ctx.save_for_backward(x, w, tile_logits, pattern_logits, pattern, knobs)
+        ctx.has_bias = bias is not None
+        wm, gate_mean, norm = _mask_forward(ctx, x, w, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels)
         y = F.linear(x, wm, bias)                                                   # [.., in] @ [in, out]
         return y, gate_mean, norm
 
@@ -101,12 +92,7 @@ class MaskedLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])                                          # [tokens, out]
         x = ctx.saved_tensors[0]
         dwm = dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)                    # [out, tokens] @ [tokens, in]
-        if ctx.kernels:
-            _, w, gate, pattern_logits, pattern, knobs, norm = ctx.saved_tensors
-            wm, g_tile, g_pat = mk.masked_weight_backward(w, gate, pattern_logits, pattern, ctx.tile, knobs, ctx.keys,
-                                                          dwm, norm, d_norm, d_gate)
-        else:
-            wm, g_tile, g_pat = _torch_backward(ctx, dwm, d_gate, d_norm)
+        wm, g_tile, g_pat = _mask_backward(ctx, dwm, d_gate, d_norm)
         dx = (dy2 @ wm).reshape(x.shape) if ctx.needs_input_grad[0] else None      # [tokens, out] @ [out, in]
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, None, db, g_tile, g_pat, None, None, None, None, None
@@ -117,27 +103,36 @@ class MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels):
-        ctx.tile, ctx.keys, ctx.kernels = tile, keys, kernels
-        if kernels:
-            gate = mk.soft_gate(tile_logits, knobs, keys)
-            wm, norm = mk.masked_weight_forward(w, gate, pattern_logits, pattern, tile, knobs, keys)
-            ctx.save_for_backward(None, w, gate, pattern_logits, pattern, knobs, norm)
-            return wm, gate.mean(), norm
-        with torch.no_grad():
-            wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, _mask24(pattern), tile,
-                                                        knobs, keys)
-        ctx.save_for_backward(None, w, tile_logits, pattern_logits, pattern, knobs)
-        return wm, gate_mean, norm
+        return _mask_forward(ctx, None, w, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels)
 
     @staticmethod
     def backward(ctx, dwm, d_gate, d_norm):
-        if ctx.kernels:
-            _, w, gate, pattern_logits, pattern, knobs, norm = ctx.saved_tensors
-            _, g_tile, g_pat = mk.masked_weight_backward(w, gate, pattern_logits, pattern, ctx.tile, knobs, ctx.keys,
-                                                         dwm, norm, d_norm, d_gate)
-        else:
-            _, g_tile, g_pat = _torch_backward(ctx, dwm, d_gate, d_norm)
+        _, g_tile, g_pat = _mask_backward(ctx, dwm, d_gate, d_norm)
         return None, g_tile, g_pat, None, None, None, None, None
+
+
+def _mask_forward(ctx, x, w, tile_logits, pattern_logits, pattern, knobs, keys, tile, kernels):
+    """(W * M, mean gate, ||W * M||_F) of MaskedLinear / MaskedWeight's forward; saves what _mask_backward needs
+    (x first: the linear's input, None for the weight-only form)."""
+    ctx.tile, ctx.keys, ctx.kernels = tile, keys, kernels
+    if kernels:
+        gate = mk.soft_gate(tile_logits, knobs, keys)                                         # [R, C]
+        wm, norm = mk.masked_weight_forward(w, gate, pattern_logits, pattern, tile, knobs, keys)
+        ctx.save_for_backward(x, w, gate, pattern_logits, pattern, knobs, norm)
+        return wm, gate.mean(), norm
+    with torch.no_grad():
+        wm, gate_mean, norm = hm.soft_masked_weight(w, tile_logits, pattern_logits, _mask24(pattern), tile, knobs, keys)
+    ctx.save_for_backward(x, w, tile_logits, pattern_logits, pattern, knobs)
+    return wm, gate_mean, norm
+
+
+def _mask_backward(ctx, dwm, d_gate, d_norm):
+    """(W * M again, d tile logits, d pattern logits or None) given dwm = dL/d(W * M)."""
+    if ctx.kernels:
+        _, w, gate, pattern_logits, pattern, knobs, norm = ctx.saved_tensors
+        return mk.masked_weight_backward(w, gate, pattern_logits, pattern, ctx.tile, knobs, ctx.keys, dwm, norm,
+                                         d_norm, d_gate)
+    return _torch_backward(ctx, dwm, d_gate, d_norm)
 
 
 def _mask24(pattern: torch.Tensor | None) -> torch.Tensor | None:

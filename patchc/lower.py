@@ -124,9 +124,13 @@ def _pack_experts_entry(model, masks, layer: dict, packed_tensors: dict) -> dict
     p = pack_experts(w, masks.bitmaps[name], masks.patterns[name], masks.tile)
     for k, v in p.tensors().items():
         packed_tensors[f"{name}.{k}"] = v
-    return {"name": name, "shape": list(w.shape), "transposed": tr, "tiles": p.bitmap.numel(),
-            "dense_tiles": int(p.bitmap.sum()), "sparsity": p.sparsity, "bytes": p.nbytes + p.bitmap.numel(),
-            "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())}
+    return {"name": name, "shape": list(w.shape), "transposed": tr, **_packed_stats(p, w.element_size())}
+
+
+def _packed_stats(p: PackedLayer, element_size: int) -> dict:
+    """A packed weight's manifest numbers: tiles, dense tiles, sparsity, bytes packed and dense."""
+    return {"tiles": p.bitmap.numel(), "dense_tiles": int(p.bitmap.sum()), "sparsity": p.sparsity,
+            "bytes": p.nbytes + p.bitmap.numel(), "dense_bytes": dense_bytes(p.out_features, p.in_features, element_size)}
 
 
 def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: dict) -> dict:
@@ -144,9 +148,7 @@ def _write_packed(model, masks, tmp: Path, dtype, provenance: dict, sparsity: di
             packed_tensors[f"{module}.{k}"] = v
         bias = getattr(model.get_submodule(module), "bias", None)
         layers.append({"name": name, "module": module, "shape": [p.out_features, p.in_features], "transposed": tr,
-                       "has_bias": bias is not None, "tiles": p.bitmap.numel(), "dense_tiles": int(p.bitmap.sum()),
-                       "sparsity": p.sparsity, "bytes": p.nbytes + p.bitmap.numel(),
-                       "dense_bytes": dense_bytes(p.out_features, p.in_features, w.element_size())})
+                       "has_bias": bias is not None, **_packed_stats(p, w.element_size())})
     rest, aliases = _dedupe({k: v for k, v in model.state_dict().items() if k not in hybrid_weights})
     for name in sorted(hybrid_weights):  # empty placeholders: plain transformers refuses them (hf_quantizer.py)
         rest[name] = torch.empty(0, dtype=dtype)
@@ -308,6 +310,19 @@ def _build_empty(d: Path, dtype: torch.dtype, meta: bool = False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def _read_packed(packed: dict, prefix: str, out_f: int, in_f: int, manifest: dict, dtype) -> PackedLayer:
+    """The PackedLayer stored under `prefix` ([out_f, in_f]), validated, in the manifest's dtype."""
+    try:
+        p = PackedLayer(*(packed[f"{prefix}.{k}"] for k in PACKED_FIELDS), out_f, in_f, manifest["tile"])
+        validate_packed(p, prefix)
+    except (KeyError, FormatError) as e:
+        raise CheckpointError(f"{prefix}: packed tensors missing or inconsistent ({e})") from e
+    for k in ("dense", "values"):
+        if getattr(p, k).dtype != dtype:
+            raise CheckpointError(f"{prefix}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
+    return p
+
+
 def _check_experts(manifest: dict, packed: dict, model, dtype) -> list[tuple[str, int, bool, PackedLayer]]:
     """(parameter FQN, experts, stored [E, in, out], packed layer) per fused MoE expert weight, checked."""
     plan = []
@@ -328,17 +343,10 @@ def _check_experts(manifest: dict, packed: dict, model, dtype) -> list[tuple[str
         if tuple(w.shape) != want:
             raise CheckpointError(f"{name}: the model's expert weight is {list(w.shape)} but the manifest says "
                                   f"{list(want)}: manifest and config.json do not match")
-        try:
-            p = PackedLayer(*(packed[f"{name}.{k}"] for k in PACKED_FIELDS), e * out_f, in_f, manifest["tile"])
-            validate_packed(p, name)
-            if out_f % manifest["tile"]:
-                raise FormatError(f"expert rows {out_f} are not a multiple of tile {manifest['tile']}")
-        except (KeyError, FormatError) as err:
-            raise CheckpointError(f"{name}: packed tensors missing or inconsistent ({err})") from err
-        for k in ("dense", "values"):
-            if getattr(p, k).dtype != dtype:
-                raise CheckpointError(f"{name}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
-        plan.append((name, e, tr, p))
+        if out_f % manifest["tile"]:
+            raise CheckpointError(f"{name}: packed tensors missing or inconsistent (expert rows {out_f} are not a "
+                                  f"multiple of tile {manifest['tile']})")
+        plan.append((name, e, tr, _read_packed(packed, name, e * out_f, in_f, manifest, dtype)))
     return plan
 
 
@@ -364,15 +372,7 @@ def _check(manifest: dict, tensors: dict, model, plain_dense: bool = True):
         if tuple(w.shape) != want:
             raise CheckpointError(f"{mod_name}: the model's weight is {list(w.shape)} but the manifest says "
                                   f"{list(want)}: manifest and config.json do not match")
-        try:
-            p = PackedLayer(*(packed[f"{mod_name}.{k}"] for k in PACKED_FIELDS), out_f, in_f, manifest["tile"])
-            validate_packed(p, mod_name)
-        except (KeyError, FormatError) as e:
-            raise CheckpointError(f"{mod_name}: packed tensors missing or inconsistent ({e})") from e
-        for k in ("dense", "values"):
-            if getattr(p, k).dtype != dtype:
-                raise CheckpointError(f"{mod_name}.{k} is {getattr(p, k).dtype} but the manifest says {manifest['dtype']}")
-        plan.append((mod_name, old, p))
+        plan.append((mod_name, old, _read_packed(packed, mod_name, out_f, in_f, manifest, dtype)))
     experts = _check_experts(manifest, packed, model, dtype)
     rest = tensors[REST_FILE]
     for alias, target in manifest["aliases"].items():

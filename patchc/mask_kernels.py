@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from patchc import mask as hm
+from patchc.config import settings
 
 # The 2:4 patterns (mask.PATTERNS) as the kernels write them out: pattern k keeps positions
 #   0: {0, 1}  1: {0, 2}  2: {0, 3}  3: {1, 2}  4: {1, 3}  5: {2, 3}
@@ -101,18 +102,34 @@ def _fixed24(pat_ptr, grp):
 
 
 @triton.jit
-def _forward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, part_ptr, G,
-                    T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
-    pid_r, pid_g = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)                       # [BR]
-    cols = pid_g * BG + tl.arange(0, BG)                       # [BG] group index inside the row
-    grp = rows[:, None] * G + cols[None, :]                    # [BR, BG] flat group index
-    g = tl.load(gate_ptr + ((pid_r * BR) // T) * C + (pid_g * BG * 4) // T)
+def _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key, JOINT: tl.constexpr, NOISE: tl.constexpr):
+    """(p0..p5, m0..m3) of the groups `grp`: joint, the pattern probabilities and the soft 2:4 mask; tile, the
+    fixed mask (p all zero, unused)."""
     if JOINT:
         p0, p1, p2, p3, p4, p5 = _soft24(logit_ptr, grp, knobs_ptr, key, NOISE)
         m0, m1, m2, m3 = p0 + p1 + p2, p0 + p3 + p4, p1 + p3 + p5, p2 + p4 + p5
     else:
         m0, m1, m2, m3 = _fixed24(pat_ptr, grp)
+        p0 = tl.zeros_like(m0)
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        p4 = p0
+        p5 = p0
+    return p0, p1, p2, p3, p4, p5, m0, m1, m2, m3
+
+
+@triton.jit
+def _masked_block(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G,
+                  T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+    """This program's [BR rows, 4 * BG columns] block (inside one tile): W * M computed and stored into wm_ptr.
+    Returns the flat group indices, the tile gate, the mask pieces, W and W * M (float32, one tensor a position)."""
+    pid_r, pid_g = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)                       # [BR]
+    cols = pid_g * BG + tl.arange(0, BG)                       # [BG] group index inside the row
+    grp = rows[:, None] * G + cols[None, :]                    # [BR, BG] flat group index
+    g = tl.load(gate_ptr + ((pid_r * BR) // T) * C + (pid_g * BG * 4) // T)
+    p0, p1, p2, p3, p4, p5, m0, m1, m2, m3 = _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key, JOINT, NOISE)
     w_at = w_ptr + rows[:, None] * s_wo + (cols[None, :] * 4) * s_wi
     o_at = wm_ptr + grp * 4
     w0 = tl.load(w_at).to(tl.float32)
@@ -127,46 +144,32 @@ def _forward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_pt
     tl.store(o_at + 1, x1.to(wm_ptr.dtype.element_ty))
     tl.store(o_at + 2, x2.to(wm_ptr.dtype.element_ty))
     tl.store(o_at + 3, x3.to(wm_ptr.dtype.element_ty))
+    return grp, g, p0, p1, p2, p3, p4, p5, m0, m1, m2, m3, w0, w1, w2, w3, x0, x1, x2, x3
+
+
+@triton.jit
+def _forward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, part_ptr, G,
+                    T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+    grp, g, p0, p1, p2, p3, p4, p5, m0, m1, m2, m3, w0, w1, w2, w3, x0, x1, x2, x3 = _masked_block(
+        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G, T, JOINT, NOISE, BR, BG)
     sq = tl.sum(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1), axis=0)
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_g, sq)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), sq)
 
 
 @triton.jit
 def _backward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, dwm_ptr, cnorm_ptr,
                      wm_ptr, dlogit_ptr, part_ptr, G,
                      T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
-    pid_r, pid_g = tl.program_id(0), tl.program_id(1)
-    rows = pid_r * BR + tl.arange(0, BR)
-    cols = pid_g * BG + tl.arange(0, BG)
-    grp = rows[:, None] * G + cols[None, :]
-    g = tl.load(gate_ptr + ((pid_r * BR) // T) * C + (pid_g * BG * 4) // T)
-    if JOINT:
-        p0, p1, p2, p3, p4, p5 = _soft24(logit_ptr, grp, knobs_ptr, key, NOISE)
-        m0, m1, m2, m3 = p0 + p1 + p2, p0 + p3 + p4, p1 + p3 + p5, p2 + p4 + p5
-    else:
-        m0, m1, m2, m3 = _fixed24(pat_ptr, grp)
+    grp, g, p0, p1, p2, p3, p4, p5, m0, m1, m2, m3, w0, w1, w2, w3, x0, x1, x2, x3 = _masked_block(
+        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G, T, JOINT, NOISE, BR, BG)
     c = tl.load(cnorm_ptr)                                      # d_norm / ||W * M||
-    w_at = w_ptr + rows[:, None] * s_wo + (cols[None, :] * 4) * s_wi
-    o_at = wm_ptr + grp * 4
     d_at = dwm_ptr + grp * 4
-    w0 = tl.load(w_at).to(tl.float32)
-    w1 = tl.load(w_at + s_wi).to(tl.float32)
-    w2 = tl.load(w_at + 2 * s_wi).to(tl.float32)
-    w3 = tl.load(w_at + 3 * s_wi).to(tl.float32)
-    x0 = w0 * (g + (1.0 - g) * m0)
-    x1 = w1 * (g + (1.0 - g) * m1)
-    x2 = w2 * (g + (1.0 - g) * m2)
-    x3 = w3 * (g + (1.0 - g) * m3)
-    tl.store(o_at, x0.to(wm_ptr.dtype.element_ty))
-    tl.store(o_at + 1, x1.to(wm_ptr.dtype.element_ty))
-    tl.store(o_at + 2, x2.to(wm_ptr.dtype.element_ty))
-    tl.store(o_at + 3, x3.to(wm_ptr.dtype.element_ty))
     d0 = (tl.load(d_at).to(tl.float32) + c * x0) * w0           # dL/dM per position
     d1 = (tl.load(d_at + 1).to(tl.float32) + c * x1) * w1
     d2 = (tl.load(d_at + 2).to(tl.float32) + c * x2) * w2
     d3 = (tl.load(d_at + 3).to(tl.float32) + c * x3) * w3
     dg = d0 * (1.0 - m0) + d1 * (1.0 - m1) + d2 * (1.0 - m2) + d3 * (1.0 - m3)
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_g, tl.sum(tl.sum(dg, axis=1), axis=0))
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(dg, axis=1), axis=0))
     if JOINT:
         keep = 1.0 - g                                          # dL/dm24 = dL/dM * (1 - g)
         q0 = (d0 + d1) * keep                                   # dL/dp_k: sum over the positions pattern k keeps
@@ -199,6 +202,13 @@ def _blocks(tile: int) -> tuple[int, int]:
     return _pow2_divisor(tile, 16), _pow2_divisor(tile // 4, 32)
 
 
+def enabled(device) -> bool:
+    """Whether mask learning runs these kernels (and patchc.optim_kernels) on `device`: CUDA, or the CPU under
+    Triton's interpreter with PATCHC_KERNELS_ON_CPU=1; PATCHC_MASK_KERNELS=0 turns them off."""
+    s = settings()
+    return s.mask_kernels and (torch.device(device).type == "cuda" or s.kernels_on_cpu)
+
+
 def supported(w: torch.Tensor, tile: int) -> bool:
     """Whether the kernels handle this weight: [out, in] tileable, hash indices within 32 bits."""
     out_f, in_f = w.shape
@@ -219,10 +229,9 @@ def soft_gate(tile_logits: torch.Tensor, knobs: torch.Tensor, keys) -> torch.Ten
     return gate
 
 
-def masked_weight_forward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: torch.Tensor | None,
-                          pattern: torch.Tensor | None, tile: int, knobs: torch.Tensor, keys):
-    """(W * M [out, in] in w's dtype, ||W * M||_F float32 0-d). w [out, in] (any strides); gate from soft_gate;
-    pattern_logits [out, in/4, 6] (joint) or the fixed pattern [out, in/4] uint8 (tile); keys: two ints or None."""
+def _launch(w: torch.Tensor, pattern_logits: torch.Tensor | None, pattern: torch.Tensor | None, tile: int, keys):
+    """What both mask kernels are launched with: (grid, W * M output [out, in], per-program partials, the logits
+    and pattern pointers (the unused one stands in as W * M), the constexpr arguments)."""
     out_f, in_f = w.shape
     br, bg = _blocks(tile)
     grid = (out_f // br, in_f // 4 // bg)
@@ -231,8 +240,16 @@ def masked_weight_forward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: t
     joint = pattern_logits is not None
     logits = pattern_logits.detach().contiguous() if joint else wm
     pat = pattern.contiguous() if not joint else wm
+    return grid, wm, part, logits, pat, dict(T=tile, JOINT=joint, NOISE=keys is not None, BR=br, BG=bg)
+
+
+def masked_weight_forward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: torch.Tensor | None,
+                          pattern: torch.Tensor | None, tile: int, knobs: torch.Tensor, keys):
+    """(W * M [out, in] in w's dtype, ||W * M||_F float32 0-d). w [out, in] (any strides); gate from soft_gate;
+    pattern_logits [out, in/4, 6] (joint) or the fixed pattern [out, in/4] uint8 (tile); keys: two ints or None."""
+    grid, wm, part, logits, pat, meta = _launch(w, pattern_logits, pattern, tile, keys)
     _forward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs, _key(keys, 1), wm,
-                          part, in_f // 4, T=tile, JOINT=joint, NOISE=keys is not None, BR=br, BG=bg)
+                          part, w.shape[1] // 4, **meta)
     return wm, part.sum().sqrt()
 
 
@@ -241,22 +258,17 @@ def masked_weight_backward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: 
                            norm: torch.Tensor, d_norm: torch.Tensor | None, d_gate_mean: torch.Tensor | None):
     """(W * M again, d tile_logits [R, C] float32, d pattern_logits in their dtype or None) given dwm = dL/d(W * M)
     [out, in] and the gradients of the outputs ||W * M||_F and mean(gate)."""
-    out_f, in_f = w.shape
-    br, bg = _blocks(tile)
-    grid = (out_f // br, in_f // 4 // bg)
-    dev = w.device
-    wm = torch.empty((out_f, in_f), device=dev, dtype=w.dtype)
-    part = torch.empty(grid, device=dev, dtype=torch.float32)
-    joint = pattern_logits is not None
-    logits = pattern_logits.detach().contiguous() if joint else wm
-    pat = pattern.contiguous() if not joint else wm
+    grid, wm, part, logits, pat, meta = _launch(w, pattern_logits, pattern, tile, keys)
+    joint = meta["JOINT"]
     dlogits = torch.empty_like(logits) if joint else part
-    cnorm = (d_norm.float() / norm.clamp_min(1e-30)).reshape(1) if d_norm is not None else torch.zeros(1, device=dev)
+    if d_norm is None:
+        cnorm = torch.zeros(1, device=w.device)
+    else:
+        cnorm = (d_norm.float() / norm.clamp_min(1e-30)).reshape(1)     # d_norm / ||W * M||
     _backward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs, _key(keys, 1),
-                           dwm.contiguous(), cnorm, wm, dlogits, part, in_f // 4,
-                           T=tile, JOINT=joint, NOISE=keys is not None, BR=br, BG=bg)
+                           dwm.contiguous(), cnorm, wm, dlogits, part, w.shape[1] // 4, **meta)
     r, c = gate.shape
-    dgate = part.reshape(r, tile // br, c, tile // 4 // bg).sum((1, 3))          # [R, C] per-tile sums
+    dgate = part.reshape(r, tile // meta["BR"], c, tile // 4 // meta["BG"]).sum((1, 3))   # [R, C] per-tile sums
     if d_gate_mean is not None:
         dgate = dgate + d_gate_mean.float() / gate.numel()
     d_tile = dgate * gate * (1.0 - gate) * (knobs[0] / knobs[2])                  # sigmoid backward

@@ -24,8 +24,8 @@ import math
 
 import torch
 
+from patchc import mask_kernels
 from patchc import optim_kernels as ok
-from patchc.config import settings
 from patchc.mask import noise_key, uniform_noise
 
 V_STEPS_PER_OCTAVE = 4   # vq code resolution: quarter octaves (19% in v, 9% in sqrt(v); rounded without bias)
@@ -187,10 +187,7 @@ class LeanAdamW(torch.optim.Optimizer):
     def _kernels_for(self, *tensors: torch.Tensor) -> bool:
         """Whether this update runs as a Triton kernel (optim_kernels): CUDA tensors (or the interpreter with
         PATCHC_KERNELS_ON_CPU=1), PATCHC_MASK_KERNELS on, not compiled."""
-        s = settings()
-        if self._compiled or not s.mask_kernels or not (tensors[0].is_cuda or s.kernels_on_cpu):
-            return False
-        return ok.supported(*tensors)
+        return not self._compiled and mask_kernels.enabled(tensors[0].device) and ok.supported(*tensors)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -63,7 +63,7 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
     floor_v = vref_new * 8.636168555094445e-20                       # 2 ** (-254 / 4)
     code = tl.where(code >= 1.0, code, tl.where(u0 < v / floor_v, 1.0, 0.0))
     code = tl.minimum(tl.maximum(code, 0.0), 255.0)
-    v_kept = tl.where(code > 0, tl.exp2((code - 255.0) * 0.25) * vref_new, 0.0)
+    v_kept = _decode_v(code, vref_new)
     x = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32) * (1.0 - lr * wd)
     x = x - lr * (m / bc1) / (tl.sqrt(v_kept / bc2) + eps)
     ratio = tl.where(v_kept > 0, m / tl.sqrt(v_kept), 0.0) * (127.0 / r_max)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from patchc import checkpoint as ckpt
 from patchc import distributed as pdist
 from patchc import mask as hm
-from patchc.config import settings
+from patchc import mask_kernels
 from patchc.coverage import coverage_report
 from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_data_paths, rank_slice
 from patchc.evaluate import eval_file_tokens, perplexity
@@ -207,9 +207,7 @@ def mask_graph(model, cfg: PruneConfig, calib: torch.Tensor | None, device, *, i
     log(f"graph captured in {cap.seconds:.1f}s ({cap.strategy}): {len(plan.masked) - n_exp} linears and "
         f"{n_exp} fused expert weights masked, "
         f"{len(plan.skipped)} kept dense, tile {tile}, {len(plan.groups)} shared-input groups")
-    dev = torch.device(device)
-    kernels = settings().mask_kernels and (dev.type == "cuda" or settings().kernels_on_cpu) and not compile
-    state = MaskState(seed=cfg.seed, compile=compile, kernels=kernels)
+    state = MaskState(seed=cfg.seed, compile=compile, kernels=mask_kernels.enabled(device) and not compile)
     if init is None:
         init = init_masks(model, plan, tile, cfg, calib, device, log)
         if info.active:  # every rank starts from rank 0's logits and patterns
