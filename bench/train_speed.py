@@ -158,7 +158,12 @@ def profile_step(fn, device) -> tuple[float, str]:
         sync(device)
     ka = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sum(getattr(e, key, 0) for e in ka) / 1e3
+    if cuda:   # the device's own events (kernels, copies), as the profiler's "Self CUDA time total": the ops
+        from torch.autograd import DeviceType   # that launched them and user ranges would count them again
+        busy = sum(e.self_device_time_total for e in ka
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e3
+    else:
+        busy = sum(e.self_cpu_time_total for e in ka) / 1e3
     return busy, ka.table(sort_by=key, row_limit=15, max_name_column_width=60)
 
 
@@ -253,7 +258,7 @@ def main() -> None:
 
 
 COLUMNS = [("model", "model"), ("params M", "params_M"), ("batch x seq", lambda r: f"{r['batch']}x{r['seq']}"),
-           ("kind", "kind"), ("step ms (min-max)", lambda r: f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
+           ("kind", "kind"), ("run", lambda r: r.get("run", "")), ("step ms (min-max)", lambda r: f"{r['step_ms']} ({r['step_ms_min']}-{r['step_ms_max']})"
                                 if "step_ms" in r else ""), ("vs plain", lambda r: r.get("vs_plain", "")),
            ("peak GB", lambda r: r.get("peak_GB", "")),
            ("state B/weight", lambda r: r.get("state_bytes_per_masked_weight", "")),
