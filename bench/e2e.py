@@ -106,8 +106,6 @@ def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
     info = {}
     backend = "inductor"
     if a.ckpt:
-        import patchc  # noqa: F401  (registers the backend)
-
         model, info = load_ckpt_row(label, a.ckpt, a.device)
         backend = "inductor" if label.startswith("dense") else "patch"
     else:

@@ -163,7 +163,7 @@ def _forget_compiled(model) -> None:
 
 def _run(model, label: str, ids, cfg: BenchConfig, device, log, rep: int) -> tuple[dict, torch.Tensor]:
     """One row once: the timings, and the greedy tokens [batch, new] it generates. A compiled row's model was
-    given its CompileConfig once (_models), so later repeats replay what the first one compiled."""
+    given its CompileConfig once (_compile_with), so later repeats replay what the first one compiled."""
     compiled = cfg.compiled(device)
     cc = getattr(model.generation_config, "compile_config", None) if compiled else None
     how = f"compiled decode step, {cc.backend} {cc.mode}" if cc is not None else "eager"
