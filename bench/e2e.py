@@ -8,6 +8,7 @@ keeps the dense tiles, so the global sparsity is exact and layers range widely a
 
     python bench/e2e.py --out bench/results/e2e            # 7B shape on the GPU, rows alternated --repeats times
     python bench/e2e.py --quick --device cpu --out /tmp/e  # tiny shape, for tests
+    python bench/e2e.py --ckpt CKPT --out DIR              # a `patchc lower` checkpoint (patchc.load) vs its dense twin
 """
 from __future__ import annotations
 
@@ -81,15 +82,35 @@ def hybridize_(model, sparsity: float, tile: int, seed: int = 0, plain_dense: bo
             "plain_dense_layers": sum(p_ == 0 for p_ in per_layer) if plain_dense else 0}
 
 
+def load_ckpt_row(label: str, ckpt: str, device) -> tuple:
+    """A lowered checkpoint as patchc.load gives it ("patch"), or its dense twin ("dense-inductor": every
+    HybridLinear densified to an nn.Linear holding W * M): (model, per-layer sparsity info)."""
+    from patchc.lower import load, read_manifest
+    from patchc.speed import densify_
+
+    model = load(ckpt, device=device)
+    if label.startswith("dense"):
+        densify_(model)
+        return model.eval(), {}
+    per_layer = [x["sparsity"] for x in read_manifest(ckpt)["layers"]]
+    return model.eval(), {"layers": len(per_layer), "min": min(per_layer), "max": max(per_layer),
+                          "mean": sum(per_layer) / len(per_layer), "checkpoint": str(ckpt)}
+
+
 def run_row(label: str, a, shape: dict, ids, dtype, mode) -> dict:
-    """Build the model of one row (dense or hybrid at a sparsity), time generate(), measure memory."""
+    """Build the model of one row (dense or hybrid at a sparsity, or a lowered checkpoint / its dense twin with
+    --ckpt), time generate(), measure memory."""
     cuda = str(a.device).startswith("cuda")
     torch._dynamo.reset()
     start_gb = torch.cuda.memory_allocated() / 1e9 if cuda else 0.0
-    model = build(shape, a.device, dtype)
     info = {}
     backend = "inductor"
-    if label.startswith("patch"):
+    if a.ckpt:
+        model, info = load_ckpt_row(label, a.ckpt, a.device)
+        backend = "inductor" if label.startswith("dense") else "patch"
+    else:
+        model = build(shape, a.device, dtype)
+    if label.startswith("patch") and not a.ckpt:
         import patchc  # noqa: F401  (registers the backend)
 
         info = hybridize_(model, float(label.split("-")[1]), a.tile, plain_dense=not a.no_plain_dense)
@@ -131,7 +152,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     model_args(ap)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--sparsities", default="0,0.25,0.35,0.45")
+    ap.add_argument("--sparsities", default=None, help="random hybrid rows (default 0,0.25,0.35,0.45; not with --ckpt)")
+    ap.add_argument("--ckpt", default=None,
+                    help="a `patchc lower` checkpoint: rows `patch` (loaded with patchc.load) and `dense-inductor` (its "
+                         "densified twin) instead of random weights hybridised in place; --quick/--tile/--no-plain-dense "
+                         "do not apply")
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--no-plain-dense", action="store_true",
                     help="keep layers with no 2:4 tile packed, on the hybrid kernels (default: plain F.linear)")
@@ -149,6 +174,18 @@ def main() -> None:
     shape = QUICK if a.quick else SEVEN_B
     if a.quick:
         a.batch, a.prompt, a.new, a.tile = 2, 16, 6, 64
+    if a.ckpt:
+        from transformers import AutoConfig
+
+        from patchc.lower import read_manifest
+
+        if a.sparsities is not None:
+            ap.error("--sparsities makes random hybrid rows; with --ckpt the checkpoint's own sparsity is measured")
+        read_manifest(a.ckpt)                        # a clear error for what is not a packed checkpoint, before any work
+        c = AutoConfig.from_pretrained(a.ckpt)
+        shape = dict(layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size,
+                     heads=c.num_attention_heads, vocab=c.vocab_size, checkpoint=str(a.ckpt))
+    sparsities = a.sparsities or "0,0.25,0.35,0.45"
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     mode = "reduce-overhead" if a.device.startswith("cuda") else None
     torch.manual_seed(0)
@@ -156,7 +193,7 @@ def main() -> None:
     out = Path(a.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    labels = ["dense-inductor"] + [f"patch-{s}" for s in a.sparsities.split(",")]
+    labels = ["dense-inductor"] + (["patch"] if a.ckpt else [f"patch-{s}" for s in sparsities.split(",")])
     runs = [(rep, label) for rep in range(a.repeats) for label in labels] if a.row is None else [(a.rep, a.row)]
     for rep, label in runs:
         dest = out / "rows" / f"{label}.{rep}.json"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The maintained GPU benchmarks, each writing its results folder (bench/README.md lists them):
-#   bash bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|all]
+#   bash bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|serving|all]
 # OUTDIR=bench/results refreshes the committed results. Needs a CUDA machine with patchc installed (`pip install -e
 # ".[gpu]"`) and, for accuracy, the SmolLM2 GGUF (PATCHC_SMOLLM2 or ../shared/assets).
 set -uo pipefail
-out=$(realpath -m "${1:?usage: bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|all]}")
+out=$(realpath -m "${1:?usage: bench/run_all.sh OUTDIR [kernels|decode|prefill|e2e|compile|train|accuracy|serving|all]}")
 what=${2:-all}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")"
@@ -18,4 +18,5 @@ want compile && { rm -rf "$out/compile_time"; python3 e2e.py --out "$out/compile
   && python3 e2e.py --out "$out/compile_time/warm" --sparsities 0.35 --repeats 1; }
 want train && python3 train_speed.py --out "$out/train_speed" --models smollm2-shape,llama3.2-1b
 want accuracy && python3 accuracy.py --out "$out/accuracy" --device cuda
+want serving && python3 serving.py --out "$out/serving"   # resumable; long (see bench/README.md)
 exit 0

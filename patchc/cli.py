@@ -248,6 +248,13 @@ def add_bench(sub) -> None:
     p.add_argument("--new", type=int, default=128, help="new tokens a sequence")
     p.add_argument("--no-compile", action="store_true",
                    help="eager generate() (without it, on CUDA generate() compiles its decode step with CUDA graphs)")
+    p.add_argument("--dense-modes", default="auto",
+                   help="inductor modes of the dense twin's rows, comma-separated (reduce-overhead, max-autotune, "
+                        "default, max-autotune-no-cudagraphs); auto: reduce-overhead,max-autotune when compiled (CUDA), "
+                        "reduce-overhead alone otherwise. Speedups are against the best dense row")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rows alternate this many times (patch, dense, dense-max-autotune, patch, ...), medians and "
+                        "ranges over them; > 1 keeps the packed model and the dense twin in memory together")
     p.add_argument("--json", default=None, help="also write the report to this file")
     p.set_defaults(func=run_bench)
 
@@ -258,15 +265,20 @@ def run_bench(a) -> int:
     from patchc.preflight import check_bench
 
     device = _device(a.device)
+    modes = None if a.dense_modes == "auto" else tuple(m.strip() for m in a.dense_modes.split(",") if m.strip())
+    cfg = BenchConfig(batch=a.batch, prompt=a.prompt, new=a.new, compile=False if a.no_compile else None,
+                      dense_modes=modes, repeats=a.repeats)          # checked before anything is loaded
     check_bench(a.dir, device=device, out_json=a.json)
-    cfg = BenchConfig(batch=a.batch, prompt=a.prompt, new=a.new, compile=False if a.no_compile else None)
     r = bench(a.dir, cfg, device=device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(f"{'':6} {'tokens/s':>10} {'decode ms/token':>16} {'prefill ms':>11} {'weights GB':>11} {'first call s':>13}")
+    rng = lambda row, k: (f"{row[k]}" if row["repeats"] == 1 else  # noqa: E731
+                          f"{row[k]} ({row['stats'][k]['min']}-{row['stats'][k]['max']})")
+    print(f"{'':20} {'tokens/s':>24} {'decode ms/token':>22} {'prefill ms':>20} {'weights GB':>11} {'first call s':>13}")
     for row in r["rows"]:
-        print(f"{row['row']:6} {row['new_tokens_per_s']:>10} {row['decode_ms_per_token']:>16} {row['prefill_ms']:>11} "
-              f"{row['weights_GB']:>11} {row['first_call_s']:>13}")
-    print(f"packed / dense: {r['speedup_tokens_per_s']}x tokens/s, {r['speedup_decode']}x decode, "
-          f"{r['weights_ratio']}x weight memory ({device}, batch {a.batch}, {a.prompt} + {a.new} tokens); "
+        print(f"{row['row']:20} {rng(row, 'new_tokens_per_s'):>24} {rng(row, 'decode_ms_per_token'):>22} "
+              f"{rng(row, 'prefill_ms'):>20} {row['weights_GB']:>11} {row['first_call_s']:>13}")
+    print(f"packed / best dense ({r['best_dense']}): {r['speedup_tokens_per_s']}x tokens/s, {r['speedup_decode']}x "
+          f"decode, {r['weights_ratio']}x weight memory ({device}, batch {a.batch}, {a.prompt} + {a.new} tokens"
+          f"{f', medians of {a.repeats} alternated repeats' if a.repeats > 1 else ''}); "
           f"greedy tokens alike before the first difference: {r['greedy_agreement']:.1%}")
     if device == "cpu":
         print("(on the CPU both run the reference path: the numbers say nothing about GPU speed)")

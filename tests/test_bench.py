@@ -30,6 +30,78 @@ def test_e2e_quick(tmp_path):
     assert env["transformers"] and env["torch"]
 
 
+def test_e2e_measures_a_lowered_checkpoint(pruned_tiny, tmp_path):
+    """bench/e2e.py --ckpt: the lowered checkpoint as patchc.load gives it against its densified twin, instead of
+    random weights hybridised in place; --sparsities does not apply there."""
+    from patchc.lower import lower
+
+    ckpt = tmp_path / "ck"
+    lower(pruned_tiny("llama", 0.35), ckpt)
+    cmd = [sys.executable, str(ROOT / "bench/e2e.py"), "--ckpt", str(ckpt), "--device", "cpu", "--batch", "2",
+           "--prompt", "8", "--new", "3", "--repeats", "1", "--out", str(tmp_path / "e")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "e" / "e2e.json").read_text())
+    assert [x["row"] for x in res["rows"]] == ["dense-inductor", "patch"]
+    info = res["rows"][1]["per_layer_sparsity"]
+    assert info["checkpoint"] == str(ckpt) and info["layers"] > 0 and info["min"] <= info["mean"] <= info["max"]
+    assert res["env"]["shape"]["checkpoint"] == str(ckpt)
+    r = subprocess.run(cmd + ["--sparsities", "0.35"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--ckpt" in r.stderr
+
+
+def test_serving_quick_writes_one_file_and_resumes(tmp_path):
+    """bench/serving.py --quick: kernel rows (every shape x M x sparsity, median and range) and the e2e flow
+    (random model -> patchc prune --mode tile -> lower -> patchc bench per batch) in serving.json; a second run
+    re-runs nothing, and a run of one stage fills in only that stage's missing rows."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "bench/serving.py"), "--quick", "--device", "cpu", "--out", str(out),
+           "--work", str(work)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "serving.json").read_text())
+    ks = res["kernels"]
+    assert sorted({(x["shape"], x["m"]) for x in ks}) == [("256x512", 1), ("256x512", 16), ("512x256", 1), ("512x256", 16)]
+    assert len(ks) == 16 and {x["sparsity"] for x in ks} == {0.25, 0.35, 0.45, 0.5}
+    for x in ks:
+        assert x["us_min"] <= x["us"] <= x["us_max"] and x["cublas_min"] <= x["cublas_us"] <= x["cublas_max"]
+        assert x["speedup_vs_cublas"] == round(x["cublas_us"] / x["us"], 3) and x["repeats"] == 2
+        assert x["rel_err"] < 1e-4 and abs(x["achieved"] - x["sparsity"]) < 0.13
+    es = res["e2e"]
+    assert [x["batch"] for x in es] == [1, 2]
+    for x in es:
+        assert x["tok_s_min"] <= x["tok_s"] <= x["tok_s_max"] and x["repeats"] == 2
+        assert x["speedup"] == round(x["tok_s"] / max(x["dense_tok_s"], x["dense_maxautotune_tok_s"]), 3)
+        assert x["greedy_agreement"] == 1.0 and 0.2 < x["sparsity"] <= 0.5 and x["target_sparsity"] == 0.35
+        assert [row["row"] for row in x["rows"]] == ["patch", "dense", "dense-max-autotune"]
+        assert x["commit"] == res["env"]["e2e"]["commit"] and len(x["commit"]) == 40
+    assert len(res["commit"]) == 40 and res["versions"]["torch"] and res["gpu"] == "cpu"
+    assert set(res["env"]) == {"kernels", "e2e"} and res["env"]["e2e"]["prune"]["mode"] == "tile"
+    assert "| batch |" in (out / "serving.md").read_text()
+    assert (work / "llama-quick-random-tile-0.35-packed" / "manifest.json").is_file()
+
+    r = subprocess.run(cmd, capture_output=True, text=True)                    # everything there: nothing re-run
+    assert r.returncode == 0 and "0 cases to run" in r.stderr and "$ patchc" not in r.stderr
+    assert json.loads((out / "serving.json").read_text())["kernels"] == ks
+
+    res["kernels"] = ks[1:]                                                    # one row of each stage missing
+    res["e2e"] = es[:1]
+    (out / "serving.json").write_text(json.dumps(res))
+    r = subprocess.run(cmd + ["--stages", "kernels"], capture_output=True, text=True)
+    assert r.returncode == 0 and "1 cases to run" in r.stderr and "e2e:" not in r.stderr
+    again = json.loads((out / "serving.json").read_text())
+    assert len(again["kernels"]) == 16 and len(again["e2e"]) == 1
+    r = subprocess.run(cmd + ["--stages", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--stages" in r.stderr
+
+    # --max-tasks 1 (one step a GPU call): a fresh work folder gets its model and nothing else
+    r = subprocess.run(cmd[:-1] + [str(tmp_path / "w2"), "--out", str(tmp_path / "o2"), "--stages", "e2e",
+                                   "--max-tasks", "1"], capture_output=True, text=True)
+    assert r.returncode == 0 and "budget spent" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "w2").iterdir()) == ["llama-quick-random"]
+    assert json.loads((tmp_path / "o2" / "serving.json").read_text())["e2e"] == []
+
+
 def test_accuracy_quick_evaluates_lowered_rows_and_resumes(tmp_path):
     """bench/accuracy.py --quick: rows on the tiny model, pruned rows evaluated through patchc.load; a second
     run skips finished rows and rebuilds the report."""

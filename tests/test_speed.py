@@ -40,12 +40,54 @@ def test_bench_command_reports_both_rows(ckpt, tmp_path):
     assert all(row["new_tokens_per_s"] > 0 and row["total_ms"] >= row["prefill_ms"] for row in rep["rows"])
     assert 0 < rep["weights_ratio"] < 1 and rep["config"]["new"] == 4
     assert rep["greedy_agreement"] == 1.0  # on the CPU the reference path computes exactly what the twin does
-    assert "packed / dense" in r.stdout and "reference path" in r.stdout
+    assert "packed / best dense (dense)" in r.stdout and "reference path" in r.stdout
+
+
+def test_bench_alternates_rows_and_reports_ranges(ckpt, tmp_path):
+    """--repeats 2 with both dense modes: patch / dense / dense-max-autotune alternate twice, each row gives medians
+    and min / max over its two runs, the speedup is against the best dense row, and the packed model survives
+    beside the twin (the weight-sharing copy for the second mode adds no weight memory)."""
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(ckpt), "--device", "cpu", "--batch", "2",
+                        "--prompt", "8", "--new", "4", "--repeats", "2", "--dense-modes",
+                        "reduce-overhead,max-autotune", "--json", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    rows = {row["row"]: row for row in rep["rows"]}
+    assert list(rows) == ["patch", "dense", "dense-max-autotune"]
+    starts = [line.split(" (")[0].split(": ")[-1] for line in r.stderr.splitlines() if "repeat " in line]
+    assert starts == ["patch", "dense", "dense-max-autotune"] * 2          # alternated, not one row after another
+    for row in rows.values():
+        st = row["stats"]["new_tokens_per_s"]
+        assert row["repeats"] == st["n"] == len(row["runs"]) == 2
+        assert st["min"] <= row["new_tokens_per_s"] == st["median"] <= st["max"]
+    best = max(rows["dense"]["new_tokens_per_s"], rows["dense-max-autotune"]["new_tokens_per_s"])
+    assert rep["speedup_tokens_per_s"] == round(rows["patch"]["new_tokens_per_s"] / best, 3)
+    assert rep["best_dense"] in ("dense", "dense-max-autotune")
+    assert rep["greedy_agreement_vs"] == {"dense": 1.0, "dense-max-autotune": 1.0}
+    assert rows["dense"]["weights_GB"] == rows["dense-max-autotune"]["weights_GB"] > rows["patch"]["weights_GB"]
+    assert rep["config"]["dense_modes"] == ["reduce-overhead", "max-autotune"] and rep["config"]["repeats"] == 2
+
+
+def test_twin_shares_weights_and_not_modules(ckpt):
+    from patchc.speed import twin_sharing_weights
+
+    model = load(ckpt)
+    densify_(model)
+    twin = twin_sharing_weights(model)
+    assert twin is not model and twin.generation_config is not model.generation_config
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert twin.model.layers[0] is not model.model.layers[0]
 
 
 def test_bench_errors_are_clear(ckpt, tmp_path):
     with pytest.raises(ValueError, match="batch must be >= 1"):
         BenchConfig(batch=0)
+    with pytest.raises(ValueError, match="dense_modes"):
+        BenchConfig(dense_modes=("fast",))
+    r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(ckpt), "--device", "cpu", "--repeats", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "repeats must be >= 1" in r.stderr
     r = subprocess.run([sys.executable, "-m", "patchc", "bench", str(ckpt), "--device", "cpu", "--prompt", "1000",
                         "--new", "100"], capture_output=True, text=True)
     assert r.returncode == 2 and "max_position_embeddings" in r.stderr
