@@ -133,22 +133,39 @@ def accuracy_rows() -> list[str]:
 
 
 def train_rows() -> list[str]:
+    """Step time / plain fwd+bwd of tile, joint and joint+kd per model (eager, one run), and the 8B fit."""
     d = json.loads((RESULTS / "train_speed/train_speed.json").read_text())
+    rows = [r for r in d["rows"] if r.get("fits") and r.get("run", "a") == "a"]
     out = []
+    for model in dict.fromkeys(r["model"] for r in rows if "vs_plain" in r):
+        got = {r["kind"]: r for r in rows if r["model"] == model and "vs_plain" in r}
+        kinds = [k for k in ("tile", "joint", "joint+kd") if k in got]
+        r0 = got[kinds[0]]
+        vals = " / ".join(f"{got[k]['vs_plain']:.2f}×" for k in kinds)
+        out.append(f"| mask-training step / plain fwd+bwd, {model} {r0['batch']}×{r0['seq']}: {' / '.join(kinds)} | "
+                   f"{_gpu(d['env'])} | {_commit(d['env'])} | {r0.get('reps', 1)} | {vals} | — | "
+                   "`bench/results/train_speed` |")
     for r in d["rows"]:
-        if r.get("fits") and "vs_plain" in r and r["kind"] == "joint+kd":
-            out.append(_row(f"mask-training step / plain fwd+bwd, {r['model']} {r['batch']}×{r['seq']}, {r['kind']} "
-                            "(eager)", d["env"], r.get("reps", 1), [r["vs_plain"]], "bench/results/train_speed",
-                            unit="×"))
-        elif r.get("fits") and r["model"] == "llama3-8b":
+        if r.get("fits") and r["model"] == "llama3-8b":
+            env = {**d["env"], **({"commit": r["commit"], "dirty": False} if "commit" in r else {})}
             out.append(_row(f"PATCH-Joint step, llama3-8b shape {r['batch']}×{r['seq']} on one GPU (peak {r['peak_GB']} "
-                            "GB), ms", d["env"], r.get("reps", 1), [r["step_ms"]], "bench/results/train_speed", digits=0))
+                            "GB), ms", env, r.get("reps", 1), [r["step_ms"]], "bench/results/train_speed", digits=0))
     return out
+
+
+def state_quality_rows() -> list[str]:
+    f = RESULTS / "state_quality/state_quality.json"
+    if not f.is_file():
+        return []
+    d = json.loads(f.read_text())
+    return [_row(f"SmolLM2-135M WikiText-2 PPL, PATCH-Joint {r['sparsity']:.0%}, {r['tokens_trained'] / 1e6:.2f}M tokens of "
+                 f"all calib, {r['state']} state", d["env"], 1, [r["ppl_final"]], "bench/results/state_quality")
+            for r in d["rows"]]
 
 
 def table() -> str:
     head = ["| what | GPU | commit | repeats | median | range | results |", "|---|---|---|---|---|---|---|"]
-    body = decode_rows() + prefill_rows() + e2e_rows() + compile_rows() + accuracy_rows() + train_rows()
+    body = decode_rows() + prefill_rows() + e2e_rows() + compile_rows() + accuracy_rows() + state_quality_rows() + train_rows()
     return "\n".join(head + body) + "\n"
 
 
