@@ -62,6 +62,9 @@ def add_prune(sub) -> None:
     p.add_argument("--prior-strength", type=float, default=d.prior_strength, help="one-shot prior added to the initial logits, in logit std units")
     p.add_argument("--tile-size", type=int, default=d.tile_size, help="0 = auto (largest of 128/64/32/16 that fits)")
     p.add_argument("--calib-samples", type=int, default=d.calib_samples, help="sequences for one-shot statistics")
+    p.add_argument("--holdout", type=int, default=d.holdout,
+                   help="hold N windows of --data out of training and report their PPL (prune.json ppl_holdout; "
+                        "with --eval-every, log.jsonl): a validation set for tuning that is not an evaluation set")
     p.add_argument("--include", nargs="*", default=[], help="regexes: mask only matching weight names")
     p.add_argument("--exclude", nargs="*", default=[], help="regexes: keep matching weights dense")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (noise, data order, tiny models)")
@@ -97,7 +100,7 @@ def run_prune(a) -> int:
                       steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       warmup=a.warmup, sparse_reg=a.sparse_reg, weight_reg=a.weight_reg, distill=a.distill,
                       tau=tuple(a.tau), scale_tile=tuple(a.scale_tile), scale_24=tuple(a.scale_24),
-                      prior_strength=a.prior_strength, calib_samples=a.calib_samples, seed=a.seed,
+                      prior_strength=a.prior_strength, calib_samples=a.calib_samples, holdout=a.holdout, seed=a.seed,
                       include=tuple(a.include), exclude=tuple(a.exclude), state=a.state)
     device = _device(a.device)
     res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
@@ -109,6 +112,9 @@ def run_prune(a) -> int:
         return 0
     print(f"sparsity {s['achieved']:.4f} (target {s['target']}, one tile = {s['one_tile']:.4f}); "
           f"{len(res.report['layers'])} layers masked, {len(res.report['skipped'])} kept dense -> {res.out_dir}")
+    if "ppl_holdout" in res.report:
+        h = res.report["ppl_holdout"]
+        print("held-out PPL: " + ", ".join(f"{k} {h[k]['ppl']:.3f}" for k in ("dense", "init", "final") if h.get(k)))
     return 0
 
 

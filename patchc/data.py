@@ -253,6 +253,43 @@ class TokenCorpus:
         return torch.from_numpy(out)
 
 
+class TrainingWindows:
+    """A corpus's windows of one seq_len without a held-out set: training index i is the i-th kept window, so
+    batch_indices / calibration_indices over num_sequences() never reach a held-out window."""
+
+    def __init__(self, corpus: TokenCorpus, seq_len: int, held: torch.Tensor):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.files, self.hits, self.cache_dir = corpus.files, corpus.hits, corpus.cache_dir
+        n = corpus.num_sequences(seq_len)
+        keep = np.ones(n, dtype=bool)
+        keep[np.asarray(held.tolist(), dtype=np.int64)] = False
+        self._keep = np.flatnonzero(keep)                               # [n - len(held)] window indices
+        self.n_tokens = len(self._keep) * seq_len
+
+    def num_sequences(self, seq_len: int, what: str = "training data") -> int:
+        if seq_len != self.seq_len:
+            raise ValueError(f"these training windows are of {self.seq_len} tokens, not {seq_len}")
+        if not len(self._keep):
+            raise DataError(f"{what}: every window is held out; lower --holdout or add text")
+        return len(self._keep)
+
+    def sequences(self, index: torch.Tensor, seq_len: int) -> torch.Tensor:
+        index = torch.as_tensor(index).reshape(-1)
+        n = self.num_sequences(seq_len)
+        if len(index) and not (0 <= int(index.min()) and int(index.max()) < n):
+            raise IndexError(f"training window out of range: {n} windows of {seq_len} outside the held-out set")
+        return self.corpus.sequences(torch.from_numpy(self._keep[index.numpy()]), seq_len)
+
+
+def holdout_indices(n_seq: int, n: int, seed: int) -> torch.Tensor:
+    """n distinct windows held out of training (a validation set for tuning), a seeded draw of its own."""
+    if n >= n_seq:
+        raise DataError(f"--holdout {n} windows asked for, but the data has only {n_seq} sequences and training "
+                        "needs some: lower --holdout (or --seq-len) or add text")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 0x401D)
+    return torch.randperm(n_seq, generator=g)[:n].sort().values
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Which windows: per step (seeded permutation per epoch), per rank, for calibration
 

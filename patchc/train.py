@@ -25,7 +25,8 @@ from patchc import distributed as pdist
 from patchc import mask as hm
 from patchc import mask_kernels
 from patchc.coverage import coverage_report
-from patchc.data import TokenCorpus, batch_indices, calibration_indices, check_data_paths, rank_slice
+from patchc.data import (TokenCorpus, TrainingWindows, batch_indices, calibration_indices, check_data_paths,
+                         holdout_indices, rank_slice)
 from patchc.evaluate import eval_file_tokens, perplexity
 from patchc.fingerprint import source_record
 from patchc.io import write_json, write_safetensors
@@ -72,6 +73,8 @@ class PruneConfig:
     init_std: float = 0.014
     prior_strength: float = 3.0
     calib_samples: int = 64
+    holdout: int = 0                # windows of seq_len held out of training: their PPL is reported (dense, start,
+                                    # result, every eval_every steps): a validation set for tuning, not an eval set
     seed: int = 0
     include: tuple = ()
     exclude: tuple = ()
@@ -93,6 +96,8 @@ class PruneConfig:
         for k in ("steps", "seq_len", "batch_size", "grad_accum", "calib_samples"):
             if getattr(self, k) < (0 if k in ("steps", "seq_len") else 1):
                 raise ValueError(f"{k} must be positive, got {getattr(self, k)}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0 windows, got {self.holdout}")
         if self.seq_len == 1:
             raise ValueError("seq_len must be at least 2 (0 = auto)")
         if self.state not in STATES:
@@ -322,8 +327,8 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
                             eval_ppl=eval_ppl, eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if not cfg.seq_len:   # auto
         cfg = replace(cfg, seq_len=min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN))
-    if eval_every and not eval_ppl:
-        raise ValueError("--eval-every needs --eval-ppl FILE (the text to evaluate on)")
+    if eval_every and not (eval_ppl or cfg.holdout):
+        raise ValueError("--eval-every needs --eval-ppl FILE or --holdout N (the text to evaluate on)")
     info, device = pdist.setup(device)
     try:
         return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
@@ -366,7 +371,14 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
         corpus = TokenCorpus.build(tokenizer, data)
     n_seq = corpus.num_sequences(cfg.seq_len)
     log(f"data: {corpus.n_tokens:,} tokens in {len(corpus.files)} files ({corpus.hits} from the cache) -> "
-        f"{n_seq} sequences of {cfg.seq_len}, mixed by a seeded shuffle")
+        f"{n_seq} sequences of {cfg.seq_len}, mixed by a seeded shuffle"
+        + (f"; {cfg.holdout} held out of training" if cfg.holdout else ""))
+    held_tokens = None
+    if cfg.holdout:  # training, calibration included, only ever sees the other windows
+        held = holdout_indices(n_seq, cfg.holdout, cfg.seed)
+        held_tokens = corpus.sequences(held, cfg.seq_len).reshape(-1)               # [holdout * seq_len]
+        corpus = TrainingWindows(corpus, cfg.seq_len, held)
+        n_seq = corpus.num_sequences(cfg.seq_len)
     calib = corpus.sequences(calibration_indices(n_seq, min(cfg.calib_samples, n_seq), cfg.seed), cfg.seq_len)
 
     start_step, extra, init = 0, {}, None
@@ -393,29 +405,37 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     def logits_fn(ids):
         return gm(ids)
 
-    eval_tokens = eval_file_tokens(tokenizer, eval_ppl) if eval_ppl else None
+    # what PPL is read on: "ppl" the --eval-ppl file, "ppl_holdout" the held-out training windows
+    targets = {}
+    if eval_ppl:
+        targets["ppl"] = (eval_file_tokens(tokenizer, eval_ppl), eval_seq_len, eval_windows, str(eval_ppl))
+    if held_tokens is not None:
+        targets["ppl_holdout"] = (held_tokens, cfg.seq_len, None, "holdout")
 
-    def eval_now(tag: str, mode: str = "hard") -> dict | None:
-        if eval_tokens is None:
-            return None
+    def eval_now(tag: str, mode: str = "hard") -> dict:
+        """{target: PPL record} of the model now (masks in `mode`)."""
         prev, state.mode = state.mode, mode
-        r = perplexity(logits_fn, eval_tokens, seq_len=eval_seq_len, max_windows=eval_windows, device=device,
-                       desc=f"ppl {tag}", progress=progress and info.main)
+        out = {}
+        for key, (tokens, seq_len, windows, source) in targets.items():
+            r = perplexity(logits_fn, tokens, seq_len=seq_len, max_windows=windows, device=device,
+                           desc=f"{key} {tag}", progress=progress and info.main)
+            r["file"] = source
+            log(f"PPL ({tag}, {source}) {r['ppl']:.3f} on {r['windows']} windows of {r['seq_len']}")
+            out[key] = r
         state.mode = prev
-        r["file"] = str(eval_ppl)
-        log(f"PPL ({tag}) {r['ppl']:.3f} on {r['windows']} windows of {r['seq_len']}")
-        return r
+        return out
 
     if not resume:
         set_hard(nodes, extract(nodes, cfg.sparsity))
         extra["ppl_init"] = eval_now("one-shot start")
         extra["ppl_dense"] = eval_now("dense", mode="off")
 
-    def eval_hook(step: int) -> float | None:
-        if not eval_every or step % eval_every or step == cfg.steps:  # the final one is evaluated below
+    def eval_hook(step: int) -> dict | None:
+        """{"ppl": .., "ppl_holdout": ..} of the extracted masks every eval_every steps (None otherwise)."""
+        if not eval_every or not targets or step % eval_every or step == cfg.steps:  # the final one: below
             return None
         set_hard(nodes, extract(nodes, cfg.sparsity))
-        return eval_now(f"step {step}")["ppl"]
+        return {k: r["ppl"] for k, r in eval_now(f"step {step}").items()}
 
     if cfg.learns and start_step < cfg.steps:
         train_gm = torch.compile(gm, dynamic=False) if compile else gm  # the training forward (and its backward)
@@ -447,7 +467,8 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
         "training_state": state_bytes,
         "sparsity": {k: v for k, v in report.items() if k not in ("layers", "skipped")},
         "coverage": coverage,
-        "ppl": {"dense": extra.get("ppl_dense"), "init": extra.get("ppl_init"), "final": ppl_final},
+        **{key: {"dense": _by_target(extra.get("ppl_dense")).get(key), "init": _by_target(extra.get("ppl_init")).get(key),
+                 "final": ppl_final.get(key)} for key in ("ppl", "ppl_holdout") if key == "ppl" or key in targets},
         "groups": [asdict(g) for g in plan.groups],
         "layers": report["layers"],
         "skipped": report["skipped"],
@@ -464,6 +485,12 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     pdist.barrier(info)
     log(f"sparsity {report['achieved']:.4f} (target {cfg.sparsity}) -> {out / 'prune.json'}")
     return PruneResult(out_dir=out, report=result, model=hf, graph=gm)
+
+
+def _by_target(rec: dict | None) -> dict:
+    """A checkpoint's recorded PPL as {target: record}; checkpoints written before held-out windows existed
+    hold the --eval-ppl record itself."""
+    return {"ppl": rec} if rec and isinstance(rec.get("ppl"), (int, float)) else (rec or {})
 
 
 def _placeholder_init(plan, tile: int, cfg: PruneConfig, patterns: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -540,9 +567,8 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, co
                 sums[k] = pdist.mean_(sums[k], info, device)
             rec = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "tau": round(state.tau, 5),
                    "lr": lr, "sparsity": round(1.0 - sums["density"], 5)}
-            ppl = eval_hook(step + 1) if eval_hook else None
-            if ppl is not None:
-                rec["ppl"] = round(ppl, 4)
+            for key, ppl in ((eval_hook(step + 1) if eval_hook else None) or {}).items():
+                rec[key] = round(ppl, 4)
             if info.main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")

@@ -7,8 +7,8 @@ import torch
 
 from conftest import ASSETS, need
 from patchc import data
-from patchc.data import (DataError, TokenCorpus, batch_indices, calibration_indices, check_data_paths, chunk,
-                         rank_slice, text_pieces, tokenize_files)
+from patchc.data import (DataError, TokenCorpus, TrainingWindows, batch_indices, calibration_indices,
+                         check_data_paths, chunk, holdout_indices, rank_slice, text_pieces, tokenize_files)
 from patchc.models import byte_tokenizer
 from patchc.token_cache import default_cache_dir
 
@@ -204,6 +204,30 @@ def test_calibration_indices(tmp_path):
     assert a.max() < 100
     with pytest.raises(DataError, match="only 10 sequences"):
         calibration_indices(10, 16, seed=0)
+
+
+def test_held_out_windows_never_reach_training(tok, tmp_path):
+    """--holdout: training indices (every epoch's batches, calibration) map onto the other windows only, all of
+    them, in the corpus's own order."""
+    corpus = build(tok, [calib_slice(tmp_path / "a.txt", "c4_exllamav2", 20_000)], tmp_path)
+    seq_len = 64
+    n = corpus.num_sequences(seq_len)
+    held = holdout_indices(n, 20, seed=0)
+    assert torch.equal(held, holdout_indices(n, 20, seed=0)) and len(set(held.tolist())) == 20
+    assert not torch.equal(held, holdout_indices(n, 20, seed=1))
+    train = TrainingWindows(corpus, seq_len, held)
+    m = train.num_sequences(seq_len)
+    assert m == n - 20 and train.n_tokens == m * seq_len
+    kept = [i for i in range(n) if i not in set(held.tolist())]
+    assert torch.equal(train.sequences(torch.arange(m), seq_len), corpus.sequences(torch.tensor(kept), seq_len))
+    held_rows = {tuple(r) for r in corpus.sequences(held, seq_len).tolist()}
+    seen = torch.cat([train.sequences(batch_indices(m, step, 8, seed=0), seq_len) for step in range(2 * m // 8)])
+    seen = torch.cat([seen, train.sequences(calibration_indices(m, 16, seed=0), seq_len)])
+    assert not held_rows & {tuple(r) for r in seen.tolist()}
+    with pytest.raises(IndexError, match="out of range"):
+        train.sequences(torch.tensor([m]), seq_len)
+    with pytest.raises(DataError, match="lower --holdout"):
+        holdout_indices(n, n, seed=0)
 
 
 def test_bad_files_are_reported_before_any_tokenising(counting, tmp_path):

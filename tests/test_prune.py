@@ -101,6 +101,25 @@ def test_bad_data_is_refused(tmp_path):
         prune("tiny:llama", [str(short)], tmp_path / "c", cfg, progress=False)
 
 
+def test_holdout_reports_the_ppl_of_windows_training_never_saw(small_text, tmp_path):
+    """--holdout N: prune.json gives the held-out windows' PPL for dense, start and result (and log.jsonl every
+    --eval-every steps), without --eval-ppl; the dense model's held-out PPL is that of those windows."""
+    cfg = PruneConfig(sparsity=0.35, mode="joint", **{**FAST, "steps": 4}, holdout=3)
+    res = prune("tiny:llama", [str(small_text)], tmp_path / "o", cfg, progress=False, eval_every=2)
+    h = res.report["ppl_holdout"]
+    assert h["dense"]["windows"] == h["final"]["windows"] == 3 and h["final"]["seq_len"] == 64
+    assert all(math.isfinite(h[k]["ppl"]) for k in ("dense", "init", "final"))
+    assert h["dense"]["ppl"] != h["final"]["ppl"]
+    assert res.report["ppl"] == {"dense": None, "init": None, "final": None}   # no --eval-ppl given
+    log = [json.loads(x) for x in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "ppl_holdout" in r] == [2]
+    with pytest.raises(ValueError, match="holdout must be >= 0"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "b", PruneConfig(**{**FAST, "holdout": -1}), progress=False)
+    with pytest.raises(DataError, match="lower --holdout"):
+        prune("tiny:llama", [str(small_text)], tmp_path / "c", PruneConfig(**{**FAST, "holdout": 10 ** 6}),
+              progress=False)
+
+
 def test_existing_output_needs_overwrite(small_text, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
