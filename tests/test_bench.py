@@ -183,3 +183,21 @@ def test_token_curve_quick(tmp_path):
     assert "token_curve.md" in {f.name for f in tmp_path.iterdir()}
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "joint-35" not in r.stdout.split("# Token curve")[0]   # nothing trained again
+
+
+def test_tune_quick_rows_change_one_setting_on_held_out_windows_and_resume(tmp_path):
+    """bench/tune.py --quick: a base row and one row per varied value, each a prune run scored on held-out
+    training windows (never an evaluation file); a second run reuses the saved rows; bad names fail first."""
+    cmd = [sys.executable, str(ROOT / "bench/tune.py"), "--quick", "--out", str(tmp_path / "t"),
+           "--vary", "prior_strength=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "t" / "tuning.json").read_text())
+    assert [x["row"] for x in res["rows"]] == ["base", "prior_strength=1.0"]
+    assert res["rows"][1]["change"] == {"prior_strength": 1.0} and res["rows"][0]["vs_base"] == 1.0
+    assert all(x["holdout_windows"] == 4 and x["holdout_ppl"] > 1 for x in res["rows"])
+    assert res["env"]["base"]["holdout"] == 4
+    r = subprocess.run(cmd, capture_output=True, text=True)  # rows saved: no prune runs again
+    assert r.returncode == 0 and "[tune]" not in r.stderr
+    r = subprocess.run(cmd[:-1] + ["no_such_knob=1"], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a PruneConfig field" in r.stderr
