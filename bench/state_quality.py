@@ -3,11 +3,14 @@ LeanAdamW 8-bit moments: 6 bytes per masked weight) and with fp32 state (18 byte
 
     python bench/state_quality.py --model smollm2-135m --data CALIB_FOLDERS... --eval-ppl wiki.test.raw.txt \
         --steps 400 --batch-size 8 --seq-len 2048 --out bench/results/state_quality
-Rows run one after the other on one machine (one run each: a full training run is the unit).
+Rows run one after the other on one machine (one run each: a full training run is the unit). Rows already in
+OUT/state_quality.json for other states are kept (each row records its commit and GPU), so the two states may run
+in separate processes: `--states fp32` adds the fp32 row beside a lean one.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +34,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--eval-ppl", required=True)
+    ap.add_argument("--eval-seq-len", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     ap.add_argument("--sparsity", type=float, default=0.35)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -42,14 +47,19 @@ def main() -> None:
                     help="also read WikiText-2 PPL of the extracted masks every N steps (mid-run points, in the JSON)")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = machine_env(device)
+    states = a.states.split(",")
+    old = Path(a.out) / "state_quality.json"
+    kept = [r for r in (json.loads(old.read_text())["rows"] if old.is_file() else []) if r["state"] not in states]
     rows = []
-    for state in a.states.split(","):
+    for state in states:
         cfg = PruneConfig(sparsity=a.sparsity, mode="joint", steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                           state=state)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = prune(a.model, a.data, Path(a.work) / state, cfg, device=device, eval_ppl=a.eval_ppl, overwrite=True,
+                    eval_seq_len=a.eval_seq_len, eval_windows=a.eval_windows,
                     progress=False, eval_every=a.eval_every)
         rep = res.report
         row = {"state": state, "ppl_final": round(rep["ppl"]["final"]["ppl"], 3), "ppl_dense": round(rep["ppl"]["dense"]["ppl"], 3),
@@ -58,16 +68,19 @@ def main() -> None:
                "state_bytes_per_masked_weight": rep["training_state"]["bytes_per_masked_weight"],
                "seconds": round(time.perf_counter() - t0, 1),
                "peak_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
-               "curve": mid_run_points(Path(a.work) / state / "log.jsonl", a.batch_size * a.seq_len)}
+               "curve": mid_run_points(Path(a.work) / state / "log.jsonl", a.batch_size * a.seq_len),
+               "commit": env["commit"], "gpu": env["device"]}
         print(row, flush=True)
         rows.append(row)
         del res
-    if len(rows) == 2:
-        rows[0]["ppl_vs_" + rows[1]["state"]] = round(rows[0]["ppl_final"] / rows[1]["ppl_final"], 4)
-    env = machine_env(device)
+    rows = sorted(kept + rows, key=lambda r: r["state"] != "lean")                   # lean first
+    by = {r["state"]: r for r in rows}
+    if "lean" in by and "fp32" in by:
+        by["lean"]["ppl_vs_fp32"] = round(by["lean"]["ppl_final"] / by["fp32"]["ppl_final"], 4)
     cols = [("state", "state"), ("state B / masked weight", "state_bytes_per_masked_weight"),
             ("WikiText-2 PPL", "ppl_final"), ("dense PPL", "ppl_dense"), ("one-shot start PPL", "ppl_init"),
-            ("tokens", "tokens_trained"), ("seconds", "seconds"), ("peak GB", lambda r: r.get("peak_GB") or "")]
+            ("tokens", "tokens_trained"), ("seconds", "seconds"), ("peak GB", lambda r: r.get("peak_GB") or ""),
+            ("lean / fp32 PPL", lambda r: r.get("ppl_vs_fp32", "")), ("commit", lambda r: (r.get("commit") or "")[:10])]
     print(write_report(Path(a.out), "state_quality",
                        f"PATCH-Joint {a.sparsity:.0%} on {a.model}: lean vs fp32 mask state ({env['device']}, "
                        f"{env['date']})", cols, rows, env))

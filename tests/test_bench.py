@@ -201,3 +201,21 @@ def test_tune_quick_rows_change_one_setting_on_held_out_windows_and_resume(tmp_p
     assert r.returncode == 0 and "[tune]" not in r.stderr
     r = subprocess.run(cmd[:-1] + ["no_such_knob=1"], capture_output=True, text=True)
     assert r.returncode != 0 and "not a PruneConfig field" in r.stderr
+
+
+def test_state_quality_rows_from_separate_processes_merge(tmp_path):
+    """bench/state_quality.py: the lean and the fp32 rows may run in separate processes; the second keeps the
+    first's row (with its commit) and adds the lean / fp32 PPL ratio."""
+    wiki = ROOT.parent / "shared/assets/data/wikitext2/wiki.test.raw.txt"
+    base = [sys.executable, str(ROOT / "bench/state_quality.py"), "--model", "tiny:llama", "--data",
+            str(ROOT.parent / "shared/assets/data/calib/wikitext2_v1_valid.txt"), "--eval-ppl", str(wiki),
+            "--steps", "2", "--batch-size", "2", "--seq-len", "64", "--eval-seq-len", "64",
+            "--eval-windows", "4", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "sq")]
+    for state in ("lean", "fp32"):
+        r = subprocess.run(base + ["--states", state], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "sq" / "state_quality.json").read_text())["rows"]
+    assert [x["state"] for x in rows] == ["lean", "fp32"] and all(x["commit"] for x in rows)
+    assert rows[0]["state_bytes_per_masked_weight"] < 6.01 < 18 <= rows[1]["state_bytes_per_masked_weight"]
+    assert rows[0]["ppl_vs_fp32"] == round(rows[0]["ppl_final"] / rows[1]["ppl_final"], 4)
