@@ -43,6 +43,8 @@ def _run(mode: str, steps: int, grad_accum: int, kernels: bool, device="cpu", gr
                 losses.append(sums["loss"])
             if graphs:
                 assert ts.graph is not None and ts.replays == steps - step_graph.WARMUP_STEPS
+                if isinstance(ts.graph, _EagerGraph):
+                    assert ts.graph.calls == (["micro-step"] * grad_accum + ["optimizer"]) * ts.replays
         else:
             for step in range(steps):
                 losses.append(_reference_step(mg, opt, cfg, ids, step, device, coef_lag))
@@ -119,6 +121,41 @@ def test_static_input_step_on_the_kernels_equals_the_step_with_fresh_values():
     mlp = (r"layers\.0\.mlp",)
     _assert_same(_run("tile", 2, 2, kernels=True, include=mlp),
                  _run("tile", 2, 2, kernels=True, trainer_step=False, include=mlp))
+
+
+class _EagerGraph:
+    """step_graph.StepGraph without CUDA: "captures" by remembering the name and runs the closure at every call, so
+    the replay path's own logic (static gradients accumulated then zeroed in the update, the optimizer split into
+    begin_step / finish_step, the static outputs) runs on the CPU."""
+
+    def __init__(self, device):
+        self.graphs, self.capture_s, self.calls = {}, 0.0, []
+
+    def side_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def run(self, name, fn):
+        self.graphs[name] = True
+        self.calls.append(name)
+        fn()
+
+
+def test_the_replay_path_computes_the_eager_step(monkeypatch):
+    """TrainStep's replay path (what the CUDA graphs capture), run eagerly on the CPU: 3 warm-up steps, then 2
+    steps of 2 micro-batches through the captured closures, give the eager run's logits and optimizer state bit
+    for bit, and its losses to float32 rounding (summed on the device)."""
+    import patchc.train as tr
+
+    monkeypatch.setattr(step_graph, "StepGraph", _EagerGraph)
+    monkeypatch.setattr(tr, "graph_blocker", lambda nodes, opt: None)   # the torch-op path stands in for kernels
+    steps = step_graph.WARMUP_STEPS + 2
+    eager = _run("joint", steps, 2, kernels=False)
+    replayed = _run("joint", steps, 2, kernels=False, graphs=True)
+    assert eager[0][:step_graph.WARMUP_STEPS] == replayed[0][:step_graph.WARMUP_STEPS]
+    torch.testing.assert_close(torch.tensor(replayed[0]), torch.tensor(eager[0]), rtol=1e-6, atol=1e-6)
+    _assert_same(([], eager[1]), ([], replayed[1]))
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_apply(small_text, tmp_path):
