@@ -33,8 +33,8 @@ def refusal(device, *, compile: bool, step_in_backward: bool | None, world: int,
     if torch.device(device).type != "cuda":
         return f"CUDA graphs need a CUDA device (got {device}): run on a GPU or drop --cuda-graphs"
     if world > 1:
-        return (f"CUDA graphs are single-process only ({world} processes under torchrun: FSDP2 communicates inside "
-                "the step); run one process or drop --cuda-graphs")
+        return ("CUDA graphs are single-process only (under torchrun, FSDP2 communicates inside the step); run one "
+                "process or drop --cuda-graphs")
     if compile:
         return "CUDA graphs and compile=True are exclusive (torch.compile has its own): drop compile or --cuda-graphs"
     if step_in_backward:

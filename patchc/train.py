@@ -333,7 +333,7 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     graphs, graphs_off = cfg.cuda_graphs or settings().cuda_graphs, None
     if graphs and cfg.learns:
         why = step_graph.refusal(device, compile=bool(compile), step_in_backward=step_in_backward,
-                                 world=int(os.environ.get("WORLD_SIZE", "1")), mask_kernels=settings().mask_kernels)
+                                 world=2 if pdist.launched_by_torchrun() else 1, mask_kernels=settings().mask_kernels)
         if why and cfg.cuda_graphs:
             raise ValueError(why)
         if why:
