@@ -7,7 +7,9 @@ Per model (bf16 on the GPU, random token batches):
                AdamW step on the logits (patchc.train.step_loss: the same code as the trainer);
                Eager, as `patchc prune` runs by default: on the GPU the Triton kernels of patchc/mask_kernels.py
                form W * M and the logit gradients. Ablations: +torch: those from torch ops instead
-               (PATCHC_MASK_KERNELS=0); +compile: the whole training graph under torch.compile (prune's compile=True)
+               (PATCHC_MASK_KERNELS=0); +compile: the whole training graph under torch.compile (prune's compile=True);
+               +graph: the step replayed from CUDA graphs (prune's --cuda-graphs, patchc/step_graph.py): its first
+               step runs the eager warm-up steps and the capture (first_step_s; capture alone: graph_capture_s)
 Models: SmolLM2-135M (its real weights; batch 8 x 2048) and random-weight LLaMA-shaped models from
 LLAMA_SHAPES; `--fit` tries PATCH-Joint (eager, optimizer step in backward, batch 1 x 2048) on larger shapes to
 find the largest whose step fits the GPU.
@@ -36,7 +38,8 @@ if _BENCH:
 
 from patchc import PruneConfig, config  # noqa: E402
 from patchc.models import load_model  # noqa: E402
-from patchc.train import make_optimizer, mask_graph, opt_params, step_loss  # noqa: E402
+from patchc import step_graph  # noqa: E402
+from patchc.train import TrainStep, make_optimizer, mask_graph, opt_params  # noqa: E402
 
 from report import machine_env, write_report  # noqa: E402  (bench/report.py)
 
@@ -113,37 +116,50 @@ def plain_step(model, ids):
 
 
 def mask_step(model, ids, mode: str, distill: float, device, *, compile: bool = True, state: str = "lean",
-              in_backward: bool = False, mask_kernels: bool = True):
+              in_backward: bool = False, mask_kernels: bool = True, graphs: bool = False):
     """A prune step's closure as patchc.train runs it (graph capture, mask init with the magnitude prior: no
-    calibration): MaskNodes in soft mode, CE + density + weight-norm (+ KL) terms, backward into the mask
-    logits, LeanAdamW step (in backward when asked). compile: the training graph under torch.compile."""
+    calibration): patchc.train.TrainStep, i.e. MaskNodes in soft mode, CE + density + weight-norm (+ KL) terms,
+    backward into the mask logits, LeanAdamW step (in backward when asked). compile: the training graph under
+    torch.compile; graphs: the step replayed from CUDA graphs (the first call runs the warm-up and the capture)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100, state=state)
+    cfg = PruneConfig(sparsity=0.35, mode=mode, oneshot="magnitude", distill=distill, steps=100, state=state,
+                      batch_size=ids.shape[0], seq_len=ids.shape[1], cuda_graphs=graphs)
+    if graphs:
+        why = step_graph.refusal(device, compile=compile, step_in_backward=in_backward, world=1,
+                                 mask_kernels=mask_kernels and config.settings().mask_kernels)
+        if why:
+            raise ValueError(why)
     with config.override(mask_kernels=mask_kernels):
         mg = mask_graph(model, cfg, ids[:1], device, compile=compile)
-    gm, nodes, st = mg.gm, mg.nodes, mg.state
+    gm, nodes = mg.gm, mg.nodes
     run = torch.compile(gm, dynamic=False) if compile else gm
     opt = make_optimizer(nodes, cfg, compile=compile)
-    numel = torch.tensor([float(n.numel) for n in nodes], device=device)
-    if in_backward:
-        opt.step_in_backward()
+    trainer = TrainStep(run, nodes, mg.state, cfg, opt, tuple(ids.shape), mg.weight_norm, device,
+                        step_in_backward=in_backward, graphs=graphs, log=print)
+    if graphs and trainer.graph is None:
+        raise ValueError("CUDA graphs were refused for this model (see the line above)")
     counter = [0]
-
-    def step():
-        st.mode = "soft"
-        st.set_step(counter[0], 0, len(nodes), device)
-        counter[0] += 1
-        opt.zero_grad(set_to_none=True)
-        loss, *_ = step_loss(run, nodes, st, cfg, ids, numel, mg.weight_norm, 10)
-        loss.backward()
-        if not in_backward:
-            opt.step()
     n_logits = sum(p.numel() for p in opt_params(nodes))
     state_bytes = sum(p.numel() * opt.state_bytes_per_element(p) for p in opt_params(nodes))
-    return step, {"masked_linears": len(nodes), "mask_params": n_logits, "tile": mg.tile,
-                  "capture_s": round(mg.capture_s, 1),
-                  "state_bytes_per_masked_weight": round(state_bytes / sum(n.numel for n in nodes), 4)}
+    info = {"masked_linears": len(nodes), "mask_params": n_logits, "tile": mg.tile, "capture_s": round(mg.capture_s, 1),
+            "state_bytes_per_masked_weight": round(state_bytes / sum(n.numel for n in nodes), 4)}
+
+    def one():
+        _, bad = trainer.run(counter[0] % cfg.steps, lambda micro: ids)
+        counter[0] += 1
+        if bad:
+            raise RuntimeError(f"non-finite {bad} at bench step {counter[0]}")
+
+    def step():
+        if graphs and not trainer.graph.graphs:   # first call: the eager warm-up steps, then capture + replay
+            for _ in range(step_graph.WARMUP_STEPS):
+                one()
+            one()
+            info["graph_capture_s"] = round(trainer.graph.capture_s, 2)
+            return
+        one()
+    return step, info
 
 
 def profile_step(fn, device) -> tuple[float, str]:
@@ -191,11 +207,11 @@ def measure(name: str, kinds: list[str], batch: int, seq: int, device, dtype, re
             else:
                 # tile | joint, then +kd (distillation), +compile (the whole graph under torch.compile),
                 # +torch (eager masks from torch ops, not the Triton kernels), +fp32 (fp32 logits and Adam
-                # state), +ib (optimizer step in backward)
+                # state), +ib (optimizer step in backward), +graph (the step replayed from CUDA graphs)
                 mode, *opts = kind.split("+")
                 fn, info = mask_step(model, ids, mode, 1.0 if "kd" in opts else 0.0, device, compile="compile" in opts,
                                      state="fp32" if "fp32" in opts else "lean", in_backward="ib" in opts,
-                                     mask_kernels="torch" not in opts)
+                                     mask_kernels="torch" not in opts, graphs="graph" in opts)
             peak_reset(device)
             med, lo, hi, first = timed(fn, device, reps)
             r.update(info, step_ms=round(med, 1), step_ms_min=round(lo, 1), step_ms_max=round(hi, 1), reps=reps,
@@ -226,7 +242,8 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,llama3.2-1b")
     ap.add_argument("--kinds", default="plain,tile,joint,tile+kd,joint+kd,tile+torch,joint+torch,joint+fp32",
                     help="+kd: with distillation; +compile: the whole graph under torch.compile; +torch: masks from torch "
-                         "ops, not the Triton kernels; +fp32: fp32 logit state; +ib: step in backward")
+                         "ops, not the Triton kernels; +fp32: fp32 logit state; +ib: step in backward; +graph: the step "
+                         "replayed from CUDA graphs (prune --cuda-graphs)")
     ap.add_argument("--model-kinds", default="", help="per-model kinds overriding --kinds: NAME=k1/k2,NAME2=...")
     ap.add_argument("--fit", default="", help="shapes to try PATCH-Joint (step in backward) on at batch 1 x seq")
     ap.add_argument("--batch", default="smollm2=8,smollm2-shape=8,llama3.2-1b=4")

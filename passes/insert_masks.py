@@ -51,26 +51,42 @@ class MaskState:
     # eager soft masks come from the Triton kernels of patchc.mask_kernels (CUDA weights, PATCHC_MASK_KERNELS=1;
     # on the CPU only under Triton's interpreter with PATCHC_KERNELS_ON_CPU=1); else from torch ops
     kernels: bool = False
-    knobs: torch.Tensor | None = field(default=None, repr=False)   # [scale_tile, scale_24, tau] on the device
-    keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys (compiled graphs)
-    keys_int: list | None = field(default=None, repr=False)        # the same keys as ints (kernels: hash keys;
-                                                                   # torch ops: Philox seeds)
+    # Persistent device tensors, written IN PLACE by set_step / knobs_now (never replaced once made): the mask
+    # kernels and compiled graphs read them from memory, so a captured CUDA graph (patchc/step_graph.py) replays
+    # with the values of the current step.
+    knobs: torch.Tensor | None = field(default=None, repr=False)   # [3] float32: scale_tile, scale_24, tau
+    keys: torch.Tensor | None = field(default=None, repr=False)    # [nodes, 2] int64 noise keys (tile, 2:4 stream)
+    keys_int: list | None = field(default=None, repr=False)        # the same keys as ints (the torch-op path's
+                                                                   # Philox seeds)
 
     def set_step(self, step: int, micro: int, n_nodes: int, device) -> None:
-        """Noise keys and schedule values of one micro-batch, as device tensors (no recompiles, one copy)."""
+        """Noise keys and schedule values of one micro-batch, written into the device tensors (one copy each)."""
         self.step, self.micro = step, micro
         keys = [[hm.noise_key(self.seed, step, micro, i, s) for s in (0, 1)] for i in range(n_nodes)]
         self.keys_int = [tuple(k) for k in keys]
-        self.keys = torch.tensor(keys, dtype=torch.int64).to(device) if self.compile else None
+        host = torch.tensor(keys, dtype=torch.int64).reshape(n_nodes, 2)
+        if self.keys is None or self.keys.shape != host.shape or not _on(self.keys, device):
+            self.keys = torch.empty(host.shape, dtype=torch.int64, device=device)
+        self.keys.copy_(host)
         self.knobs_now(device)
 
     def knobs_now(self, device) -> torch.Tensor:
-        """The knobs tensor for the current values (made again only when a value or the device changed)."""
+        """The knobs tensor, holding the current values (written in place only when a value changed)."""
         want = (self.scale_tile, self.scale_24, self.tau)
-        if self.knobs is None or self.knobs.device != device or getattr(self, "_knobs_for", None) != want:
-            self.knobs = torch.tensor(want, dtype=torch.float32, device=device)
+        if self.knobs is None or not _on(self.knobs, device):
+            self.knobs = torch.empty(3, dtype=torch.float32, device=device)
+            self._knobs_for = None
+        if getattr(self, "_knobs_for", None) != want:
+            with torch.no_grad():
+                self.knobs.copy_(torch.tensor(want, dtype=torch.float32))
             self._knobs_for = want
         return self.knobs
+
+
+def _on(t: torch.Tensor, device) -> bool:
+    """Whether t lives on `device` ("cuda" matches any index)."""
+    d = torch.device(device)
+    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
 
 
 class MaskedLinear(torch.autograd.Function):
@@ -212,16 +228,24 @@ class MaskNode(torch.nn.Module):
         self.hard_bitmap.copy_(bitmap.to(self.hard_bitmap.device, torch.bool))
         self.hard_pattern.copy_(pattern.to(self.hard_pattern.device, torch.uint8))
 
-    def _keys(self):
+    def _keys(self, kernels: bool):
+        """This node's noise keys: None (no noise) unless soft; the [2] int64 device row of MaskState.keys for the
+        kernels and compiled graphs (hash noise read from memory), the ints for the torch ops (Philox seeds)."""
         st = self.state
         if st.mode != "soft":
             return None
         if st.keys_int is None or self.index >= len(st.keys_int):
             raise RuntimeError("MaskState.set_step() must run before a soft forward (noise keys)")
-        return st.keys[self.index] if st.compile else st.keys_int[self.index]
+        return st.keys[self.index] if st.compile or kernels else st.keys_int[self.index]
 
     def _kernels(self, w: torch.Tensor) -> bool:
         return self.state.kernels and mk.supported(w, self.tile)
+
+    def uses_kernels(self) -> bool:
+        """Whether this node's soft forward and backward run the mask kernels (the weight [(E*)out, in] the kernels
+        would see is checked by shape and dtype only: no copy of a stored-transposed expert weight)."""
+        rows = max(self.experts, 1) * self.out_features
+        return self._kernels(torch.empty((rows, self.in_features), dtype=self.weight.dtype, device="meta"))
 
     def _masked_weight(self):
         """(W * M in the stored layout, mean gate, norm) for the weight-only form."""
@@ -237,10 +261,11 @@ class MaskNode(torch.nn.Module):
         w2 = rows(w)                                   # [out, in], or [E*out, in] (a copy when stored [E, in, out])
         if st.compile:
             wm, gate, norm = hm.soft_masked_weight(w2, rows(self.tile_logits), rows(self.pattern_logits),
-                                                   _mask24(rows(self.pattern24)), self.tile, knobs, self._keys())
+                                                   _mask24(rows(self.pattern24)), self.tile, knobs, self._keys(True))
         else:
+            kernels = self._kernels(w2)
             wm, gate, norm = MaskedWeight.apply(w2, rows(self.tile_logits), rows(self.pattern_logits),
-                                                rows(self.pattern24), knobs, self._keys(), self.tile, self._kernels(w2))
+                                                rows(self.pattern24), knobs, self._keys(kernels), self.tile, kernels)
         wm = wm.reshape(w.shape)                       # [(E,) out, in]
         return (wm.mT if self.transposed else wm), gate, norm
 
@@ -254,9 +279,10 @@ class MaskNode(torch.nn.Module):
         if st.mode in ("off", "hard") or st.compile:
             wm, self.last_gate, self.last_norm = self._masked_weight()
             return F.linear(x, wm, bias)
+        kernels = self._kernels(self.weight)
         y, self.last_gate, self.last_norm = MaskedLinear.apply(
             x, self.weight, bias, self.tile_logits, self.pattern_logits, self.pattern24, st.knobs_now(x.device),
-            self._keys(), self.tile, self._kernels(self.weight))
+            self._keys(kernels), self.tile, kernels)
         return y
 
 

@@ -81,6 +81,10 @@ def add_prune(sub) -> None:
     p.add_argument("--state", choices=["lean", "fp32"], default=d.state,
                    help="mask-logit + optimizer state: lean = bf16 logits and 8-bit moments (6 bytes per masked weight "
                         "in joint mode), fp32 = fp32 logits and Adam moments (18 bytes)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the training step from CUDA graphs (one GPU process, mask kernels on): the same "
+                        "computation without the host overhead that bounds small models' steps "
+                        "(also PATCHC_CUDA_GRAPHS=1)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the resumable checkpoint/ folder after the run completes (removed otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -101,7 +105,8 @@ def run_prune(a) -> int:
                       warmup=a.warmup, sparse_reg=a.sparse_reg, weight_reg=a.weight_reg, distill=a.distill,
                       tau=tuple(a.tau), scale_tile=tuple(a.scale_tile), scale_24=tuple(a.scale_24),
                       prior_strength=a.prior_strength, calib_samples=a.calib_samples, holdout=a.holdout, seed=a.seed,
-                      include=tuple(a.include), exclude=tuple(a.exclude), state=a.state)
+                      include=tuple(a.include), exclude=tuple(a.exclude), state=a.state,
+                      cuda_graphs=a.cuda_graphs)
     device = _device(a.device)
     res = prune(a.model, a.data, a.out, cfg, device=device, dtype=_dtype_for(device, a.dtype), resume=a.resume,
                 overwrite=a.overwrite, eval_ppl=a.eval_ppl, eval_seq_len=a.eval_seq_len,

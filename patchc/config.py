@@ -17,6 +17,7 @@ naming the variable. Paths expand `~`. This module imports nothing but the stand
 | PATCHC_EAGER_KERNELS | eager_kernels | 1 | eager GPU calls of a HybridLinear run the generated kernel directly (0: the reference op, decompress + F.linear) |
 | PATCHC_KERNELS_ON_CPU | kernels_on_cpu | 0 | with TRITON_INTERPRET=1, whole models run the Triton kernels on the CPU (tests) |
 | PATCHC_MASK_KERNELS | mask_kernels | 1 | mask learning forms W * M and its logit gradients with the Triton kernels of patchc/mask_kernels.py on the GPU (0: torch ops) |
+| PATCHC_CUDA_GRAPHS | cuda_graphs | 0 | `patchc prune` replays its training step from CUDA graphs (patchc/step_graph.py) where it can, as --cuda-graphs does; where it cannot (CPU, torchrun, compile, ...) the run logs why and stays eager |
 | PATCHC_AUTOTUNE | autotune | 0 | time every candidate config on the first call of a (shape, density, M bucket) and cache the winner |
 | PATCHC_CACHE | cache | ~/.cache/patchc | the tuning cache (kernels/), the token cache (tokens/) and the downloaded SmolLM2 GGUF |
 | PATCHC_SMOLLM2 | smollm2 | unset | the SmolLM2-135M GGUF file `smollm2-135m` resolves to (before ../shared/assets and the cache) |
@@ -67,6 +68,7 @@ class Settings:
     eager_kernels: bool = True
     kernels_on_cpu: bool = False
     mask_kernels: bool = True
+    cuda_graphs: bool = False
     autotune: bool = False
     cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "patchc")
     smollm2: Path | None = None

@@ -14,6 +14,9 @@ and, given dWM = dy.T @ x and the regularisers' output gradients,
                                                                               _backward_kernel (also writes WM again)
 Every program covers a [BR rows, 4 * BG columns] block inside one tile, so per-tile sums are a partial per
 program, summed in a fixed order afterwards (deterministic, no atomics).
+The noise keys and the knobs are read from device memory (key_ptr: the node's [2] int64 keys, tile stream then
+2:4 stream; knobs_ptr: [scale_tile, scale_24, tau]), never passed as Python values: a captured CUDA graph
+(patchc/step_graph.py) replays the kernels with the keys and knobs that the host writes into those tensors.
 """
 from __future__ import annotations
 
@@ -49,19 +52,19 @@ def _uniform(idx, key):
 
 
 @triton.jit
-def _gate_kernel(logit_ptr, gate_ptr, n, knobs_ptr, key, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_kernel(logit_ptr, gate_ptr, n, knobs_ptr, key_ptr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     z = tl.load(logit_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(knobs_ptr)
     if NOISE:
-        u = _uniform(offs, key)
+        u = _uniform(offs, tl.load(key_ptr))                   # the tile stream: keys[0]
         z = z + tl.log(u) - tl.log(1.0 - u)
     g = 1.0 / (1.0 + tl.exp(-z / tl.load(knobs_ptr + 2)))
     tl.store(gate_ptr + offs, g, mask=ok)
 
 
 @triton.jit
-def _soft24(logit_ptr, grp, knobs_ptr, key, NOISE: tl.constexpr):
+def _soft24(logit_ptr, grp, knobs_ptr, key_ptr, NOISE: tl.constexpr):
     """The six pattern probabilities of the groups `grp` (flat group indices)."""
     scale = tl.load(knobs_ptr + 1)
     inv_tau = 1.0 / tl.load(knobs_ptr + 2)
@@ -73,6 +76,7 @@ def _soft24(logit_ptr, grp, knobs_ptr, key, NOISE: tl.constexpr):
     z4 = tl.load(logit_ptr + base + 4).to(tl.float32) * scale
     z5 = tl.load(logit_ptr + base + 5).to(tl.float32) * scale
     if NOISE:
+        key = tl.load(key_ptr + 1)                              # the 2:4 stream: keys[1]
         z0 -= tl.log(-tl.log(_uniform(base, key)))
         z1 -= tl.log(-tl.log(_uniform(base + 1, key)))
         z2 -= tl.log(-tl.log(_uniform(base + 2, key)))
@@ -102,11 +106,11 @@ def _fixed24(pat_ptr, grp):
 
 
 @triton.jit
-def _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key, JOINT: tl.constexpr, NOISE: tl.constexpr):
+def _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key_ptr, JOINT: tl.constexpr, NOISE: tl.constexpr):
     """(p0..p5, m0..m3) of the groups `grp`: joint, the pattern probabilities and the soft 2:4 mask; tile, the
     fixed mask (p all zero, unused)."""
     if JOINT:
-        p0, p1, p2, p3, p4, p5 = _soft24(logit_ptr, grp, knobs_ptr, key, NOISE)
+        p0, p1, p2, p3, p4, p5 = _soft24(logit_ptr, grp, knobs_ptr, key_ptr, NOISE)
         m0, m1, m2, m3 = p0 + p1 + p2, p0 + p3 + p4, p1 + p3 + p5, p2 + p4 + p5
     else:
         m0, m1, m2, m3 = _fixed24(pat_ptr, grp)
@@ -120,7 +124,7 @@ def _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key, JOINT: tl.constexpr, NOI
 
 
 @triton.jit
-def _masked_block(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G,
+def _masked_block(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key_ptr, wm_ptr, G,
                   T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
     """This program's [BR rows, 4 * BG columns] block (inside one tile): W * M computed and stored into wm_ptr.
     Returns the flat group indices, the tile gate, the mask pieces, W and W * M (float32, one tensor a position)."""
@@ -129,7 +133,7 @@ def _masked_block(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr,
     cols = pid_g * BG + tl.arange(0, BG)                       # [BG] group index inside the row
     grp = rows[:, None] * G + cols[None, :]                    # [BR, BG] flat group index
     g = tl.load(gate_ptr + ((pid_r * BR) // T) * C + (pid_g * BG * 4) // T)
-    p0, p1, p2, p3, p4, p5, m0, m1, m2, m3 = _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key, JOINT, NOISE)
+    p0, p1, p2, p3, p4, p5, m0, m1, m2, m3 = _relaxed24(logit_ptr, pat_ptr, grp, knobs_ptr, key_ptr, JOINT, NOISE)
     w_at = w_ptr + rows[:, None] * s_wo + (cols[None, :] * 4) * s_wi
     o_at = wm_ptr + grp * 4
     w0 = tl.load(w_at).to(tl.float32)
@@ -148,20 +152,20 @@ def _masked_block(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr,
 
 
 @triton.jit
-def _forward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, part_ptr, G,
+def _forward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key_ptr, wm_ptr, part_ptr, G,
                     T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
     grp, g, p0, p1, p2, p3, p4, p5, m0, m1, m2, m3, w0, w1, w2, w3, x0, x1, x2, x3 = _masked_block(
-        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G, T, JOINT, NOISE, BR, BG)
+        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key_ptr, wm_ptr, G, T, JOINT, NOISE, BR, BG)
     sq = tl.sum(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, axis=1), axis=0)
     tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), sq)
 
 
 @triton.jit
-def _backward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, dwm_ptr, cnorm_ptr,
+def _backward_kernel(w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key_ptr, dwm_ptr, cnorm_ptr,
                      wm_ptr, dlogit_ptr, part_ptr, G,
                      T: tl.constexpr, JOINT: tl.constexpr, NOISE: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
     grp, g, p0, p1, p2, p3, p4, p5, m0, m1, m2, m3, w0, w1, w2, w3, x0, x1, x2, x3 = _masked_block(
-        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key, wm_ptr, G, T, JOINT, NOISE, BR, BG)
+        w_ptr, s_wo, s_wi, gate_ptr, C, logit_ptr, pat_ptr, knobs_ptr, key_ptr, wm_ptr, G, T, JOINT, NOISE, BR, BG)
     c = tl.load(cnorm_ptr)                                      # d_norm / ||W * M||
     d_at = dwm_ptr + grp * 4
     d0 = (tl.load(d_at).to(tl.float32) + c * x0) * w0           # dL/dM per position
@@ -216,16 +220,25 @@ def supported(w: torch.Tensor, tile: int) -> bool:
             and w.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
-def _key(keys, i: int) -> int:
-    return 0 if keys is None else int(keys[i]) & 0xFFFFFFFF
+def _keys_ptr(keys: torch.Tensor | None, knobs: torch.Tensor) -> torch.Tensor:
+    """The key_ptr argument: the node's [2] int64 keys (tile stream, 2:4 stream) on the kernel's device, or, without
+    noise (NOISE=False, never read), any tensor of the device (the knobs)."""
+    if keys is None:
+        return knobs
+    if keys.dtype != torch.int64 or keys.shape != (2,) or keys.device != knobs.device or not keys.is_contiguous():
+        raise ValueError(f"noise keys must be a contiguous [2] int64 tensor on {knobs.device}, got "
+                         f"{tuple(keys.shape)} {keys.dtype} on {keys.device}")
+    return keys
 
 
-def soft_gate(tile_logits: torch.Tensor, knobs: torch.Tensor, keys) -> torch.Tensor:
-    """Dense-tile probabilities [R, C] (float32) of mask.soft_dense_tile, hash noise keyed by keys[0]."""
+def soft_gate(tile_logits: torch.Tensor, knobs: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    """Dense-tile probabilities [R, C] (float32) of mask.soft_dense_tile, hash noise keyed by keys[0] (read on the
+    device; keys [2] int64, or None: no noise)."""
     logits = tile_logits.detach().contiguous()
     gate = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
     n = gate.numel()
-    _gate_kernel[(triton.cdiv(n, 256),)](logits, gate, n, knobs, _key(keys, 0), NOISE=keys is not None, BLOCK=256)
+    _gate_kernel[(triton.cdiv(n, 256),)](logits, gate, n, knobs, _keys_ptr(keys, knobs), NOISE=keys is not None,
+                                         BLOCK=256)
     return gate
 
 
@@ -246,10 +259,11 @@ def _launch(w: torch.Tensor, pattern_logits: torch.Tensor | None, pattern: torch
 def masked_weight_forward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: torch.Tensor | None,
                           pattern: torch.Tensor | None, tile: int, knobs: torch.Tensor, keys):
     """(W * M [out, in] in w's dtype, ||W * M||_F float32 0-d). w [out, in] (any strides); gate from soft_gate;
-    pattern_logits [out, in/4, 6] (joint) or the fixed pattern [out, in/4] uint8 (tile); keys: two ints or None."""
+    pattern_logits [out, in/4, 6] (joint) or the fixed pattern [out, in/4] uint8 (tile); keys: the node's [2] int64
+    noise keys on w's device (read there by the kernels), or None: no noise."""
     grid, wm, part, logits, pat, meta = _launch(w, pattern_logits, pattern, tile, keys)
-    _forward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs, _key(keys, 1), wm,
-                          part, w.shape[1] // 4, **meta)
+    _forward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs, _keys_ptr(keys, knobs),
+                          wm, part, w.shape[1] // 4, **meta)
     return wm, part.sum().sqrt()
 
 
@@ -265,8 +279,8 @@ def masked_weight_backward(w: torch.Tensor, gate: torch.Tensor, pattern_logits: 
         cnorm = torch.zeros(1, device=w.device)
     else:
         cnorm = (d_norm.float() / norm.clamp_min(1e-30)).reshape(1)     # d_norm / ||W * M||
-    _backward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs, _key(keys, 1),
-                           dwm.contiguous(), cnorm, wm, dlogits, part, w.shape[1] // 4, **meta)
+    _backward_kernel[grid](w, w.stride(0), w.stride(1), gate, gate.shape[1], logits, pat, knobs,
+                           _keys_ptr(keys, knobs), dwm.contiguous(), cnorm, wm, dlogits, part, w.shape[1] // 4, **meta)
     r, c = gate.shape
     dgate = part.reshape(r, tile // meta["BR"], c, tile // 4 // meta["BG"]).sum((1, 3))   # [R, C] per-tile sums
     if d_gate_mean is not None:

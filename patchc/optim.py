@@ -43,6 +43,12 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _on(t: torch.Tensor, device) -> bool:
+    """Whether t lives on `device` ("cuda" matches any index)."""
+    d = torch.device(device)
+    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
+
+
 def _stochastic_round_bf16(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16 rounded up or down with probability proportional to the distance (unbiased)."""
     bits = x.contiguous().view(torch.int32)
@@ -108,20 +114,30 @@ class LeanAdamW(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._step_fn = torch.compile(lean_step, dynamic=False) if compile else lean_step
         self._compiled = compile
-        self._per_step_for, self._per_step = None, None
+        self._per_step: dict[int, tuple] = {}       # id(group) -> (hp, keys, keys as ints, step); see _step_tensors
+        self._per_step_for: dict[int, tuple] = {}
 
-    def _step_tensors(self, t: int, group: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hyper-parameters, noise keys of every parameter) of step t on `device`: built once a step, so the
-        per-tensor updates copy nothing from the host (each such copy would wait for the GPU)."""
+    def _step_tensors(self, t: int, group: dict, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(hyper-parameters hp [8] float32, noise keys of every parameter [n] int64, the same keys as ints) of step
+        t. hp and keys are persistent device tensors of the group, written IN PLACE (one copy each) when the step or
+        the lr changes: the kernels read them from memory, so a captured CUDA graph of the update replays with this
+        step's values. The ints seed the torch path's Philox noise (eager, no kernels)."""
         b1, b2 = group["betas"]
-        want = (t, id(group), group["lr"], str(device))
-        if self._per_step_for != want:
-            hp = [group["lr"], b1, b2, group["eps"], group["weight_decay"], 1 - b1 ** t, 1 - b2 ** t, r_bound(b1, b2)]
-            keys = [noise_key(self.seed, t, i, 7) for i in range(len(self._index))]
-            self._per_step = (torch.tensor(hp, dtype=torch.float32, device=device),
-                              torch.tensor(keys, dtype=torch.int64, device=device) if self._compiled else keys)
-            self._per_step_for = want
-        return self._per_step
+        want = (t, group["lr"], str(device))
+        if self._per_step_for.get(id(group)) == want:
+            return self._per_step[id(group)][:3]
+        hp = [group["lr"], b1, b2, group["eps"], group["weight_decay"], 1 - b1 ** t, 1 - b2 ** t, r_bound(b1, b2)]
+        keys = [noise_key(self.seed, t, i, 7) for i in range(len(self._index))]
+        have = self._per_step.get(id(group))
+        if have is None or not _on(have[0], device):
+            have = (torch.empty(8, dtype=torch.float32, device=device),
+                    torch.empty(len(keys), dtype=torch.int64, device=device))
+        hp_t, keys_t = have[0], have[1]
+        hp_t.copy_(torch.tensor(hp, dtype=torch.float32))
+        keys_t.copy_(torch.tensor(keys, dtype=torch.int64))
+        self._per_step[id(group)] = (hp_t, keys_t, keys, t)
+        self._per_step_for[id(group)] = want
+        return hp_t, keys_t, keys
 
     @staticmethod
     def state_bytes_per_element(p: torch.Tensor) -> int:
@@ -142,26 +158,38 @@ class LeanAdamW(torch.optim.Optimizer):
         """Update one parameter from its .grad (also usable from a post-accumulate-grad hook)."""
         if p.grad is None:
             return
+        self._update(p, group, self._advance(p, group))
+
+    def _advance(self, p: torch.Tensor, group: dict) -> int:
+        """The host half of a parameter's step: its state (made on the first step), its step count + 1, and the
+        group's hp / keys tensors filled for that step. Returns the step number."""
         state = self.state[p]
         if not state:
             state.update(self._init_state(p))
         state["step"] += 1
         t = int(state["step"])
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        self._step_tensors(t, group, _local(p).device)
+        return t
+
+    def _update(self, p: torch.Tensor, group: dict, t: int) -> None:
+        """The device half: p and its state one step further from p.grad. On the kernel path no host value of the
+        step reaches the device except through the tensors _advance filled (what a CUDA graph can capture)."""
+        state = self.state[p]
         lp, g = _local(p), _local(p.grad)
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        hp, keys, keys_int = self._step_tensors(t, group, lp.device)
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if p.dtype != torch.bfloat16:
             m, v = state["m"], state["v"]
             if self._kernels_for(lp, g, m, v):
-                ok.adamw_update(lp, g, m, v, lr, b1, b2, eps, wd, bc1, bc2)
+                ok.adamw_update(lp, g, m, v, hp)
                 return
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             m.mul_(b1).add_(g.float(), alpha=1 - b1)
             v.mul_(b2).addcmul_(g.float(), g.float(), value=1 - b2)
             lp.mul_(1 - lr * wd).addcdiv_(m / bc1, (v / bc2).sqrt_().add_(eps), value=-lr)
             return
         vref = state["vref"]
-        hp, keys = self._step_tensors(t, group, lp.device)
-        key = keys[self._index[id(p)]]
+        i = self._index[id(p)]
         kernels = self._kernels_for(lp, g, state["r"], state["vq"])
         if not lp.numel():
             vref_new = vref * 0
@@ -176,8 +204,9 @@ class LeanAdamW(torch.optim.Optimizer):
             dist.all_reduce(vref_new, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
         vref_new = torch.clamp(vref_new, min=1e-30)
         if kernels:
-            ok.lean_apply(lp, g, state["r"], state["vq"], vref, vref_new, hp, key)
-        else:
+            ok.lean_apply(lp, g, state["r"], state["vq"], vref, vref_new, hp, keys[i])
+        else:   # compiled: the hash noise of a 0-d key tensor; eager torch ops: Philox seeded by the int
+            key = keys[i] if self._compiled else keys_int[i]
             new_p, new_r, new_vq = self._step_fn(lp, g, state["r"], state["vq"], vref, vref_new, key, hp)
             lp.copy_(new_p)
             state["r"].copy_(new_r)
@@ -189,12 +218,39 @@ class LeanAdamW(torch.optim.Optimizer):
         PATCHC_KERNELS_ON_CPU=1), PATCHC_MASK_KERNELS on, not compiled."""
         return not self._compiled and mask_kernels.enabled(tensors[0].device) and ok.supported(*tensors)
 
+    def kernels_only(self) -> str | None:
+        """None when every parameter's update runs as a Triton kernel reading its step values from device tensors
+        (what a CUDA graph of finish_step() needs), else why not (the first parameter that would not)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                lp = _local(p)
+                if self._compiled or not mask_kernels.enabled(lp.device):
+                    return "the optimizer update runs through torch ops (compiled, or PATCHC_MASK_KERNELS=0)"
+                if not (lp.is_contiguous() and ok.supported(lp)):
+                    return f"a logit tensor {tuple(lp.shape)} is not supported by the optimizer kernels"
+                if hasattr(p, "device_mesh"):
+                    return "sharded (FSDP2) parameters all-reduce in the update"
+        return None
+
+    @torch.no_grad()
+    def begin_step(self) -> list[tuple[torch.Tensor, dict, int]]:
+        """The host half of step(): for every parameter with a gradient, its state (first step), step count + 1
+        and the group's hp / keys filled in place. Returns (parameter, group, step) of each, for finish_step()."""
+        return [(p, group, self._advance(p, group)) for group in self.param_groups for p in group["params"]
+                if p.grad is not None]
+
+    @torch.no_grad()
+    def finish_step(self, todo: list[tuple[torch.Tensor, dict, int]]) -> None:
+        """The device half of step(): the updates of begin_step()'s parameters. With every update on the kernels
+        (kernels_only() None) it only launches kernels reading device tensors: a CUDA graph captures it and its
+        replays update with the step values begin_step() wrote (the step numbers given here are then unused)."""
+        for p, group, t in todo:
+            self._update(p, group, t)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.step_param(p, group)
+        self.finish_step(self.begin_step())
         return loss
 
     def step_in_backward(self) -> list:

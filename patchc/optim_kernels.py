@@ -4,6 +4,8 @@
 registers: reads the bf16 logit, its gradient and the 2 bytes of state, writes them back. The reference it is
 tested against is optim.lean_step itself. `new_vref` is the reduction that precedes it (the largest new v of
 the tensor, the reference of the v code). `adamw_update` is plain fp32 AdamW for fp32 parameters.
+Every per-step value (learning rate, bias corrections: hp; the noise key: key_ptr) is read from device memory,
+so a captured CUDA graph of the update (patchc/step_graph.py) replays with the values the host wrote there.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _vmax_kernel(vq_ptr, g_ptr, vref_ptr, hp_ptr, part_ptr, n, BLOCK: tl.constex
 
 
 @triton.jit
-def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, key, n, BLOCK: tl.constexpr):
+def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, key_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     lr = tl.load(hp_ptr)
@@ -46,6 +48,7 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
     r_max = tl.load(hp_ptr + 7)
     vref = tl.load(vref_ptr)
     vref_new = tl.load(vref_new_ptr)
+    key = tl.load(key_ptr)                       # int64 noise key of this tensor and step
     u0 = _uniform(offs, key)                     # streams 0, 1, 2 of uniform_noise(key, (3, n))
     u1 = _uniform(offs + n, key)
     u2 = _uniform(offs + 2 * n, key)
@@ -81,9 +84,16 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lr, b1, b2, eps, wd, bc1, bc2, n, BLOCK: tl.constexpr):
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, hp_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
+    lr = tl.load(hp_ptr)
+    b1 = tl.load(hp_ptr + 1)
+    b2 = tl.load(hp_ptr + 2)
+    eps = tl.load(hp_ptr + 3)
+    wd = tl.load(hp_ptr + 4)
+    bc1 = tl.load(hp_ptr + 5)
+    bc2 = tl.load(hp_ptr + 6)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     m = b1 * tl.load(m_ptr + offs, mask=ok, other=0.0) + (1.0 - b1) * g
     v = b2 * tl.load(v_ptr + offs, mask=ok, other=0.0) + (1.0 - b2) * g * g
@@ -109,15 +119,19 @@ def new_vref(vq: torch.Tensor, g: torch.Tensor, vref: torch.Tensor, hp: torch.Te
 
 
 def lean_apply(p: torch.Tensor, g: torch.Tensor, r: torch.Tensor, vq: torch.Tensor, vref: torch.Tensor,
-               vref_new: torch.Tensor, hp: torch.Tensor, key: int) -> None:
+               vref_new: torch.Tensor, hp: torch.Tensor, key: torch.Tensor) -> None:
     """In place: p (bf16), r (int8), vq (uint8) one LeanAdamW step further, as optim.lean_step computes them
-    (hp: its float32 hyper-parameter tensor; key: the noise key, an int; vref / vref_new: 0-d float32)."""
+    (hp: its float32 hyper-parameter tensor; key: the noise key, a 0-d int64 tensor on p's device, read by the
+    kernel; vref / vref_new: 0-d float32)."""
+    if key.dtype != torch.int64 or key.numel() != 1 or key.device != p.device:
+        raise ValueError(f"the noise key must be one int64 on {p.device}, got {tuple(key.shape)} {key.dtype} "
+                         f"on {key.device}")
     n = p.numel()
-    _lean_kernel[(triton.cdiv(n, BLOCK),)](p, g, r, vq, vref, vref_new, hp, key & 0xFFFFFFFF, n, BLOCK=BLOCK)
+    _lean_kernel[(triton.cdiv(n, BLOCK),)](p, g, r, vq, vref, vref_new, hp, key, n, BLOCK=BLOCK)
 
 
-def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, b1: float, b2: float,
-                 eps: float, wd: float, bc1: float, bc2: float) -> None:
-    """In place: plain AdamW on an fp32 parameter (fp32 moments)."""
+def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hp: torch.Tensor) -> None:
+    """In place: plain AdamW on an fp32 parameter (fp32 moments); hp = [lr, beta1, beta2, eps, weight_decay,
+    bias_correction1, bias_correction2, ...] float32 on p's device (LeanAdamW's hyper-parameter tensor)."""
     n = p.numel()
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g, m, v, lr, b1, b2, eps, wd, bc1, bc2, n, BLOCK=BLOCK)
+    _adamw_kernel[(triton.cdiv(n, BLOCK),)](p, g, m, v, hp, n, BLOCK=BLOCK)

@@ -11,6 +11,7 @@ Loss = CE + sparse_reg * |density - (1 - sparsity)|
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +25,8 @@ from patchc import checkpoint as ckpt
 from patchc import distributed as pdist
 from patchc import mask as hm
 from patchc import mask_kernels
+from patchc import step_graph
+from patchc.config import settings
 from patchc.coverage import coverage_report
 from patchc.data import (TokenCorpus, TrainingWindows, batch_indices, calibration_indices, check_data_paths,
                          holdout_indices, rank_slice)
@@ -80,6 +83,9 @@ class PruneConfig:
     exclude: tuple = ()
     state: str = "lean"             # mask-logit + optimizer state: lean (bf16 logits, 8-bit moments: 6 bytes per
                                     # masked weight in joint mode) or fp32 (fp32 logits and Adam moments: 18)
+    cuda_graphs: bool = False       # capture the training step in CUDA graphs (patchc/step_graph.py): the same
+                                    # computation with ~no host overhead; CUDA, one process, mask kernels only.
+                                    # It changes nothing learned: a run may resume with it on or off
 
     def validate(self) -> None:
         hm.check_sparsity(self.sparsity)
@@ -102,6 +108,8 @@ class PruneConfig:
             raise ValueError("seq_len must be at least 2 (0 = auto)")
         if self.state not in STATES:
             raise ValueError(f"state {self.state!r} unknown; choose lean or fp32")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -319,10 +327,22 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     (masks included) and the optimizer update run through torch.compile (off by default: the compile of a
     30-layer graph took 7 minutes on an H100; see bench/results/train_speed).
     step_in_backward (None = when one
-    process and grad_accum 1): each logit tensor is updated as soon as its gradient is complete and the
-    gradient freed, so gradients never all exist at once (same result)."""
+    process and grad_accum 1, and no CUDA graphs): each logit tensor is updated as soon as its gradient is complete
+    and the gradient freed, so gradients never all exist at once (same result).
+    config.cuda_graphs (or PATCHC_CUDA_GRAPHS=1): the step runs from CUDA graphs (patchc/step_graph.py) after a few
+    eager warm-up steps. Asked for in the config, a run that cannot use them (not CUDA, torchrun, compile,
+    step_in_backward=True, PATCHC_MASK_KERNELS=0) is refused before anything is loaded; asked for by the
+    environment alone, the run goes on eagerly and logs why."""
     cfg = config or PruneConfig()
     device = resolve_device(device)           # "auto": cuda if available, else cpu
+    graphs, graphs_off = cfg.cuda_graphs or settings().cuda_graphs, None
+    if graphs and cfg.learns:
+        why = step_graph.refusal(device, compile=bool(compile), step_in_backward=step_in_backward,
+                                 world=2 if pdist.launched_by_torchrun() else 1, mask_kernels=settings().mask_kernels)
+        if why and cfg.cuda_graphs:
+            raise ValueError(why)
+        if why:
+            graphs, graphs_off = False, f"PATCHC_CUDA_GRAPHS=1 ignored: {why}"
     positions = check_prune(model, data, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                             eval_ppl=eval_ppl, eval_seq_len=eval_seq_len)  # before anything is loaded or created
     if not cfg.seq_len:   # auto
@@ -333,20 +353,22 @@ def prune(model: str, data: list[str], out_dir: str | os.PathLike, config: Prune
     try:
         return _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len,
                       eval_windows, save_every, eval_every, keep_checkpoint, compile,
-                      step_in_backward, progress, info)
+                      step_in_backward, progress, info, graphs=graphs and cfg.learns, graphs_off=graphs_off)
     finally:
         pdist.teardown(info)
 
 
 def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl, eval_seq_len, eval_windows,
            save_every, eval_every, keep_checkpoint, compile, step_in_backward, progress,
-           info: pdist.DistInfo) -> PruneResult:
+           info: pdist.DistInfo, *, graphs: bool = False, graphs_off: str | None = None) -> PruneResult:
     cuda = str(device).startswith("cuda")
     dtype = resolve_dtype(dtype or "auto", device)      # "auto": bf16 on cuda, fp32 on cpu
     compile = False if compile is None else compile  # whole-graph compile: fast steps, but minutes to compile
     if step_in_backward is None:
-        step_in_backward = not info.active and cfg.grad_accum == 1
+        step_in_backward = not info.active and cfg.grad_accum == 1 and not graphs
     log = _Log(progress and info.main)
+    if graphs_off:
+        log(graphs_off)
     check_data_paths(data)  # missing, binary or undecodable data fails now, before anything is loaded or deleted
     final_out = Path(out_dir)
     if resume and not ckpt.exists(final_out):
@@ -384,7 +406,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     start_step, extra, init = 0, {}, None
     if resume:
         st = ckpt.read_state(out)
-        saved = PruneConfig.from_json(st["config"])
+        saved = replace(PruneConfig.from_json(st["config"]), cuda_graphs=cfg.cuda_graphs)  # changes nothing learned
         if saved != cfg:
             diff = {k: (getattr(saved, k), getattr(cfg, k)) for k in saved.to_json() if getattr(saved, k) != getattr(cfg, k)}
             raise ValueError(f"--resume with a different configuration than the checkpoint's: {diff} (saved, given)")
@@ -440,7 +462,7 @@ def _prune(model, data, out_dir, cfg, device, dtype, resume, overwrite, eval_ppl
     if cfg.learns and start_step < cfg.steps:
         train_gm = torch.compile(gm, dynamic=False) if compile else gm  # the training forward (and its backward)
         train_loop(train_gm, nodes, state, cfg, corpus, out, start_step, opt, extra, device, save_every, log, eval_hook,
-                   w_norm_total=mg.weight_norm, info=info, step_in_backward=step_in_backward)
+                   w_norm_total=mg.weight_norm, info=info, step_in_backward=step_in_backward, graphs=graphs)
 
     hard = extract(nodes, cfg.sparsity)
     set_hard(nodes, hard)
@@ -517,52 +539,33 @@ def _state_bytes(nodes: list[MaskNode], opt) -> dict:
 
 def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, corpus: TokenCorpus, out: Path,
                start_step: int, opt: LeanAdamW, extra: dict, device, save_every: int, log, eval_hook=None, *,
-               w_norm_total: float, info: pdist.DistInfo | None = None, step_in_backward: bool = False) -> None:
+               w_norm_total: float, info: pdist.DistInfo | None = None, step_in_backward: bool = False,
+               graphs: bool = False) -> None:
     info = info or pdist.DistInfo()
-    params = opt_params(nodes)
-    hooks = opt.step_in_backward() if step_in_backward else []
-    numel = torch.tensor([float(n.numel) for n in nodes], device=device)
     log_path = out / "log.jsonl"
     if info.main:
         _truncate_log(log_path, start_step)
     last_good = start_step
     global_batch = info.world * cfg.batch_size
     n_seq = corpus.num_sequences(cfg.seq_len)
+    trainer = TrainStep(gm, nodes, state, cfg, opt, (cfg.batch_size, cfg.seq_len), w_norm_total, device, info=info,
+                        step_in_backward=step_in_backward, graphs=graphs, log=log)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="prune",
                disable=not (log.progress and info.main))
     try:
         for step in bar:
-            state.mode = "soft"
-            state.tau = hm.linear_schedule(*cfg.tau, step, cfg.steps)
-            state.scale_tile = hm.linear_schedule(*cfg.scale_tile, step, cfg.steps)
-            state.scale_24 = hm.linear_schedule(*cfg.scale_24, step, cfg.steps)
-            lr = hm.cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "kl": 0.0}
-            for micro in range(cfg.grad_accum):
-                state.set_step(step, micro, len(nodes), device)
+            def batch(micro: int, step=step) -> torch.Tensor:      # [B, S] token ids of this rank's micro-batch
                 idx = batch_indices(n_seq, step * cfg.grad_accum + micro, global_batch, cfg.seed)
-                ids = corpus.sequences(rank_slice(idx, info.rank, info.world), cfg.seq_len).to(device)
-                loss, ce, kl, density = step_loss(gm, nodes, state, cfg, ids, numel, w_norm_total, step)
-                if pdist.any_(not torch.isfinite(loss).item(), info, device):
-                    raise TrainingDiverged(
-                        f"loss became non-finite at step {step}; stopped. The last good checkpoint (step {last_good}) "
-                        f"is {out / ckpt.CKPT}: lower --lr or the regularisers and --resume, or start over")
-                (loss / cfg.grad_accum).backward()
-                sums["loss"] += loss.item() / cfg.grad_accum
-                sums["ce"] += ce.item() / cfg.grad_accum
-                sums["kl"] += kl.item() / cfg.grad_accum
-                sums["density"] += density.item() / cfg.grad_accum
-            if not step_in_backward:
-                pdist.all_reduce_replicated_grads_(nodes, info)
-                opt.step()
-            bad = not bool(torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
-                                        for p in params]).all())  # one host sync
-            if pdist.any_(bad, info, device):
+                return corpus.sequences(rank_slice(idx, info.rank, info.world), cfg.seq_len)
+            sums, bad = trainer.run(step, batch)
+            if bad == "loss":
+                raise TrainingDiverged(
+                    f"loss became non-finite at step {step}; stopped. The last good checkpoint (step {last_good}) "
+                    f"is {out / ckpt.CKPT}: lower --lr or the regularisers and --resume, or start over")
+            if bad == "logits":
                 raise TrainingDiverged(f"mask logits became non-finite at step {step}; last good checkpoint: step "
                                        f"{last_good} in {out / ckpt.CKPT}")
+            lr = sums.pop("lr")
             for k in ("loss", "ce", "kl"):
                 sums[k] = pdist.mean_(sums[k], info, device)
             rec = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "tau": round(state.tau, 5),
@@ -578,14 +581,153 @@ def train_loop(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, co
                 ckpt.save(out, step + 1, cfg.to_json(), extra, nodes, opt, info)
                 last_good = step + 1
     finally:
-        for h in hooks:
-            h.remove()
+        trainer.close()
+    if trainer.graph is not None and trainer.graph.graphs:
+        log(f"CUDA graphs: captured in {trainer.graph.capture_s:.1f}s, replayed for {trainer.replays} steps")
     bar.close()
 
 
+def graph_blocker(nodes: list[MaskNode], opt: LeanAdamW) -> str | None:
+    """Why this run's step cannot be captured in a CUDA graph once its nodes and optimizer exist (a node or an
+    optimizer update off the Triton kernels would bake this step's noise seeds and values into the graph), or
+    None."""
+    for n in nodes:
+        if not n.uses_kernels():
+            return (f"mask node {n.name} ({n.out_features}x{n.in_features}, tile {n.tile}) is not served by the "
+                    "mask kernels")
+    return opt.kernels_only()
+
+
+class TrainStep:
+    """One optimisation step of prune: cfg.grad_accum micro-batches (forward, loss, backward), then the optimizer;
+    eager, or replayed from CUDA graphs (graphs=True: patchc/step_graph.py) after step_graph.WARMUP_STEPS eager
+    steps on a side stream. Both paths read every per-step value from the same persistent device tensors: the
+    mask noise keys and knobs (MaskState.set_step), the optimizer's hp and keys (LeanAdamW), the loss's weight-norm
+    coefficient (weight_coef) and the input ids (ids), so they compute the same thing.
+
+    run(step, batch) -> (means of loss / ce / kl / density over the micro-batches and the lr, None or the failed
+    check: "loss" (a non-finite loss) or "logits" (non-finite mask logits after the update)). Eager, a non-finite
+    loss stops before its backward; replayed, the checks read the graphs' static outputs after the step (the one
+    host sync of a replayed step), so the update has run: the caller stops either way and keeps its checkpoint.
+    Replayed with grad_accum > 1, the means are summed on the device in float32 (eager: on the host in float64):
+    the logged values may differ in the last digits, the masks do not."""
+
+    def __init__(self, gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, opt: LeanAdamW,
+                 ids_shape: tuple[int, int], w_norm_total: float, device, *, info: pdist.DistInfo | None = None,
+                 step_in_backward: bool = False, graphs: bool = False, log=None):
+        self.gm, self.nodes, self.state, self.cfg, self.opt = gm, nodes, state, cfg, opt
+        self.device, self.info, self.w_norm_total = device, info or pdist.DistInfo(), w_norm_total
+        self.step_in_backward = step_in_backward
+        self.params = opt_params(nodes)
+        self.numel = torch.tensor([float(n.numel) for n in nodes], device=device)          # [nodes]
+        self.ids = torch.zeros(ids_shape, dtype=torch.int64, device=device)                 # [B, S] static input
+        self.weight_coef = torch.zeros((), dtype=torch.float32, device=device)  # weight_reg * (1 - step / steps)
+        self.hooks = opt.step_in_backward() if step_in_backward else []
+        self.graph, self.warm, self.replays = None, 0, 0
+        if graphs:
+            why = graph_blocker(nodes, opt)
+            if why:
+                (log or print)(f"CUDA graphs off, the step runs eagerly: {why}")
+            else:
+                self.graph = step_graph.StepGraph(device)
+                # [loss, ce, kl, density] summed over the micro-batches / grad_accum, then 1.0 if every mask logit
+                # is finite after the update: the graphs' static outputs, read once a step
+                self.stats = torch.zeros(5, dtype=torch.float32, device=device)
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def schedule(self, step: int) -> float:
+        """The step's schedule values into the state, the optimizer and weight_coef; returns the lr."""
+        cfg, st = self.cfg, self.state
+        st.mode = "soft"
+        st.tau = hm.linear_schedule(*cfg.tau, step, cfg.steps)
+        st.scale_tile = hm.linear_schedule(*cfg.scale_tile, step, cfg.steps)
+        st.scale_24 = hm.linear_schedule(*cfg.scale_24, step, cfg.steps)
+        lr = hm.cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.weight_coef.fill_(cfg.weight_reg * (1.0 - step / cfg.steps))
+        return lr
+
+    def _inputs(self, step: int, micro: int, batch) -> None:
+        """Noise keys, knobs and input ids of one micro-batch, written in place."""
+        self.state.set_step(step, micro, len(self.nodes), self.device)
+        self.ids.copy_(batch(micro))
+
+    def run(self, step: int, batch) -> tuple[dict, str | None]:
+        lr = self.schedule(step)
+        if self.graph is None:
+            sums, bad = self._eager(step, batch)
+        elif self.warm < step_graph.WARMUP_STEPS:
+            with self.graph.side_stream():
+                sums, bad = self._eager(step, batch)
+            self.warm += 1
+        else:
+            sums, bad = self._replay(step, batch)
+        return {**sums, "lr": lr}, bad
+
+    def _eager(self, step: int, batch) -> tuple[dict, str | None]:
+        cfg, info, ga = self.cfg, self.info, self.cfg.grad_accum
+        self.opt.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "ce": 0.0, "density": 0.0, "kl": 0.0}
+        for micro in range(ga):
+            self._inputs(step, micro, batch)
+            loss, ce, kl, density = step_loss(self.gm, self.nodes, self.state, cfg, self.ids, self.numel,
+                                              self.w_norm_total, self.weight_coef)
+            if pdist.any_(not torch.isfinite(loss).item(), info, self.device):
+                return sums, "loss"
+            (loss / ga).backward()
+            sums["loss"] += loss.item() / ga
+            sums["ce"] += ce.item() / ga
+            sums["kl"] += kl.item() / ga
+            sums["density"] += density.item() / ga
+        if not self.step_in_backward:
+            pdist.all_reduce_replicated_grads_(self.nodes, info)
+            self.opt.step()
+        bad = not bool(torch.stack([torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+                                    for p in self.params]).all())  # one host sync
+        return sums, ("logits" if pdist.any_(bad, info, self.device) else None)
+
+    def _replay(self, step: int, batch) -> tuple[dict, str | None]:
+        if not self.graph.graphs:    # before the first capture: every .grad a static buffer, zero
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.opt.zero_grad(set_to_none=False)
+        self.stats.zero_()
+        for micro in range(self.cfg.grad_accum):
+            self._inputs(step, micro, batch)
+            self.graph.run("micro-step", self._graphed_micro)
+        todo = self.opt.begin_step()          # host: step counts, hp and keys of this step written in place
+        self.graph.run("optimizer", lambda: self._graphed_update(todo))
+        loss, ce, kl, density, finite = self.stats.tolist()     # the one host sync of the step
+        self.replays += 1
+        sums = {"loss": loss, "ce": ce, "density": density, "kl": kl}
+        return sums, ("loss" if not math.isfinite(loss) else "logits" if finite < 1.0 else None)
+
+    def _graphed_micro(self) -> None:
+        """Captured: one micro-batch's forward, loss and backward (into the static .grad), its values into stats."""
+        ga = self.cfg.grad_accum
+        loss, ce, kl, density = step_loss(self.gm, self.nodes, self.state, self.cfg, self.ids, self.numel,
+                                          self.w_norm_total, self.weight_coef)
+        (loss / ga).backward()
+        self.stats[:4] += torch.stack([loss, ce, kl, density]).detach().float() / ga
+
+    def _graphed_update(self, todo) -> None:
+        """Captured: the optimizer update, the finiteness check of the logits, the gradients zeroed for the next
+        step."""
+        self.opt.finish_step(todo)
+        self.stats[4] = torch.stack([torch.isfinite(p).all() for p in self.params]).all().float()
+        torch._foreach_zero_([p.grad for p in self.params])
+
+
 def step_loss(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, ids: torch.Tensor, numel: torch.Tensor,
-              w_norm_total: float, step: int):
-    """One micro-batch: (loss, ce, kl, density). The teacher (distillation) is the same graph with masks off."""
+              w_norm_total: float, weight_coef: torch.Tensor):
+    """One micro-batch: (loss, ce, kl, density). The teacher (distillation) is the same graph with masks off.
+    weight_coef: 0-d float32 device tensor, cfg.weight_reg * (1 - step / cfg.steps) (TrainStep.schedule)."""
     kl = torch.zeros((), device=ids.device)
     if cfg.distill > 0:
         with torch.no_grad():
@@ -601,7 +743,7 @@ def step_loss(gm, nodes: list[MaskNode], state: MaskState, cfg: PruneConfig, ids
     density = ((0.5 + 0.5 * gates) * numel).sum() / numel.sum()
     kept_norm = torch.stack([n.last_norm for n in nodes]).sum() / w_norm_total
     loss = (ce + cfg.distill * kl + cfg.sparse_reg * (density - (1.0 - cfg.sparsity)).abs()
-            - cfg.weight_reg * (1.0 - step / cfg.steps) * kept_norm)
+            - weight_coef * kept_norm)
     return loss, ce, kl, density
 
 

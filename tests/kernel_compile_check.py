@@ -14,17 +14,16 @@ from patchc import optim_kernels as ok
 def training_kernels():
     f32, bf16 = "*fp32", "*bf16"
     w = dict(w_ptr=bf16, s_wo="i32", s_wi="i32", gate_ptr=f32, C="i32", logit_ptr=bf16, pat_ptr="*u8", knobs_ptr=f32,
-             key="i64")
+             key_ptr="*i64")
     tile = dict(T=128, JOINT=True, NOISE=True, BR=16, BG=32)
-    yield mk._gate_kernel, dict(logit_ptr=f32, gate_ptr=f32, n="i32", knobs_ptr=f32, key="i64"), dict(NOISE=True, BLOCK=256)
+    yield mk._gate_kernel, dict(logit_ptr=f32, gate_ptr=f32, n="i32", knobs_ptr=f32, key_ptr="*i64"), dict(NOISE=True, BLOCK=256)
     yield mk._forward_kernel, dict(**w, wm_ptr=bf16, part_ptr=f32, G="i32"), tile
     yield mk._backward_kernel, dict(**w, dwm_ptr=bf16, cnorm_ptr=f32, wm_ptr=bf16, dlogit_ptr=bf16, part_ptr=f32,
                                     G="i32"), tile
     yield ok._vmax_kernel, dict(vq_ptr="*u8", g_ptr=bf16, vref_ptr=f32, hp_ptr=f32, part_ptr=f32, n="i32"), dict(BLOCK=1024)
     yield ok._lean_kernel, dict(p_ptr=bf16, g_ptr=bf16, r_ptr="*i8", vq_ptr="*u8", vref_ptr=f32, vref_new_ptr=f32,
-                                hp_ptr=f32, key="i64", n="i32"), dict(BLOCK=1024)
-    yield ok._adamw_kernel, dict(p_ptr=f32, g_ptr=f32, m_ptr=f32, v_ptr=f32, **{k: "fp32" for k in (
-        "lr", "b1", "b2", "eps", "wd", "bc1", "bc2")}, n="i32"), dict(BLOCK=1024)
+                                hp_ptr=f32, key_ptr="*i64", n="i32"), dict(BLOCK=1024)
+    yield ok._adamw_kernel, dict(p_ptr=f32, g_ptr=f32, m_ptr=f32, v_ptr=f32, hp_ptr=f32, n="i32"), dict(BLOCK=1024)
 
 
 def main() -> None:

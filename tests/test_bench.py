@@ -124,12 +124,15 @@ def test_accuracy_quick_evaluates_lowered_rows_and_resumes(tmp_path):
 
 
 def test_train_speed_quick(tmp_path):
-    """bench/train_speed.py --quick: a plain step and PATCH steps (with the distillation teacher) are timed."""
+    """bench/train_speed.py --quick: a plain step and PATCH steps (with the distillation teacher) are timed; a
+    +graph row (CUDA graphs) is refused on the CPU with the reason, the other rows still measured."""
     r = subprocess.run([sys.executable, str(ROOT / "bench/train_speed.py"), "--quick", "--device", "cpu",
-                        "--kinds", "plain,tile,joint+kd,joint+fp32", "--profile", "--out", str(tmp_path)],
+                        "--kinds", "plain,tile,joint+kd,joint+fp32,tile+graph", "--profile", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "train_speed.json").read_text())
+    graph = res["rows"].pop()
+    assert graph["kind"] == "tile+graph" and not graph["fits"] and "CUDA graphs need a CUDA device" in graph["error"]
     assert [x["kind"] for x in res["rows"]] == ["plain", "tile", "joint+kd", "joint+fp32"]
     assert res["rows"][2]["state_bytes_per_masked_weight"] < 6.01 < 18 <= res["rows"][3]["state_bytes_per_masked_weight"]
     assert all(x["fits"] and x["step_ms"] > 0 for x in res["rows"]) and "vs_plain" in res["rows"][2]

@@ -54,6 +54,9 @@ def test_errors_are_clear(small_text, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["prune", "tiny:llama", "--data", str(small_text), "--out", str(tmp_path / "d")]) == 2
     assert "--sparsity is required" in capsys.readouterr().err
+    assert main(["prune", "tiny:llama", "--sparsity", "0.3", "--data", str(small_text), "--out", str(tmp_path / "e"),
+                 "--device", "cpu", "--cuda-graphs"]) == 2
+    assert "CUDA graphs need a CUDA device" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_model_specs(tmp_path):

@@ -75,18 +75,24 @@ def test_fused_masked_linear_matches_autograd_in_float64(joint):
 def test_mask_kernels_match_the_float64_reference(joint, tile, shape):
     """The Triton mask kernels (patchc/mask_kernels.py: W * M from the logits in one pass, the logit gradients in
     another) give MaskedLinear's output and every gradient of autograd through mask.soft_masked_weight with the
-    same hash noise, in float64, to float32 rounding; keys None (no noise) too."""
+    same hash noise, in float64, to float32 rounding; keys None (no noise) too. The kernels read the keys from a
+    device int64 tensor (what a CUDA graph replays with new values): another key in the same tensor, written in
+    place, gives the reference of that key."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     w, x, bias, tl, pl, pattern, dy = _masked_linear_case(joint, torch.float32, *shape, tile)
     knobs = torch.tensor([3.0, 5.0, 0.7])
-    for keys in ([hm.noise_key(0, 1, 0, 2, 0), hm.noise_key(0, 1, 0, 2, 1)], None):
+    keys_dev = torch.zeros(2, dtype=torch.int64, device=dev)          # one persistent tensor, written in place
+    for keys in ([hm.noise_key(0, 1, 0, 2, 0), hm.noise_key(0, 1, 0, 2, 1)],
+                 [hm.noise_key(0, 2, 0, 2, 0), hm.noise_key(0, 2, 0, 2, 1)], None):
         want = _reference(w, x, bias, tl, pl, pattern, dy, knobs, None if keys is None else torch.tensor(keys), tile)
+        if keys is not None:
+            keys_dev.copy_(torch.tensor(keys))
         leaves = [t.detach().to(dev).requires_grad_() for t in (x, tl) + ((pl,) if joint else ())]
         y, gate, norm = MaskedLinear.apply(leaves[0], w.to(dev), bias.to(dev), leaves[1],
                                            leaves[2] if joint else None, None if joint else pattern.to(dev),
-                                           knobs.to(dev), keys, tile, True)
+                                           knobs.to(dev), None if keys is None else keys_dev, tile, True)
         got = _outputs_and_grads(y, gate, norm, dy.to(dev), leaves)
         for name, a, b in zip(["y", "dx", "d tile logits", "d pattern logits"], got, want):
             scale = float(b.abs().max())
@@ -202,7 +208,8 @@ def test_torchrun_two_processes_learn_the_masks_of_one_process_and_resume_anywhe
 
 def test_lean_adamw_kernels_match_the_torch_update():
     """patchc/optim_kernels.py (one pass per tensor) computes optim.lean_step with the same hash noise: the new
-    reference vref, the bf16 logits, int8 r and uint8 v codes; and plain fp32 AdamW for fp32 logits."""
+    reference vref, the bf16 logits, int8 r and uint8 v codes; and plain fp32 AdamW for fp32 logits. The noise key
+    and the hyper-parameters are read from device tensors (what a CUDA graph replays with new values)."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     from patchc import optim, optim_kernels
@@ -217,24 +224,29 @@ def test_lean_adamw_kernels_match_the_torch_update():
     vq[:100] = 0
     vref, b1, b2 = torch.tensor(1e-5, device=dev), 0.9, 0.95
     hp = torch.tensor([1e-3, b1, b2, 1e-8, 0.01, 1 - b1 ** 3, 1 - b2 ** 3, optim.r_bound(b1, b2)], device=dev)
-    key = hm.noise_key(0, 3, 5, 7)
     want_vref = (b2 * optim.decode_v(vq, vref) + (1 - b2) * grad.float() ** 2).max()
     got_vref = optim_kernels.new_vref(vq, grad, vref, hp)
     torch.testing.assert_close(got_vref, want_vref, rtol=1e-6, atol=0)
-    want = optim.lean_step(p, grad, r, vq, vref, want_vref, torch.tensor(key, device=dev), hp)
-    optim_kernels.lean_apply(p, grad, r, vq, vref, want_vref, hp, key)
-    for got, ref in zip((p, r, vq), want):
-        same = (got == ref).float().mean().item()
-        assert same > 0.999, same                                 # GPU log2/exp2 may round a few codes apart
-        assert (got.float() - ref.float()).abs().max() <= (ref.float().abs().max() * 2 ** -7 if got.is_floating_point()
+    keys = torch.zeros(3, dtype=torch.int64, device=dev)            # the optimizer's per-parameter key tensor
+    for key in (hm.noise_key(0, 3, 5, 7), hm.noise_key(0, 4, 5, 7)):
+        keys[1] = key                                                # written in place, read by the kernel
+        want = optim.lean_step(p, grad, r, vq, vref, want_vref, torch.tensor(key, device=dev), hp)
+        got = p.clone(), r.clone(), vq.clone()
+        optim_kernels.lean_apply(got[0], grad, got[1], got[2], vref, want_vref, hp, keys[1])
+        for a, ref in zip(got, want):
+            same = (a == ref).float().mean().item()
+            assert same > 0.999, same                                 # GPU log2/exp2 may round a few codes apart
+            assert (a.float() - ref.float()).abs().max() <= (ref.float().abs().max() * 2 ** -7 if a.is_floating_point()
                                                              else 1)
+    with pytest.raises(ValueError, match="int64"):
+        optim_kernels.lean_apply(p, grad, r, vq, vref, want_vref, hp, keys[1].int())
     pf, gf = torch.randn(300, generator=g_).to(dev), torch.randn(300, generator=g_).to(dev)
     m, v = (torch.randn(300, generator=g_) * 0.1).to(dev), (torch.rand(300, generator=g_) * 0.1).to(dev)
     pr, mr, vr = pf.clone(), m.clone(), v.clone()
     mr.mul_(b1).add_(gf, alpha=1 - b1)
     vr.mul_(b2).addcmul_(gf, gf, value=1 - b2)
     pr.mul_(1 - 1e-3 * 0.01).addcdiv_(mr / 0.3, (vr / 0.2).sqrt_().add_(1e-8), value=-1e-3)
-    optim_kernels.adamw_update(pf, gf, m, v, 1e-3, b1, b2, 1e-8, 0.01, 0.3, 0.2)
+    optim_kernels.adamw_update(pf, gf, m, v, torch.tensor([1e-3, b1, b2, 1e-8, 0.01, 0.3, 0.2, 0.0], device=dev))
     for got, ref in ((pf, pr), (m, mr), (v, vr)):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
 

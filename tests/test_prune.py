@@ -142,9 +142,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path,
 
     real = tr.step_loss
 
-    def nan_from_step_3(gm, nodes, state, cfg, ids, numel, w_norm, step):
-        loss, ce, kl, density = real(gm, nodes, state, cfg, ids, numel, w_norm, step)
-        return (loss * float("nan") if step >= 3 else loss), ce, kl, density
+    def nan_from_step_3(gm, nodes, state, cfg, ids, numel, w_norm, weight_coef):
+        loss, ce, kl, density = real(gm, nodes, state, cfg, ids, numel, w_norm, weight_coef)
+        return (loss * float("nan") if state.step >= 3 else loss), ce, kl, density
     monkeypatch.setattr(tr, "step_loss", nan_from_step_3)
     cfg = PruneConfig(sparsity=0.3, **{**FAST, "steps": 6})
     with pytest.raises(TrainingDiverged, match=r"last good checkpoint \(step 2\)"):
