@@ -127,7 +127,7 @@ def accuracy_rows() -> list[str]:
     out = []
     for name, keys in groups:
         vals = " / ".join(f"{ppl[k]:.1f}" for k in keys if k in ppl)
-        out.append(f"| SmolLM2-135M WikiText-2 PPL (147×2048), {name} | {_gpu(env)} | {_commit(env)} | 1 | {vals} | — | "
+        out.append(f"| SmolLM2-135M WikiText-2 PPL, {name} | {_gpu(env)} | {_commit(env)} | 1 | {vals} | — | "
                    "`bench/results/accuracy` |")
     return out
 
