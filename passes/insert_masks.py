@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from patchc import mask as hm
 from patchc import mask_kernels as mk
 from patchc.config import settings
+from patchc.models import on_device
 
 from .find_linears import LinearPlan, LinearSite
 
@@ -65,7 +66,7 @@ class MaskState:
         keys = [[hm.noise_key(self.seed, step, micro, i, s) for s in (0, 1)] for i in range(n_nodes)]
         self.keys_int = [tuple(k) for k in keys]
         host = torch.tensor(keys, dtype=torch.int64).reshape(n_nodes, 2)
-        if self.keys is None or self.keys.shape != host.shape or not _on(self.keys, device):
+        if self.keys is None or self.keys.shape != host.shape or not on_device(self.keys, device):
             self.keys = torch.empty(host.shape, dtype=torch.int64, device=device)
         self.keys.copy_(host)
         self.knobs_now(device)
@@ -73,7 +74,7 @@ class MaskState:
     def knobs_now(self, device) -> torch.Tensor:
         """The knobs tensor, holding the current values (written in place only when a value changed)."""
         want = (self.scale_tile, self.scale_24, self.tau)
-        if self.knobs is None or not _on(self.knobs, device):
+        if self.knobs is None or not on_device(self.knobs, device):
             self.knobs = torch.empty(3, dtype=torch.float32, device=device)
             self._knobs_for = None
         if getattr(self, "_knobs_for", None) != want:
@@ -81,12 +82,6 @@ class MaskState:
                 self.knobs.copy_(torch.tensor(want, dtype=torch.float32))
             self._knobs_for = want
         return self.knobs
-
-
-def _on(t: torch.Tensor, device) -> bool:
-    """Whether t lives on `device` ("cuda" matches any index)."""
-    d = torch.device(device)
-    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
 
 
 class MaskedLinear(torch.autograd.Function):

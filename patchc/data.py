@@ -262,7 +262,7 @@ class TrainingWindows:
         self.files, self.hits, self.cache_dir = corpus.files, corpus.hits, corpus.cache_dir
         n = corpus.num_sequences(seq_len)
         keep = np.ones(n, dtype=bool)
-        keep[np.asarray(held.tolist(), dtype=np.int64)] = False
+        keep[held.numpy()] = False
         self._keep = np.flatnonzero(keep)                               # [n - len(held)] window indices
         self.n_tokens = len(self._keep) * seq_len
 

@@ -170,6 +170,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> str:
     return str(device)
 
 
+def on_device(t: torch.Tensor, device) -> bool:
+    """Whether t lives on `device` ("cuda" matches any index)."""
+    d = torch.device(device)
+    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
     """"auto" (or None): bfloat16 on a GPU, float32 on the CPU; a name ("bf16", "float16", ...) or a torch dtype
     as given."""

@@ -27,6 +27,7 @@ import torch
 from patchc import mask_kernels
 from patchc import optim_kernels as ok
 from patchc.mask import noise_key, uniform_noise
+from patchc.models import on_device
 
 V_STEPS_PER_OCTAVE = 4   # vq code resolution: quarter octaves (19% in v, 9% in sqrt(v); rounded without bias)
 R_LEVELS = 127           # int8 grid for r over [-r_max, r_max]
@@ -41,12 +42,6 @@ def r_bound(beta1: float, beta2: float) -> float:
 
 def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _on(t: torch.Tensor, device) -> bool:
-    """Whether t lives on `device` ("cuda" matches any index)."""
-    d = torch.device(device)
-    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
 
 
 def _stochastic_round_bf16(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -114,8 +109,7 @@ class LeanAdamW(torch.optim.Optimizer):
         self._index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         self._step_fn = torch.compile(lean_step, dynamic=False) if compile else lean_step
         self._compiled = compile
-        self._per_step: dict[int, tuple] = {}       # id(group) -> (hp, keys, keys as ints, step); see _step_tensors
-        self._per_step_for: dict[int, tuple] = {}
+        self._per_step: dict[int, tuple] = {}   # id(group) -> ((step, lr, device), hp, keys, keys as ints)
 
     def _step_tensors(self, t: int, group: dict, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(hyper-parameters hp [8] float32, noise keys of every parameter [n] int64, the same keys as ints) of step
@@ -124,19 +118,18 @@ class LeanAdamW(torch.optim.Optimizer):
         step's values. The ints seed the torch path's Philox noise (eager, no kernels)."""
         b1, b2 = group["betas"]
         want = (t, group["lr"], str(device))
-        if self._per_step_for.get(id(group)) == want:
-            return self._per_step[id(group)][:3]
+        have = self._per_step.get(id(group))
+        if have is not None and have[0] == want:
+            return have[1:]
         hp = [group["lr"], b1, b2, group["eps"], group["weight_decay"], 1 - b1 ** t, 1 - b2 ** t, r_bound(b1, b2)]
         keys = [noise_key(self.seed, t, i, 7) for i in range(len(self._index))]
-        have = self._per_step.get(id(group))
-        if have is None or not _on(have[0], device):
-            have = (torch.empty(8, dtype=torch.float32, device=device),
+        if have is None or not on_device(have[1], device):
+            have = (None, torch.empty(8, dtype=torch.float32, device=device),
                     torch.empty(len(keys), dtype=torch.int64, device=device))
-        hp_t, keys_t = have[0], have[1]
+        hp_t, keys_t = have[1], have[2]
         hp_t.copy_(torch.tensor(hp, dtype=torch.float32))
         keys_t.copy_(torch.tensor(keys, dtype=torch.int64))
-        self._per_step[id(group)] = (hp_t, keys_t, keys, t)
-        self._per_step_for[id(group)] = want
+        self._per_step[id(group)] = (want, hp_t, keys_t, keys)
         return hp_t, keys_t, keys
 
     @staticmethod

@@ -24,6 +24,13 @@ def _decode_v(code, vref):
 
 
 @triton.jit
+def _hyper(hp_ptr):
+    """LeanAdamW's hp tensor: lr, beta1, beta2, eps, weight decay, bias corrections 1 and 2 (r_max follows)."""
+    return (tl.load(hp_ptr), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2), tl.load(hp_ptr + 3), tl.load(hp_ptr + 4),
+            tl.load(hp_ptr + 5), tl.load(hp_ptr + 6))
+
+
+@triton.jit
 def _vmax_kernel(vq_ptr, g_ptr, vref_ptr, hp_ptr, part_ptr, n, BLOCK: tl.constexpr):
     """Per-program max of b2 * v_old + (1 - b2) * g^2 (every new v of the tensor)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -38,13 +45,7 @@ def _vmax_kernel(vq_ptr, g_ptr, vref_ptr, hp_ptr, part_ptr, n, BLOCK: tl.constex
 def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, key_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    lr = tl.load(hp_ptr)
-    b1 = tl.load(hp_ptr + 1)
-    b2 = tl.load(hp_ptr + 2)
-    eps = tl.load(hp_ptr + 3)
-    wd = tl.load(hp_ptr + 4)
-    bc1 = tl.load(hp_ptr + 5)
-    bc2 = tl.load(hp_ptr + 6)
+    lr, b1, b2, eps, wd, bc1, bc2 = _hyper(hp_ptr)
     r_max = tl.load(hp_ptr + 7)
     vref = tl.load(vref_ptr)
     vref_new = tl.load(vref_new_ptr)
@@ -87,13 +88,7 @@ def _lean_kernel(p_ptr, g_ptr, r_ptr, vq_ptr, vref_ptr, vref_new_ptr, hp_ptr, ke
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, hp_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    lr = tl.load(hp_ptr)
-    b1 = tl.load(hp_ptr + 1)
-    b2 = tl.load(hp_ptr + 2)
-    eps = tl.load(hp_ptr + 3)
-    wd = tl.load(hp_ptr + 4)
-    bc1 = tl.load(hp_ptr + 5)
-    bc2 = tl.load(hp_ptr + 6)
+    lr, b1, b2, eps, wd, bc1, bc2 = _hyper(hp_ptr)
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     m = b1 * tl.load(m_ptr + offs, mask=ok, other=0.0) + (1.0 - b1) * g
     v = b2 * tl.load(v_ptr + offs, mask=ok, other=0.0) + (1.0 - b2) * g * g
